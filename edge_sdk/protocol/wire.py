@@ -1,0 +1,109 @@
+"""Wire format v1 for model updates: one self-describing binary message per update.
+
+Layout (little-endian)::
+
+    b"FSU" | version u8 (=1) | header_len u32 | header (UTF-8 JSON) | payload (codec bytes) | crc32 u32
+
+The JSON header carries job / round / client / base version, the codec spec, sample count, metrics and the
+client's token; the payload is whatever the codec produced. The trailing CRC-32 covers everything before it,
+so a truncated or corrupted message is caught before any field is trusted.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import ProtocolError
+
+MAGIC = b"FSU"
+VERSION = 1
+_PREFIX = struct.Struct("<3sBI")
+_CRC = struct.Struct("<I")
+MAX_HEADER_BYTES = 64 * 1024
+DEFAULT_MAX_BYTES = 256 << 20
+
+
+@dataclass
+class UpdateHeader:
+    job_id: str
+    round: int
+    client_id: str
+    base_version: str
+    codec: dict[str, Any]
+    num_samples: int
+    numel: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    token: str = ""
+
+
+def encode_update(header: UpdateHeader, payload: bytes) -> bytes:
+    """Frame ``payload`` with ``header``; the result is what goes on the wire."""
+    head = json.dumps(asdict(header), separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+    if len(head) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header too large ({len(head)} bytes > {MAX_HEADER_BYTES})")
+    body = b"".join((_PREFIX.pack(MAGIC, VERSION, len(head)), head, payload))
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def _require(obj: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = obj.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ProtocolError(f"header field {name!r} missing or not {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _metrics(raw: Any) -> dict[str, float]:
+    if not isinstance(raw, dict):
+        raise ProtocolError("header field 'metrics' must be an object of numbers")
+    out: dict[str, float] = {}
+    for key, value in raw.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ProtocolError(f"metric {key!r} is not a finite number")
+        out[str(key)] = float(value)
+    return out
+
+
+def decode_update(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[UpdateHeader, bytes]:
+    """Parse and check one message; every failure is a ``ProtocolError`` with a readable reason."""
+    size = len(data)
+    if size > max_bytes:
+        raise ProtocolError(f"message too large ({size} bytes > limit {max_bytes})")
+    if size < _PREFIX.size + _CRC.size:
+        raise ProtocolError(f"message truncated ({size} bytes)")
+    magic, version, head_len = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise ProtocolError("not a FedSight update (bad magic bytes)")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported wire version {version} (this coordinator speaks {VERSION})")
+    (crc,) = _CRC.unpack_from(data, size - _CRC.size)
+    if zlib.crc32(memoryview(data)[: size - _CRC.size]) != crc:
+        raise ProtocolError("checksum mismatch: message corrupted or truncated")
+    start = _PREFIX.size
+    if head_len > MAX_HEADER_BYTES or start + head_len > size - _CRC.size:
+        raise ProtocolError(f"header length {head_len} does not fit the message")
+    try:
+        raw = json.loads(bytes(data[start : start + head_len]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"header is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError("header must be a JSON object")
+    header = UpdateHeader(
+        job_id=_require(raw, "job_id", str),
+        round=_require(raw, "round", int),
+        client_id=_require(raw, "client_id", str),
+        base_version=_require(raw, "base_version", str),
+        codec=_require(raw, "codec", dict),
+        num_samples=_require(raw, "num_samples", int),
+        numel=_require(raw, "numel", int),
+        metrics=_metrics(raw.get("metrics", {})),
+        token=raw.get("token", "") if isinstance(raw.get("token", ""), str) else "",
+    )
+    if header.num_samples <= 0:
+        raise ProtocolError(f"num_samples must be positive, got {header.num_samples}")
+    if header.numel <= 0 or header.round < 0:
+        raise ProtocolError("numel must be positive and round non-negative")
+    return header, bytes(data[start + head_len : size - _CRC.size])
