@@ -106,6 +106,9 @@ def flatten(arrays: Arrays) -> np.ndarray:
 
 def unflatten(vec: np.ndarray, template: Arrays) -> Arrays:
     """Inverse of ``flatten``: float entries from ``vec``, integer buffers copied from ``template``."""
+    total = sum(int(a.size) for a in template.values() if is_float(a))
+    if vec.size != total:
+        raise ProtocolError(f"vector has {vec.size} values, model has {total} float parameters")
     out: Arrays = {}
     pos = 0
     for name, a in template.items():
@@ -114,6 +117,4 @@ def unflatten(vec: np.ndarray, template: Arrays) -> Arrays:
             pos += a.size
         else:
             out[name] = a.copy()
-    if pos != vec.size:
-        raise ProtocolError(f"vector has {vec.size} values, model has {pos} float parameters")
     return out

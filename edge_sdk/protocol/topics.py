@@ -60,3 +60,15 @@ def parse_client_topic(topic: str) -> tuple[str, str]:
     if not m or m.group(2) not in CLIENT_KINDS or not valid_id(m.group(1)):
         raise ValueError(f"not a fedsight client topic: {topic!r}")
     return m.group(1), m.group(2)
+
+
+JOB_EVENTS_WILDCARD = f"{PREFIX}/jobs/+/events"
+_JOB_TOPIC_RE = re.compile(rf"^{re.escape(PREFIX)}/jobs/([^/]+)/events$")
+
+
+def parse_job_topic(topic: str) -> str:
+    """``fedsight/v1/jobs/<id>/events`` -> job id; ValueError otherwise."""
+    m = _JOB_TOPIC_RE.match(topic)
+    if not m:
+        raise ValueError(f"not a fedsight job topic: {topic!r}")
+    return m.group(1)

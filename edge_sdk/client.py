@@ -1,0 +1,295 @@
+"""EdgeClient: what a camera app embeds to take part in federated jobs.
+
+The client registers with the coordinator once (credentials are kept in its cache directory), stays
+connected to the MQTT broker, and for every training task it is given: fetches the global model (cached,
+sha256-verified), fine-tunes on local data, and publishes only the encoded model delta. Images never
+leave the device.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+from torch import nn
+from torch.utils.data import Dataset
+
+from . import params
+from .error_feedback import ResidualStore
+from .model_cache import ModelCache
+from .models import build_model
+from .protocol import codecs, topics
+from .protocol.errors import ProtocolError
+from .protocol.modelfile import flatten, layout_sizes, load_model
+from .protocol.wire import UpdateHeader, encode_update
+from .trainer import LocalTrainer
+from .transport import MqttTransport
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPDATE_BYTES = 64 << 20
+
+
+@dataclass
+class ClientCallbacks:
+    """Optional hooks a host app can use to follow what the client does (called from worker threads)."""
+
+    on_round_start: Callable[[dict[str, Any]], None] | None = None
+    on_update_sent: Callable[[dict[str, Any]], None] | None = None
+    on_update_accepted: Callable[[dict[str, Any]], None] | None = None
+    on_update_rejected: Callable[[dict[str, Any]], None] | None = None
+    on_model_updated: Callable[[str, str], None] | None = None  # (job_id, version)
+    on_job_finished: Callable[[str], None] | None = None
+
+
+@dataclass
+class RoundReport:
+    """What the client did in one round (kept in ``EdgeClient.history``)."""
+
+    job_id: str
+    round: int
+    num_samples: int
+    update_bytes: int
+    download_bytes: int
+    train_time_s: float
+    encode_time_s: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class EdgeClient:
+    """A device in a federation.
+
+    ``model`` may be ``None`` (built from the job's architecture), an architecture name (checked against the
+    job), or an ``nn.Module`` whose state matches the job's model. ``dataset`` is any torch ``Dataset`` of
+    ``(image_tensor, label)``, e.g. a ``SampleBuffer`` the camera app fills frame by frame.
+    """
+
+    def __init__(self, coordinator_url: str, dataset: Dataset, model: str | nn.Module | None = None, *,
+                 client_id: str | None = None, token: str | None = None, name: str | None = None,
+                 broker_url: str | None = None, cache_dir: str | Path = "~/.cache/fedsight",
+                 jobs: list[str] | None = None, trainer: LocalTrainer | None = None,
+                 callbacks: ClientCallbacks | None = None, request_timeout: float = 30.0) -> None:
+        self.base_url = coordinator_url.rstrip("/")
+        self.api = f"{self.base_url}/api/v1"
+        self.dataset = dataset
+        self._model_arg = model
+        self._model: nn.Module | None = None
+        self.jobs = jobs
+        self.trainer = trainer or LocalTrainer()
+        self.callbacks = callbacks or ClientCallbacks()
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._timeout = request_timeout
+        self._http = requests.Session()
+        self.client_id, self.token = self._credentials(client_id, token, name)
+        self._http.headers["Authorization"] = f"Bearer {self.token}"
+        self.models = ModelCache(self.cache_dir / "models", self._http)
+        self.residuals = ResidualStore(self.cache_dir / "residual")
+        self.broker_url = broker_url or self._discover_broker()
+        self.history: list[RoundReport] = []
+        self._tasks: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._stopped = threading.Event()
+        self._finished_jobs: list[str] = []
+        self._worker: threading.Thread | None = None
+        self._transport = MqttTransport(
+            self.broker_url, f"fedsight-{self.client_id}", self._on_message,
+            subscriptions=[topics.task_topic(self.client_id), topics.ack_topic(self.client_id),
+                           topics.JOB_EVENTS_WILDCARD],
+            will=(topics.status_topic(self.client_id), self._status("offline")))
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Connect and announce this device as online; tasks are handled on a background thread."""
+        self._stopped.clear()
+        self._transport.start()
+        self._worker = threading.Thread(target=self._work, name=f"fedsight-{self.client_id}", daemon=True)
+        self._worker.start()
+        self._transport.publish(topics.status_topic(self.client_id), self._status("online"), retain=True, wait=10)
+        log.info("client %s online via %s", self.client_id, self.broker_url)
+
+    def stop(self) -> None:
+        """Announce offline, finish the current task's bookkeeping and disconnect."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._tasks.put(None)
+        try:
+            self._transport.publish(topics.status_topic(self.client_id), self._status("offline"), retain=True,
+                                    wait=5)
+        finally:
+            self._transport.stop()
+        if self._worker is not None:
+            self._worker.join(timeout=30)
+
+    def run(self, max_jobs: int | None = None, timeout: float | None = None) -> None:
+        """Blocking: serve tasks until ``stop()``, Ctrl-C, ``max_jobs`` jobs finished or ``timeout`` seconds."""
+        self.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while not self._stopped.is_set():
+                if max_jobs is not None and len(self._finished_jobs) >= max_jobs:
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                self._stopped.wait(0.2)
+        except KeyboardInterrupt:
+            log.info("interrupted; going offline")
+        finally:
+            self.stop()
+
+    # ----------------------------------------------------------------- setup helpers
+    def _credentials(self, client_id: str | None, token: str | None, name: str | None) -> tuple[str, str]:
+        """Use given credentials, else the saved ones, else register with the coordinator."""
+        if client_id and token:
+            return client_id, token
+        saved = self.cache_dir / "credentials.json"
+        if saved.exists():
+            creds = json.loads(saved.read_text())
+            if creds.get("coordinator") == self.base_url and (client_id is None or creds["client_id"] == client_id):
+                return creds["client_id"], creds["token"]
+        resp = self._http.post(f"{self.api}/clients", json={"name": name or client_id or "device"},
+                               timeout=self._timeout)
+        if resp.status_code != 201:
+            raise RuntimeError(f"registration with {self.base_url} failed: HTTP {resp.status_code} {resp.text[:200]}")
+        body = resp.json()
+        saved.write_text(json.dumps({"coordinator": self.base_url, **body}))
+        saved.chmod(0o600)
+        return body["client_id"], body["token"]
+
+    def _discover_broker(self) -> str:
+        try:
+            health = self._http.get(f"{self.api}/health", timeout=self._timeout).json()
+        except (requests.RequestException, ValueError) as exc:
+            raise ConnectionError(f"coordinator at {self.base_url} unreachable ({exc}); pass broker_url or "
+                                  "check that `fedsight coordinator` is running") from exc
+        url = health.get("broker_url")
+        if not url:
+            raise ValueError("coordinator did not advertise a broker; pass broker_url='mqtt://HOST:PORT'")
+        return str(url)
+
+    def _status(self, state: str) -> bytes:
+        return json.dumps({"state": state, "jobs": self.jobs, "ts": time.time()}).encode()
+
+    # ----------------------------------------------------------------- messages
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic.startswith(f"{topics.PREFIX}/jobs/"):
+            self._on_job_event(topics.parse_job_topic(topic), payload)
+            return
+        _, kind = topics.parse_client_topic(topic)
+        message = json.loads(payload)
+        if kind == topics.TASK:
+            if self.jobs is None or message.get("job_id") in self.jobs:
+                self._tasks.put(message)
+        elif kind == topics.ACK:
+            accepted = message.get("status") == "accepted"
+            if not accepted:
+                log.warning("update for job %s round %s rejected: %s", message.get("job"), message.get("round"),
+                            message.get("reason"))
+            hook = self.callbacks.on_update_accepted if accepted else self.callbacks.on_update_rejected
+            if hook:
+                hook(message)
+
+    def _on_job_event(self, job_id: str, payload: bytes) -> None:
+        event = json.loads(payload)
+        if event.get("type") == "model_updated" and self.callbacks.on_model_updated:
+            self.callbacks.on_model_updated(job_id, str(event.get("version")))
+        elif event.get("type") == "job_finished" and job_id not in self._finished_jobs:
+            if any(r.job_id == job_id for r in self.history):
+                self._finished_jobs.append(job_id)
+            if self.callbacks.on_job_finished:
+                self.callbacks.on_job_finished(job_id)
+
+    def _work(self) -> None:
+        while not self._stopped.is_set():
+            task = self._tasks.get()
+            if task is None:
+                return
+            # A backlog means we fell behind: only the newest task per job is still worth doing.
+            newer = []
+            while not self._tasks.empty():
+                item = self._tasks.get_nowait()
+                if item is None:
+                    return
+                newer.append(item)
+            for t in newer:
+                if t.get("job_id") == task.get("job_id") and t.get("round", 0) >= task.get("round", 0):
+                    task = t
+            try:
+                self.handle_task(task)
+            except Exception as exc:  # one bad task must not end the device's participation
+                log.exception("task for job %s round %s failed: %s", task.get("job_id"), task.get("round"), exc)
+
+    # ----------------------------------------------------------------- the round
+    def _model_for(self, meta: dict[str, Any]) -> nn.Module:
+        arch = meta.get("arch")
+        if isinstance(self._model_arg, nn.Module):
+            return self._model_arg
+        if isinstance(self._model_arg, str) and self._model_arg != arch:
+            raise ValueError(f"this device was set up for {self._model_arg!r} but the job trains {arch!r}")
+        if self._model is None or getattr(self._model, "_fedsight_arch", None) != (arch, meta.get("num_classes")):
+            self._model = build_model(str(arch), int(meta["num_classes"]), int(meta.get("in_channels", 3)))
+            self._model._fedsight_arch = (arch, meta.get("num_classes"))  # type: ignore[attr-defined]
+        return self._model
+
+    def handle_task(self, task: dict[str, Any]) -> RoundReport | None:
+        """Run one training task end to end and publish the update (also callable directly in tests)."""
+        job_id, rnd = str(task["job_id"]), int(task["round"])
+        if self.callbacks.on_round_start:
+            self.callbacks.on_round_start(task)
+        config = dict(task.get("config") or {})
+        if len(self.dataset) == 0:  # type: ignore[arg-type]
+            log.warning("no local samples yet; skipping job %s round %d", job_id, rnd)
+            return None
+        url = task.get("model_url") or f"{self.api}/jobs/{job_id}/models/{task['base_version']}"
+        if url.startswith("/"):
+            url = self.base_url + url
+        fetched = self.models.get(url, str(task["base_version"]))
+        arrays, meta = load_model(fetched.data)
+        model = self._model_for(meta)
+        params.load_arrays(model, arrays)
+        global_vec = flatten(arrays)
+
+        dataset = self.dataset.snapshot() if hasattr(self.dataset, "snapshot") else self.dataset
+        result = self.trainer.train(model, dataset, config)
+        local_vec = flatten(params.state_to_arrays(model))
+
+        t0 = time.perf_counter()
+        spec = codecs.validate_spec(config.get("codec") or {"name": "dense", "dtype": "float32"})
+        sizes = layout_sizes(arrays)
+        delta = (local_vec - global_vec).astype(np.float32, copy=False)
+        use_ef = bool(spec.get("error_feedback", False))
+        corrected = self.residuals.apply(job_id, delta) if use_ef else delta
+        payload, sent = codecs.encode(spec, corrected, sizes)
+        if use_ef:
+            self.residuals.update(job_id, corrected, sent)
+        metrics = {"loss": float(result.loss), "accuracy": float(result.accuracy),
+                   "train_time_s": float(result.wall_time_s)}
+        header = UpdateHeader(job_id=job_id, round=rnd, client_id=self.client_id,
+                              base_version=str(task["base_version"]), codec=spec,
+                              num_samples=int(result.num_samples), numel=int(global_vec.size),
+                              metrics=metrics, token=self.token)
+        message = encode_update(header, payload)
+        encode_time = time.perf_counter() - t0
+        limit = int(config.get("max_update_bytes", DEFAULT_MAX_UPDATE_BYTES))
+        if len(message) > limit:  # brokers drop oversize packets silently; say so here instead
+            raise ProtocolError(f"update is {len(message)} bytes, over the job's limit of {limit}; "
+                                "use a sparser codec")
+        if not self._transport.publish(topics.update_topic(self.client_id), message, wait=60):
+            log.warning("update for job %s round %d was not confirmed by the broker", job_id, rnd)
+        report = RoundReport(job_id, rnd, int(result.num_samples), len(message), fetched.transferred,
+                             float(result.wall_time_s), encode_time, metrics)
+        self.history.append(report)
+        log.info("job %s round %d: %d samples, loss %.4f, acc %.3f, sent %d bytes (train %.2fs, encode %.3fs)",
+                 job_id, rnd, result.num_samples, result.loss, result.accuracy, len(message),
+                 result.wall_time_s, encode_time)
+        if self.callbacks.on_update_sent:
+            self.callbacks.on_update_sent({"job_id": job_id, "round": rnd, "bytes": len(message)})
+        return report

@@ -1,0 +1,24 @@
+"""Shared fixtures: a real Mosquitto broker and a real coordinator process for integration tests."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.processes import Coordinator, Mosquitto
+
+
+@pytest.fixture(scope="module")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="module")
+def coordinator(mosquitto: Mosquitto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
+    workdir: Path = tmp_path_factory.mktemp("coordinator")
+    server = Coordinator(workdir, mosquitto.url)
+    yield server
+    server.stop()

@@ -1,0 +1,138 @@
+"""Wire format v1, FSM1 model files and topic layout: round trips and hostile input."""
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_sdk.protocol import topics
+from edge_sdk.protocol.errors import ProtocolError
+from edge_sdk.protocol.modelfile import dump_model, flatten, float_layout, load_model, sha256_hex, unflatten
+from edge_sdk.protocol.wire import UpdateHeader, decode_update, encode_update
+
+
+def header(**kw: object) -> UpdateHeader:
+    base = dict(job_id="job1", round=3, client_id="dev-1", base_version="ab" * 32,
+                codec={"name": "dense", "dtype": "float32"}, num_samples=17, numel=4,
+                metrics={"loss": 0.5}, token="secret")
+    base.update(kw)
+    return UpdateHeader(**base)  # type: ignore[arg-type]
+
+
+@given(payload=st.binary(max_size=4096), rnd=st.integers(0, 10**6), n=st.integers(1, 10**6))
+@settings(max_examples=60, deadline=None)
+def test_update_round_trip(payload: bytes, rnd: int, n: int) -> None:
+    h = header(round=rnd, num_samples=n)
+    got_h, got_p = decode_update(encode_update(h, payload))
+    assert got_h == h and got_p == payload
+
+
+def reframe(body: bytes) -> bytes:
+    """Re-append a valid CRC so a test reaches the checks behind it."""
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda m: m[:-1], "checksum"),
+    (lambda m: m[:5], "truncated"),
+    (lambda m: b"XXX" + m[3:], "magic"),
+    (lambda m: m[:3] + b"\x07" + m[4:], "unsupported wire version"),
+    (lambda m: m[:20] + bytes([m[20] ^ 0xFF]) + m[21:], "checksum"),
+    (lambda m: reframe(m[:4] + struct.pack("<I", 10**6) + m[8:-4]), "header length"),
+    (lambda m: reframe(m[:4] + struct.pack("<I", 3) + b"{x}" + b"payload"), "not valid JSON"),
+    (lambda m: reframe(m[:4] + struct.pack("<I", 2) + b"[]"), "JSON object"),
+])
+def test_hostile_messages_rejected_with_reason(mutate, reason: str) -> None:
+    good = encode_update(header(), b"\x00" * 16)
+    with pytest.raises(ProtocolError, match=reason):
+        decode_update(mutate(good))
+
+
+def test_header_field_types_checked() -> None:
+    bad = encode_update(header(num_samples=0), b"")
+    with pytest.raises(ProtocolError, match="num_samples"):
+        decode_update(bad)
+    body = b'{"job_id":1}'
+    msg = reframe(b"FSU\x01" + struct.pack("<I", len(body)) + body)
+    with pytest.raises(ProtocolError, match="job_id"):
+        decode_update(msg)
+
+
+def test_oversize_rejected_before_parsing() -> None:
+    msg = encode_update(header(), b"\x00" * 2000)
+    with pytest.raises(ProtocolError, match="too large"):
+        decode_update(msg, max_bytes=1000)
+
+
+def test_non_finite_metric_rejected() -> None:
+    h = header()
+    body = encode_update(h, b"")
+    raw = body.replace(b'"loss":0.5', b'"loss":NaN')[:-4]
+    with pytest.raises(ProtocolError, match="finite"):
+        decode_update(reframe(raw))
+
+
+def sample_arrays() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {"conv.weight": rng.standard_normal((4, 1, 3, 3)).astype(np.float32),
+            "bn.running_mean": rng.standard_normal(4).astype(np.float32),
+            "bn.num_batches_tracked": np.array(7, dtype=np.int64),
+            "fc.weight": rng.standard_normal((10, 4)).astype(np.float16)}
+
+
+def test_model_file_is_deterministic_and_round_trips() -> None:
+    arrays, meta = sample_arrays(), {"arch": "small_cnn", "round": 0}
+    data = dump_model(arrays, meta)
+    assert dump_model(arrays, dict(reversed(list(meta.items())))) == data  # meta key order is irrelevant
+    loaded, got_meta = load_model(data)
+    assert got_meta == meta and list(loaded) == list(arrays)
+    for k in arrays:
+        np.testing.assert_array_equal(loaded[k], arrays[k])
+        assert loaded[k].dtype == arrays[k].dtype
+    assert sha256_hex(dump_model(loaded, got_meta)) == sha256_hex(data)
+
+
+def test_flatten_covers_float_entries_only() -> None:
+    arrays = sample_arrays()
+    vec = flatten(arrays)
+    assert vec.dtype == np.float32 and vec.size == 36 + 4 + 40
+    assert [n for n, _ in float_layout(arrays)] == ["conv.weight", "bn.running_mean", "fc.weight"]
+    back = unflatten(vec + 1, arrays)
+    assert back["bn.num_batches_tracked"] == 7
+    np.testing.assert_allclose(back["conv.weight"], arrays["conv.weight"] + 1, rtol=1e-6)
+    with pytest.raises(ProtocolError, match="float parameters"):
+        unflatten(vec[:-1], arrays)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"nope", "magic"),
+    (b"FSM1" + struct.pack("<I", 999) + b"{}", "truncated"),
+    (b"FSM1" + struct.pack("<I", 2) + b"{}", "malformed"),
+])
+def test_bad_model_files(data: bytes, reason: str) -> None:
+    with pytest.raises(ProtocolError, match=reason):
+        load_model(data)
+
+
+def test_truncated_model_file() -> None:
+    data = dump_model(sample_arrays(), {})
+    with pytest.raises(ProtocolError, match="truncated"):
+        load_model(data[:-3])
+    with pytest.raises(ProtocolError, match="trailing"):
+        load_model(data + b"x")
+
+
+def test_topics_layout() -> None:
+    assert topics.update_topic("dev-1") == "fedsight/v1/clients/dev-1/update"
+    assert topics.parse_client_topic("fedsight/v1/clients/dev-1/update") == ("dev-1", "update")
+    assert topics.parse_job_topic(topics.job_events_topic("j1")) == "j1"
+    for bad in ("fedsight/v1/clients/a/b/update", "fedsight/v1/clients/x/unknown", "other/topic"):
+        with pytest.raises(ValueError):
+            topics.parse_client_topic(bad)
+    for bad_id in ("a/b", "+", "#", "", "x" * 65):
+        with pytest.raises(ValueError):
+            topics.update_topic(bad_id)
