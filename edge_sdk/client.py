@@ -251,7 +251,8 @@ class EdgeClient:
         url = task.get("model_url") or f"{self.api}/jobs/{job_id}/models/{task['base_version']}"
         if url.startswith("/"):
             url = self.base_url + url
-        fetched = self.models.get(url, str(task["base_version"]))
+        version = str(task["base_version"])
+        fetched = self.models.get(url, version, patch_url=f"{self.api}/jobs/{job_id}/models/{version}/delta")
         arrays, meta = load_model(fetched.data)
         model = self._model_for(meta)
         params.load_arrays(model, arrays)
@@ -265,7 +266,7 @@ class EdgeClient:
         spec = codecs.validate_spec(config.get("codec") or {"name": "dense", "dtype": "float32"})
         sizes = layout_sizes(arrays)
         delta = (local_vec - global_vec).astype(np.float32, copy=False)
-        use_ef = bool(spec.get("error_feedback", False))
+        use_ef = codecs.uses_error_feedback(spec)
         corrected = self.residuals.apply(job_id, delta) if use_ef else delta
         payload, sent = codecs.encode(spec, corrected, sizes)
         if use_ef:

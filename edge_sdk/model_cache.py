@@ -12,7 +12,9 @@ from pathlib import Path
 
 import requests
 
+from .protocol.errors import ProtocolError
 from .protocol.modelfile import sha256_hex
+from .protocol.patch import apply_patch
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +43,9 @@ class ModelCache:
     def path(self, version: str) -> Path:
         return self.directory / f"{version}.fsm"
 
-    def get(self, url: str, version: str) -> Fetched:
-        """The bytes of ``version``, from the cache or from ``url`` (resuming a partial download)."""
+    def get(self, url: str, version: str, patch_url: str | None = None) -> Fetched:
+        """The bytes of ``version``: from the cache, else as a patch against the newest cached version
+        (``patch_url?from=<cached>``), else in full from ``url`` (resuming a partial download)."""
         final = self.path(version)
         if final.exists():
             data = final.read_bytes()
@@ -50,6 +53,32 @@ class ModelCache:
                 return Fetched(data, version, 0)
             log.warning("cached model %s is corrupt; downloading again", version[:12])
             final.unlink()
+        if patch_url is not None:
+            patched = self._via_patch(patch_url, version)
+            if patched is not None:
+                return patched
+        return self._download(url, version)
+
+    def _via_patch(self, patch_url: str, version: str) -> Fetched | None:
+        base = self.latest_cached()
+        if base is None:
+            return None
+        try:
+            resp = self._http.get(patch_url, params={"from": base}, timeout=self._timeout)
+            if resp.status_code != 200:
+                log.debug("no patch %s -> %s (HTTP %d); full download", base[:12], version[:12], resp.status_code)
+                return None
+            data = apply_patch(self.path(base).read_bytes(), resp.content)
+        except (requests.RequestException, ProtocolError, OSError) as exc:
+            log.warning("patch download failed (%s); falling back to the full model", exc)
+            return None
+        if sha256_hex(data) != version:
+            return None
+        self.put(data)
+        return Fetched(data, version, len(resp.content))
+
+    def _download(self, url: str, version: str) -> Fetched:
+        final = self.path(version)
         part = final.with_suffix(".part")
         transferred = 0
         for attempt in range(3):

@@ -1,0 +1,99 @@
+"""Downlink patches: rebuild global version B from a cached version A with far fewer bytes than B.
+
+A patch carries B's model-file header whole and, for the tensor data, only the 32-bit words that changed
+(their positions coded like sparse update indices, then their new bit patterns). It is lossless: the
+device verifies that the rebuilt file hashes to B. Sparse aggregation changes few weights per round, so a
+device one version behind typically downloads a small fraction of the model.
+
+Layout: ``b"FSP1" | meta_len u32 | meta JSON | header_len u32 | B's header | index block | words (u32 LE)``
+with meta ``{"from", "to", "data_len", "words", "k", "method", "index_bytes"}``.
+"""
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+
+from .errors import ProtocolError
+from .modelfile import sha256_hex
+from .sparse_index import decode_indices, encode_indices, max_raw_size
+
+MAGIC = b"FSP1"
+_U32 = struct.Struct("<I")
+
+
+def _split(model: bytes) -> tuple[bytes, bytes]:
+    if len(model) < 8:
+        raise ProtocolError("model file truncated")
+    (head_len,) = _U32.unpack_from(model, 4)
+    return model[: 8 + head_len], model[8 + head_len :]
+
+
+def _words(data: bytes, count: int) -> np.ndarray:
+    padded = data + b"\x00" * (count * 4 - len(data))
+    return np.frombuffer(padded, dtype="<u4")
+
+
+def make_patch(old: bytes, new: bytes) -> bytes | None:
+    """A patch turning ``old`` into ``new``, or None when the tensor layouts differ."""
+    _, old_data = _split(old)
+    new_head, new_data = _split(new)
+    if len(old_data) != len(new_data):
+        return None
+    count = -(-len(new_data) // 4)
+    a, b = _words(old_data, count), _words(new_data, count)
+    idx = np.flatnonzero(a != b)
+    method, index_block = encode_indices(idx, count)
+    meta = json.dumps({"from": sha256_hex(old), "to": sha256_hex(new), "data_len": len(new_data),
+                       "words": count, "k": int(idx.size), "method": method,
+                       "index_bytes": len(index_block)}, sort_keys=True).encode()
+    return b"".join([MAGIC, _U32.pack(len(meta)), meta, _U32.pack(len(new_head)), new_head, index_block,
+                     b[idx].astype("<u4").tobytes()])
+
+
+def patch_target(patch: bytes) -> tuple[str, str]:
+    """``(from_version, to_version)`` of a patch."""
+    meta, _ = _meta(patch)
+    return str(meta["from"]), str(meta["to"])
+
+
+def _meta(patch: bytes) -> tuple[dict, int]:
+    if len(patch) < 8 or patch[:4] != MAGIC:
+        raise ProtocolError("not a FedSight model patch (bad magic bytes)")
+    (meta_len,) = _U32.unpack_from(patch, 4)
+    if 8 + meta_len > len(patch):
+        raise ProtocolError("patch truncated in its metadata")
+    try:
+        meta = json.loads(patch[8 : 8 + meta_len])
+        for key in ("from", "to", "data_len", "words", "k", "method", "index_bytes"):
+            meta[key]  # noqa: B018 - presence check
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ProtocolError(f"patch metadata malformed: {exc}") from None
+    return meta, 8 + meta_len
+
+
+def apply_patch(old: bytes, patch: bytes) -> bytes:
+    """Rebuild the target version; raises ProtocolError unless the result hashes to it."""
+    meta, pos = _meta(patch)
+    if sha256_hex(old) != meta["from"]:
+        raise ProtocolError("patch was made for a different base version")
+    _, old_data = _split(old)
+    words, k, data_len = int(meta["words"]), int(meta["k"]), int(meta["data_len"])
+    if data_len != len(old_data) or words != -(-data_len // 4) or not 0 <= k <= words:
+        raise ProtocolError("patch does not fit the base model's layout")
+    (head_len,) = _U32.unpack_from(patch, pos)
+    pos += 4
+    head = patch[pos : pos + head_len]
+    pos += head_len
+    index_bytes = int(meta["index_bytes"])
+    if index_bytes > max_raw_size(int(meta["method"]), k, words) or pos + index_bytes + 4 * k != len(patch):
+        raise ProtocolError("patch length does not match its metadata")
+    idx = decode_indices(int(meta["method"]), patch[pos : pos + index_bytes], k, words)
+    values = np.frombuffer(patch, dtype="<u4", count=k, offset=pos + index_bytes)
+    data = _words(old_data, words).copy()
+    data[idx] = values
+    rebuilt = head + data.tobytes()[:data_len]
+    if sha256_hex(rebuilt) != meta["to"]:
+        raise ProtocolError("patched model does not match the target version (corrupted patch)")
+    return rebuilt

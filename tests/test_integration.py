@@ -1,0 +1,206 @@
+"""End to end over real parts: Mosquitto, the coordinator's HTTP server, device processes, onnxruntime.
+
+One module-scoped federation (broker + coordinator + 4 device processes) runs a dense job with a rogue
+device that sends every kind of bad update in its first round, then a top-k job; both must reach 90 %
+digits accuracy, and every rejection must come back to the sender with its reason.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from edge_sdk.protocol import codecs, topics
+from edge_sdk.protocol.modelfile import flatten, layout_sizes, load_model
+from edge_sdk.protocol.wire import UpdateHeader, encode_update
+from edge_sdk.transport import MqttTransport
+from tests.support.processes import Coordinator, Mosquitto, start_device, stop_process
+
+pytestmark = pytest.mark.integration
+
+DEVICES = 4
+MAX_UPDATE = 1 << 20
+
+
+def job_body(name: str, codec: dict, rounds: int, clients: int, min_clients: int) -> dict:
+    return {"name": name, "model": {"arch": "small_cnn", "num_classes": 10, "in_channels": 1, "image_size": 8},
+            "rounds": rounds, "clients_per_round": clients, "min_clients": min_clients, "round_timeout_s": 90,
+            "train": {"epochs": 2, "batch_size": 16, "lr": 0.05}, "codec": codec, "eval": {"dataset": "digits"},
+            "seed": 0, "max_update_bytes": MAX_UPDATE}
+
+
+def wait_finished(api: str, job_id: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = requests.get(f"{api}/jobs/{job_id}", timeout=5).json()
+        if job["status"] in ("finished", "failed", "stopped"):
+            return job
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} did not finish in {timeout}s: {job}")
+
+
+class Rogue:
+    """A registered device that, in its first task, sends one of every kind of bad update."""
+
+    def __init__(self, api: str, broker_url: str) -> None:
+        creds = requests.post(f"{api}/clients", json={"name": "rogue"}, timeout=5).json()
+        self.id, self.token, self.api = creds["client_id"], creds["token"], api
+        self.acks: queue.Queue = queue.Queue()
+        self.tasks: queue.Queue = queue.Queue()
+        self.sabotaged = False
+        self.transport = MqttTransport(broker_url, f"rogue-{self.id}", self.on_message,
+                                       subscriptions=[topics.task_topic(self.id), topics.ack_topic(self.id),
+                                                      topics.ack_topic("ghost")])
+        self.transport.start()
+        self.transport.publish(topics.status_topic(self.id), json.dumps({"state": "online"}), retain=True, wait=5)
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        cid, kind = topics.parse_client_topic(topic)
+        (self.tasks if kind == topics.TASK else self.acks).put((cid, json.loads(payload)))
+
+    def send(self, message: bytes, client_id: str | None = None) -> None:
+        assert self.transport.publish(topics.update_topic(client_id or self.id), message, wait=10)
+
+    def answer(self, task: dict, sabotage: bool) -> dict[str, str]:
+        """Send the bad variants (when ``sabotage``), then one good update and its duplicate."""
+        model = requests.get(f"{self.api}/jobs/{task['job_id']}/models/{task['base_version']}",
+                             headers={"Authorization": f"Bearer {self.token}"}, timeout=10).content
+        arrays, _ = load_model(model)
+        numel, sizes = flatten(arrays).size, layout_sizes(arrays)
+        spec = task["config"]["codec"]
+        zero = np.zeros(numel, np.float32)
+        good_payload, _ = codecs.encode(spec, zero, sizes)
+
+        def msg(payload: bytes = good_payload, **kw: object) -> bytes:
+            fields = dict(job_id=task["job_id"], round=task["round"], client_id=self.id,
+                          base_version=task["base_version"], codec=spec, num_samples=1, numel=numel,
+                          metrics={}, token=self.token)
+            fields.update(kw)
+            return encode_update(UpdateHeader(**fields), payload)  # type: ignore[arg-type]
+
+        expected: dict[str, str] = {}
+        if sabotage:
+            nan = zero.copy()
+            nan[3] = np.nan
+            dense = {"name": "dense", "dtype": "float32"}
+            variants = {
+                "garbage": b"this is not an update",
+                "truncated": msg()[:-7],
+                "oversize": msg(payload=b"\x00" * (MAX_UPDATE + 10)),
+                "nan": msg(payload=nan.tobytes(), codec=dense) if spec["name"] == "dense" else None,
+                "wrong_round": msg(round=task["round"] + 5),
+                "old_base": msg(base_version="0" * 64),
+                "wrong_numel": msg(numel=numel + 1),
+                "wrong_codec": msg(codec={"name": "dense", "dtype": "float16"}),
+                "bad_token": msg(token="not-my-token"),
+                "id_mismatch": msg(client_id="someone-else"),
+            }
+            for name, message in variants.items():
+                if message is not None:
+                    self.send(message)
+                    expected[name] = self.acks.get(timeout=15)[1]["reason"]
+            self.send(msg(client_id="ghost", token="x"), client_id="ghost")
+            cid, ack = self.acks.get(timeout=15)
+            assert cid == "ghost"
+            expected["unknown_client"] = ack["reason"]
+        self.send(msg())
+        expected["good"] = self.acks.get(timeout=15)[1]["status"]
+        self.send(msg())
+        expected["duplicate"] = self.acks.get(timeout=15)[1]["reason"]
+        return expected
+
+    def stop(self) -> None:
+        self.transport.stop()
+
+
+@pytest.fixture(scope="module")
+def federation(coordinator: Coordinator, mosquitto: Mosquitto, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[tuple[Coordinator, Mosquitto, Path]]:
+    workdir = tmp_path_factory.mktemp("devices")
+    procs = [start_device(workdir, coordinator.url, i, DEVICES) for i in range(DEVICES)]
+    deadline = time.monotonic() + 90
+    while sum(c.get("online", False) for c in requests.get(f"{coordinator.api}/clients", timeout=5).json()
+              ["clients"]) < DEVICES:
+        assert time.monotonic() < deadline, f"devices did not come online: {[p.poll() for p in procs]}"
+        time.sleep(0.5)
+    yield coordinator, mosquitto, workdir
+    for p in procs:
+        stop_process(p)
+
+
+def test_dense_job_with_rogue_device(federation: tuple[Coordinator, Mosquitto, Path]) -> None:
+    coordinator, mosquitto, _ = federation
+    api = coordinator.api
+    rogue = Rogue(api, mosquitto.url)
+    try:
+        job = requests.post(f"{api}/jobs", json=job_body("dense", {"name": "dense", "dtype": "float32"},
+                                                         rounds=6, clients=DEVICES + 1, min_clients=DEVICES),
+                            timeout=10).json()
+        assert requests.post(f"{api}/jobs/{job['id']}/start", timeout=10).ok
+        first = rogue.tasks.get(timeout=60)[1]
+        reasons = rogue.answer(first, sabotage=True)
+        finished = wait_finished(api, job["id"], timeout=300)
+    finally:
+        rogue.stop()
+    assert finished["status"] == "finished"
+    assert reasons.pop("good") == "accepted"
+    expect = {"garbage": "magic", "truncated": "checksum", "oversize": "too large", "nan": "finite",
+              "wrong_round": "round", "old_base": "base version", "wrong_numel": "numel", "wrong_codec": "codec",
+              "bad_token": "token", "id_mismatch": "client id", "unknown_client": "unknown client",
+              "duplicate": "duplicate"}
+    for name, needle in expect.items():
+        assert needle in reasons[name].lower(), (name, reasons[name])
+
+    rounds = requests.get(f"{api}/jobs/{job['id']}/rounds", timeout=5).json()["rounds"]
+    closed = [r for r in rounds if r["status"] == "closed"]
+    assert [r["round"] for r in closed] == list(range(1, 7))
+    assert closed[0]["rejected"] >= len(expect) - 2 and closed[0]["accepted"] >= DEVICES
+    assert all(r["uplink_bytes"] > 0 for r in closed)
+    assert closed[-1]["eval"]["accuracy"] >= 0.90
+    updates = requests.get(f"{api}/jobs/{job['id']}/updates", timeout=5).json()["updates"]
+    assert sum(u["status"] == "rejected" for u in updates) >= len(expect) - 2
+    assert all(u["reason"] for u in updates if u["status"] == "rejected")
+
+    # The exported ONNX model runs in onnxruntime and matches the PyTorch accuracy.
+    onnx_bytes = requests.get(f"{api}/jobs/{job['id']}/onnx", timeout=120).content
+    from edge_sdk.data import load_digits_split
+    from edge_sdk.inference import OnnxClassifier
+    _, test = load_digits_split()
+    x, y = (t.numpy() for t in test.tensors)
+    clf = OnnxClassifier(onnx_bytes)
+    preds = np.array([p.label for p in clf.predict_tensor(x.astype(np.float32))])
+    assert (preds == y).mean() >= 0.90
+
+
+def test_topk_job_reaches_target(federation: tuple[Coordinator, Mosquitto, Path]) -> None:
+    coordinator, _, _ = federation
+    api = coordinator.api
+    codec = {"name": "topk", "density": 0.1, "values": "int8", "error_feedback": True}
+    job = requests.post(f"{api}/jobs", json=job_body("topk", codec, rounds=10, clients=DEVICES,
+                                                     min_clients=DEVICES - 1), timeout=10).json()
+    assert requests.post(f"{api}/jobs/{job['id']}/start", timeout=10).ok
+    assert wait_finished(api, job["id"], timeout=400)["status"] == "finished"
+    rounds = [r for r in requests.get(f"{api}/jobs/{job['id']}/rounds", timeout=5).json()["rounds"]
+              if r["status"] == "closed"]
+    assert rounds[-1]["eval"]["accuracy"] >= 0.90
+    assert all(r["compression_ratio"] >= 10 for r in rounds)
+
+
+def test_bad_rest_input_is_rejected_readably(coordinator: Coordinator) -> None:
+    api = coordinator.api
+    r = requests.post(f"{api}/jobs", data="{not json", headers={"Content-Type": "application/json"}, timeout=5)
+    assert r.status_code == 400 and "json" in r.json()["error"].lower()
+    body = job_body("bad", {"name": "dense", "dtype": "float32"}, 1, 1, 1)
+    body["model"]["arch"] = "alexnet9000"
+    r = requests.post(f"{api}/jobs", json=body, timeout=5)
+    assert r.status_code == 400 and "alexnet9000" in r.json()["error"]
+    r = requests.post(f"{api}/jobs", json={**body, "rounds": -1}, timeout=5)
+    assert r.status_code == 400 and "rounds" in r.json()["error"]
+    assert requests.get(f"{api}/jobs/nope", timeout=5).status_code == 404
+    assert requests.get(f"{api}/health", timeout=5).json()["status"] == "ok"
