@@ -31,6 +31,7 @@ from .protocol.errors import ProtocolError
 from .protocol.modelfile import flatten, layout_sizes, load_model
 from .protocol.wire import UpdateHeader, encode_update
 from .trainer import LocalTrainer
+from .update import encode_delta, statistics_mask
 from .transport import MqttTransport
 
 log = logging.getLogger(__name__)
@@ -264,13 +265,8 @@ class EdgeClient:
 
         t0 = time.perf_counter()
         spec = codecs.validate_spec(config.get("codec") or {"name": "dense", "dtype": "float32"})
-        sizes = layout_sizes(arrays)
-        delta = (local_vec - global_vec).astype(np.float32, copy=False)
-        use_ef = codecs.uses_error_feedback(spec)
-        corrected = self.residuals.apply(job_id, delta) if use_ef else delta
-        payload, sent = codecs.encode(spec, corrected, sizes)
-        if use_ef:
-            self.residuals.update(job_id, corrected, sent)
+        payload, _ = encode_delta(spec, local_vec - global_vec, layout_sizes(arrays), self.residuals, job_id,
+                                  statistics_mask(arrays))
         metrics = {"loss": float(result.loss), "accuracy": float(result.accuracy),
                    "train_time_s": float(result.wall_time_s)}
         header = UpdateHeader(job_id=job_id, round=rnd, client_id=self.client_id,

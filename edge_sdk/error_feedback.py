@@ -1,0 +1,146 @@
+"""Error feedback for lossy update codecs: what a device did not send this round is added to the next one.
+
+With top-k / rand-k sparsification (and int8 / fp16 rounding) most of an update never leaves the device;
+folding that residual into the next update keeps the sum of everything sent equal to the sum of the true
+updates (minus the last residual), which is what makes aggressive compression converge.
+
+One residual per device, tied to one job. It is persisted as ``residual-<job key>.npy`` (float32, written
+atomically) in the given directory, normally beside the model cache, so an app restart does not lose it.
+A store asked about a different job, or about a different ``numel``, discards the old file and starts from
+zeros: a residual only makes sense against the model it was computed for.
+
+Size bound: a residual costs ``4 * numel`` bytes on disk and in memory. When that exceeds ``max_bytes`` the
+store *refuses* (logs a warning once per job, keeps nothing, and error feedback is simply off for that job)
+rather than trimming: a trimmed residual silently breaks the accounting above, a missing one is explicit.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .protocol.codecs import Decoded
+
+log = logging.getLogger(__name__)
+
+_PREFIX = "residual-"
+
+
+def _job_key(job_id: str) -> str:
+    """File-name-safe, fixed-length key for any job id."""
+    return hashlib.sha256(job_id.encode("utf-8")).hexdigest()[:32]
+
+
+class ResidualStore:
+    """Per-job residual, persisted in ``directory``; thread-safe."""
+
+    def __init__(self, directory: Path | str, max_bytes: int = 64 << 20) -> None:
+        self.directory = Path(directory)
+        self.max_bytes = int(max_bytes)
+        self._lock = threading.Lock()
+        self._job: str | None = None
+        self._residual: np.ndarray | None = None
+        self._warned: set[str] = set()
+
+    def path_for(self, job_id: str) -> Path:
+        return self.directory / f"{_PREFIX}{_job_key(job_id)}.npy"
+
+    def _fits(self, job_id: str, numel: int) -> bool:
+        if 4 * numel <= self.max_bytes:
+            return True
+        if job_id not in self._warned:
+            self._warned.add(job_id)
+            log.warning("residual for job %s needs %d bytes > max_bytes=%d: error feedback disabled for it",
+                        job_id, 4 * numel, self.max_bytes)
+        return False
+
+    def _drop_files(self, keep: Path | None = None) -> None:
+        if not self.directory.is_dir():
+            return
+        for path in self.directory.glob(f"{_PREFIX}*.npy"):
+            if path != keep:
+                path.unlink(missing_ok=True)
+
+    def _read(self, path: Path, numel: int) -> np.ndarray | None:
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            log.warning("discarding unreadable residual %s: %s", path, exc)
+            return None
+        if arr.dtype != np.float32 or arr.shape != (numel,):
+            log.info("discarding residual %s: shape %s/%s does not match numel=%d", path, arr.shape, arr.dtype, numel)
+            return None
+        if not np.isfinite(arr).all():
+            log.warning("discarding non-finite residual %s", path)
+            return None
+        return arr
+
+    def load(self, job_id: str, numel: int) -> np.ndarray:
+        """The residual for ``job_id`` (a copy), or zeros for a new job / size mismatch / unreadable file.
+
+        Residuals of other jobs, and a mismatching one of this job, are deleted.
+        """
+        with self._lock:
+            return self._load(job_id, numel).copy()
+
+    def _load(self, job_id: str, numel: int) -> np.ndarray:
+        if self._job == job_id and self._residual is not None and self._residual.size == numel:
+            return self._residual
+        path = self.path_for(job_id)
+        if not self._fits(job_id, numel):
+            self._job, self._residual = job_id, None
+            self._drop_files()
+            return np.zeros(numel, dtype=np.float32)
+        arr = self._read(path, numel) if path.is_file() else None
+        self._drop_files(keep=path if arr is not None else None)
+        if arr is None:
+            arr = np.zeros(numel, dtype=np.float32)
+        self._job, self._residual = job_id, arr
+        return arr
+
+    def apply(self, job_id: str, vec: np.ndarray) -> np.ndarray:
+        """``vec + residual`` as a new float32 array (the error-corrected update to encode)."""
+        vec = np.asarray(vec, dtype=np.float32)
+        with self._lock:
+            return vec + self._load(job_id, vec.size)
+
+    def update(self, job_id: str, corrected: np.ndarray, sent: Decoded) -> None:
+        """Record ``corrected - sent`` as the residual for the next round and persist it."""
+        corrected = np.asarray(corrected, dtype=np.float32)
+        numel = corrected.size
+        residual = corrected - sent.to_dense(numel)
+        with self._lock:
+            if not self._fits(job_id, numel):
+                self._job, self._residual = job_id, None
+                self._drop_files()
+                return
+            if not np.isfinite(residual).all():
+                log.warning("non-finite residual for job %s: resetting error feedback", job_id)
+                residual = np.zeros(numel, dtype=np.float32)
+            self._job, self._residual = job_id, residual
+            path = self.path_for(job_id)
+            self._write(path, residual)
+            self._drop_files(keep=path)
+
+    def _write(self, path: Path, arr: np.ndarray) -> None:
+        """Write-then-rename so a crash never leaves a half-written residual behind."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".residual-", suffix=".tmp", dir=self.directory)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.save(fh, arr, allow_pickle=False)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def reset(self) -> None:
+        """Forget every residual (memory and disk), e.g. after the device leaves a job."""
+        with self._lock:
+            self._job, self._residual = None, None
+            self._drop_files()

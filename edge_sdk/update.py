@@ -1,0 +1,38 @@
+"""Turning a local model delta into the bytes a device sends: error feedback, then the round's codec.
+
+Shared by ``EdgeClient`` and the benchmarks so that what is measured is what devices do.
+
+BatchNorm running statistics are averaged state, not accumulating parameters: feeding back what a sparse
+codec left out of them lets residuals pile up until a running variance turns negative and the model emits
+NaN. So those coordinates never use the residual (they are sent fresh each round, when selected).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .error_feedback import ResidualStore
+from .protocol import codecs
+from .protocol.codecs import Decoded
+from .protocol.modelfile import Arrays, is_float
+
+_STAT_SUFFIXES = ("running_mean", "running_var")
+
+
+def statistics_mask(arrays: Arrays) -> np.ndarray:
+    """Boolean mask over update coordinates that belong to BatchNorm running statistics."""
+    parts = [np.full(a.size, name.endswith(_STAT_SUFFIXES)) for name, a in arrays.items() if is_float(a)]
+    return np.concatenate(parts) if parts else np.zeros(0, bool)
+
+
+def encode_delta(spec: dict, delta: np.ndarray, layout_sizes: list[int], residuals: ResidualStore | None,
+                 job_id: str, stats: np.ndarray | None = None) -> tuple[bytes, Decoded]:
+    """Codec payload for ``delta`` (local - global), applying and updating error feedback when enabled."""
+    delta = np.asarray(delta, dtype=np.float32)
+    if residuals is None or not codecs.uses_error_feedback(spec):
+        return codecs.encode(spec, delta, layout_sizes)
+    corrected = residuals.apply(job_id, delta)
+    if stats is not None and stats.any():
+        corrected[stats] = delta[stats]
+    payload, sent = codecs.encode(spec, corrected, layout_sizes)
+    residuals.update(job_id, corrected, sent)
+    return payload, sent
