@@ -92,7 +92,7 @@ def test_model_file_is_deterministic_and_round_trips() -> None:
     assert got_meta == meta and list(loaded) == list(arrays)
     for k in arrays:
         np.testing.assert_array_equal(loaded[k], arrays[k])
-        assert loaded[k].dtype == arrays[k].dtype
+        assert loaded[k].dtype == arrays[k].dtype and loaded[k].shape == arrays[k].shape
     assert sha256_hex(dump_model(loaded, got_meta)) == sha256_hex(data)
 
 

@@ -34,7 +34,7 @@ def dump_model(arrays: Arrays, meta: dict[str, Any]) -> bytes:
     """Serialise ``arrays`` (in insertion order) and ``meta``; same input, same bytes."""
     entries, chunks, offset = [], [], 0
     for name, arr in arrays.items():
-        a = np.ascontiguousarray(arr)
+        a = np.asarray(arr, order="C")  # not ascontiguousarray: it turns 0-d buffers into shape (1,)
         if a.dtype.name not in _DTYPES:
             raise ProtocolError(f"tensor {name!r} has unsupported dtype {a.dtype}")
         a = a.astype(a.dtype.newbyteorder("<"), copy=False)
