@@ -1,0 +1,393 @@
+"""REST API under ``/api/v1`` (Flask app factory). Every error is JSON ``{"error": "<readable reason>"}``.
+
+Operator endpoints (jobs, clients, exports) are unauthenticated: bind the coordinator to loopback or put it
+behind an authenticating proxy. Model *downloads* require a registered device's bearer token, because a
+global model is the federation's product and devices are the ones fetching it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import secrets
+import sqlite3
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Flask, current_app, jsonify, request, send_file
+from werkzeug.exceptions import HTTPException
+
+from edge_sdk.protocol import topics
+from edge_sdk.protocol.patch import make_patch
+
+from .engine import JobStateError
+from .exports import ExportFailed
+from .jobspec import JobSpecError, initial_model, normalize_job
+from .model_store import ModelStore, is_version
+from .services import Services, build_services
+from .validation import hash_token
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "v1"
+MAX_JSON_BYTES = 1 << 20
+
+api = Blueprint("api", __name__, url_prefix="/api/v1")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def _svc() -> Services:
+    return current_app.extensions["fedsight"]
+
+
+def _body(allowed: set[str] | None, required: bool = True) -> dict[str, Any]:
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        if required:
+            raise ApiError(400, "request body must be a JSON object")
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    unknown = sorted(set(body) - (allowed or set()))
+    if allowed is not None and unknown:
+        raise ApiError(400, f"unknown field(s) {', '.join(map(repr, unknown))}; "
+                            f"allowed: {', '.join(sorted(allowed)) or 'none'}")
+    return body
+
+
+def _int_arg(name: str, default: int | None, lo: int = 0, hi: int = 1 << 31) -> int | None:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"query parameter {name!r} must be an integer, got {raw[:40]!r}") from None
+    if not lo <= value <= hi:
+        raise ApiError(400, f"query parameter {name!r} must be in [{lo}, {hi}]")
+    return value
+
+
+def _job(job_id: str) -> dict[str, Any]:
+    job = _svc().store.get_job(job_id)
+    if job is None:
+        raise ApiError(404, f"unknown job {job_id[:80]!r}")
+    return job
+
+
+def _job_view(job: dict[str, Any]) -> dict[str, Any]:
+    view = {k: job[k] for k in ("id", "name", "status", "current_round", "current_version", "config", "error",
+                                "created_at", "updated_at")}
+    view["rounds"] = job["config"]["rounds"]
+    rnd = _svc().engine.current_round(job["id"])
+    view["open_round"] = None if rnd is None else {
+        "round": rnd.round, "attempt": rnd.attempt, "selected": sorted(rnd.selected), "accepted": rnd.accepted,
+        "rejected": rnd.rejected, "deadline": rnd.deadline}
+    return view
+
+
+def _require_client() -> dict[str, Any]:
+    auth = request.headers.get("Authorization", "")
+    scheme, _, token = auth.partition(" ")
+    challenge = {"WWW-Authenticate": 'Bearer realm="fedsight"'}
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "model downloads need 'Authorization: Bearer <client token>' (POST /api/v1/clients)",
+                       challenge)
+    client = _svc().store.client_by_token_hash(hash_token(token.strip()))
+    if client is None:
+        raise ApiError(401, "unknown client token", challenge)
+    return client
+
+
+# ------------------------------------------------------------------------------------------------ health
+
+@api.get("/health")
+def health() -> Any:
+    from edge_sdk import __version__
+
+    svc = _svc()
+    return jsonify(status="ok", version=__version__, api=API_VERSION, broker_url=svc.broker_url,
+                   jobs_running=sum(1 for j in svc.store.list_jobs("running") if svc.engine.is_running(j["id"])))
+
+
+# -------------------------------------------------------------------------------------------------- jobs
+
+@api.post("/jobs")
+def create_job() -> Any:
+    svc = _svc()
+    body = _body(None)  # normalize_job names unknown fields itself, with their path
+    try:
+        config = normalize_job(body)
+        job_id = f"job-{secrets.token_hex(4)}"
+        data = initial_model(job_id, config)
+    except JobSpecError as exc:
+        raise ApiError(400, str(exc)) from None
+    version = svc.models.put(data)
+    job = svc.store.create_job(job_id, config["name"], config, version, len(data))
+    log.info("created job %s (%s, %d rounds, initial version %s)", job_id, config["model"]["arch"],
+             config["rounds"], version[:12])
+    resp = jsonify(_job_view(job))
+    resp.status_code = 201
+    resp.headers["Location"] = f"/api/v1/jobs/{job_id}"
+    return resp
+
+
+@api.get("/jobs")
+def list_jobs() -> Any:
+    status = request.args.get("status")
+    return jsonify(jobs=[_job_view(j) for j in _svc().store.list_jobs(status)])
+
+
+@api.get("/jobs/<job_id>")
+def get_job(job_id: str) -> Any:
+    return jsonify(_job_view(_job(job_id)))
+
+
+@api.post("/jobs/<job_id>/start")
+def start_job(job_id: str) -> Any:
+    _job(job_id)
+    _body(set(), required=False)
+    try:
+        _svc().engine.start_job(job_id)
+    except JobStateError as exc:
+        raise ApiError(409, str(exc)) from None
+    return jsonify(_job_view(_job(job_id)))
+
+
+@api.post("/jobs/<job_id>/stop")
+def stop_job(job_id: str) -> Any:
+    _job(job_id)
+    _body(set(), required=False)
+    try:
+        _svc().engine.stop_job(job_id)
+    except JobStateError as exc:
+        raise ApiError(409, str(exc)) from None
+    return jsonify(_job_view(_job(job_id)))
+
+
+@api.get("/jobs/<job_id>/rounds")
+def job_rounds(job_id: str) -> Any:
+    _job(job_id)
+    return jsonify(rounds=_svc().store.get_rounds(job_id))
+
+
+@api.get("/jobs/<job_id>/updates")
+def job_updates(job_id: str) -> Any:
+    _job(job_id)
+    status = request.args.get("status")
+    if status not in (None, "accepted", "rejected"):
+        raise ApiError(400, "query parameter 'status' must be 'accepted' or 'rejected'")
+    rows = _svc().store.list_updates(job_id, _int_arg("round", None), status, _int_arg("limit", 1000, 1, 100_000),
+                                     _int_arg("offset", 0))
+    return jsonify(updates=rows)
+
+
+@api.get("/jobs/<job_id>/metrics")
+def job_metrics(job_id: str) -> Any:
+    _job(job_id)
+    return jsonify(metrics=_svc().store.list_metrics(job_id))
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+def _send_model(job: dict[str, Any], version: str, immutable: bool) -> Any:
+    svc = _svc()
+    if not is_version(version) or svc.store.get_model_version(job["id"], version) is None:
+        raise ApiError(404, f"job {job['id']} has no model version {version[:80]!r}")
+    path = svc.models.path(version)
+    if not path.is_file():
+        raise ApiError(500, f"model version {version} is recorded but its file is missing from the model store")
+    resp = send_file(path, mimetype="application/octet-stream", conditional=True, etag=version,
+                     download_name=f"{job['id']}-{version[:12]}.fsm", max_age=None)
+    resp.headers["X-Model-Version"] = version
+    resp.headers["Cache-Control"] = "private, max-age=31536000, immutable" if immutable else "private, no-cache"
+    if resp.status_code in (200, 206) and resp.content_length:
+        svc.store.add_downlink(job["id"], version, int(resp.content_length))
+    return resp
+
+
+@api.get("/jobs/<job_id>/model")
+def current_model(job_id: str) -> Any:
+    job = _job(job_id)
+    _require_client()
+    return _send_model(job, job["current_version"], immutable=False)
+
+
+@api.get("/jobs/<job_id>/models")
+def list_models(job_id: str) -> Any:
+    _job(job_id)
+    return jsonify(models=_svc().store.list_model_versions(job_id))
+
+
+@api.get("/jobs/<job_id>/models/<version>")
+def get_model(job_id: str, version: str) -> Any:
+    job = _job(job_id)
+    _require_client()
+    return _send_model(job, version, immutable=True)
+
+
+@lru_cache(maxsize=16)
+def _patch(models: ModelStore, old: str, new: str) -> bytes | None:
+    """Every device one version behind asks for the same patch; build it once."""
+    return make_patch(models.get(old), models.get(new))
+
+
+@api.get("/jobs/<job_id>/models/<version>/delta")
+def model_delta(job_id: str, version: str) -> Any:
+    job = _job(job_id)
+    _require_client()
+    svc = _svc()
+    base = request.args.get("from", "")
+    for v in (base, version):
+        if not is_version(v) or svc.store.get_model_version(job_id, v) is None:
+            raise ApiError(404, f"job {job_id} has no model version {v[:80]!r} (query 'from' names the base)")
+    patch = _patch(svc.models, base, version)
+    if patch is None:
+        raise ApiError(404, f"no patch from {base[:12]} to {version[:12]}: tensor layouts differ; "
+                            "download the full version")
+    resp = send_file(io.BytesIO(patch), mimetype="application/octet-stream", conditional=True,
+                     etag=f"{base}-{version}", download_name=f"{base[:12]}-{version[:12]}.fsp", max_age=None)
+    resp.headers["X-Model-Version"] = version
+    resp.headers["X-Patch-From"] = base
+    resp.headers["Cache-Control"] = "private, max-age=31536000, immutable"
+    if resp.status_code in (200, 206) and resp.content_length:
+        svc.store.add_downlink(job["id"], version, int(resp.content_length))
+    return resp
+
+
+# -------------------------------------------------------------------------------------------------- onnx
+
+def _export(job: dict[str, Any], version: str | None) -> dict[str, Any]:
+    svc = _svc()
+    version = version or job["current_version"]
+    if not is_version(version) or svc.store.get_model_version(job["id"], version) is None:
+        raise ApiError(404, f"job {job['id']} has no model version {version[:80]!r}")
+    report = svc.exports.find(job["id"], version)
+    if report is None:
+        try:
+            report = svc.exports.export(job, version)
+        except ExportFailed as exc:
+            raise ApiError(500, str(exc)) from None
+    return report
+
+
+@api.get("/jobs/<job_id>/onnx")
+def get_onnx(job_id: str) -> Any:
+    job = _job(job_id)
+    report = _export(job, request.args.get("version"))
+    path = Path(report["path"])
+    resp = send_file(path, mimetype="application/octet-stream", conditional=True,
+                     download_name=f"{job['id']}-{path.stem[:12]}.onnx", max_age=None)
+    resp.headers["X-Model-Version"] = path.stem
+    return resp
+
+
+@api.post("/jobs/<job_id>/export")
+def export_onnx(job_id: str) -> Any:
+    job = _job(job_id)
+    body = _body({"version"}, required=False)
+    version = body.get("version")
+    if version is not None and not isinstance(version, str):
+        raise ApiError(400, "'version' must be a string")
+    return jsonify(_export(job, version))
+
+
+# ----------------------------------------------------------------------------------------------- clients
+
+def _client_view(row: Mapping[str, Any]) -> dict[str, Any]:
+    view = {k: row[k] for k in ("id", "name", "created_at", "last_seen")}
+    view["online"] = _svc().engine.presence.is_online(row["id"])
+    return view
+
+
+@api.post("/clients")
+def register_client() -> Any:
+    body = _body({"name", "client_id"}, required=False)
+    name = body.get("name", "")
+    client_id = body.get("client_id") or f"c-{secrets.token_hex(6)}"
+    if not isinstance(name, str) or len(name) > 200:
+        raise ApiError(400, "'name' must be a string of at most 200 characters")
+    if not isinstance(client_id, str) or not topics.valid_id(client_id):
+        raise ApiError(400, "'client_id' must be 1-64 letters, digits, '_', '-' or '.'")
+    token = secrets.token_urlsafe(32)
+    try:
+        _svc().store.create_client(client_id, name or client_id, hash_token(token))
+    except sqlite3.IntegrityError:
+        raise ApiError(409, f"client id {client_id!r} is already registered") from None
+    log.info("registered client %s", client_id)
+    resp = jsonify(client_id=client_id, token=token, name=name or client_id)
+    resp.status_code = 201
+    return resp
+
+
+@api.get("/clients")
+def list_clients() -> Any:
+    return jsonify(clients=[_client_view(c) for c in _svc().store.list_clients()])
+
+
+@api.get("/clients/<client_id>")
+def get_client(client_id: str) -> Any:
+    row = _svc().store.get_client(client_id)
+    if row is None:
+        raise ApiError(404, f"unknown client {client_id[:80]!r}")
+    return jsonify(_client_view(row))
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Any:
+    resp = jsonify(error=message)
+    resp.status_code = status
+    for k, v in (headers or {}).items():
+        resp.headers[k] = v
+    return resp
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the Flask app.
+
+    ``config`` keys: ``services`` (a prebuilt :class:`Services`, as the server passes) or ``data_dir`` (build
+    them here; the engine then has no MQTT publisher), plus optional ``public_url``, ``broker_url`` and any
+    Flask settings (upper-case keys).
+    """
+    config = dict(config or {})
+    svc = config.pop("services", None)
+    if svc is None:
+        if "data_dir" not in config:
+            raise ValueError("create_app needs 'services' or 'data_dir'")
+        svc = build_services(config.pop("data_dir"), public_url=config.pop("public_url", "http://127.0.0.1:8080"),
+                             broker_url=config.pop("broker_url", None), evaluate=config.pop("evaluate", True))
+    app = Flask("fedsight-coordinator")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_JSON_BYTES
+    app.config["JSON_SORT_KEYS"] = False
+    app.config.update({k: v for k, v in config.items() if k.isupper()})
+    app.extensions["fedsight"] = svc
+    app.register_blueprint(api)
+
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError) -> Any:
+        return _error(exc.status, exc.message, exc.headers)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Any:
+        return _error(exc.code or 500, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def _internal(exc: Exception) -> Any:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    return app

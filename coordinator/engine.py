@@ -1,0 +1,307 @@
+"""RoundEngine: owns the job threads and is the single entry point for everything devices send.
+
+``submit(topic_client_id, raw)`` is the whole coordinator update path (DESIGN.md): it never raises, every
+outcome is stored, logged and acked, and a rejected update never touches the round's aggregate. Outgoing
+messages go through a :class:`Publisher` so tests can capture them without a broker.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from edge_sdk.protocol import topics
+from edge_sdk.protocol.wire import UpdateHeader
+
+from . import validation
+from .exports import OnnxExports
+from .jobspec import HARD_MAX_UPDATE_BYTES
+from .model_store import ModelStore
+from .presence import Presence
+from .rounds import OpenRound
+from .runner import JobRunner
+from .store import Store
+from .validation import Rejected
+
+log = logging.getLogger(__name__)
+
+
+class Publisher(Protocol):
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> bool: ...
+
+
+class NullPublisher:
+    """Drops everything (an engine without MQTT, e.g. a REST-only test app)."""
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> bool:
+        return True
+
+
+class MemoryPublisher:
+    """Records publishes in order; tests read ``messages`` or ``json_on(topic)``."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> bool:
+        with self._lock:
+            self.messages.append((topic, payload.encode() if isinstance(payload, str) else bytes(payload)))
+        return True
+
+    def json_on(self, topic: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [json.loads(p) for t, p in self.messages if t == topic]
+
+
+class JobStateError(RuntimeError):
+    """A start/stop that the job's current status does not allow."""
+
+
+@dataclass
+class EngineConfig:
+    public_url: str = "http://127.0.0.1:8080"  # base URL devices use for model downloads
+    max_message_bytes: int = HARD_MAX_UPDATE_BYTES  # hard cap checked before any parsing
+    max_attempts: int = 5  # consecutive failed attempts of one round before the job fails (0 = never)
+    selection_grace_s: float = 5.0  # with >= min_clients but < K online, wait this long for more
+    wait_log_s: float = 30.0
+    poll_s: float = 0.25
+    export_onnx: bool = True
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str  # "accepted" | "rejected"
+    code: str | None = None
+    reason: str | None = None
+    job_id: str | None = None
+    round: int | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == "accepted"
+
+
+class RoundEngine:
+    def __init__(self, store: Store, models: ModelStore, publisher: Publisher | None = None,
+                 config: EngineConfig | None = None, presence: Presence | None = None,
+                 evaluator: Any = None, exports: OnnxExports | None = None) -> None:
+        self.store = store
+        self.models = models
+        self.publisher: Publisher = publisher or NullPublisher()
+        self.config = config or EngineConfig()
+        self.presence = presence or Presence()
+        self.evaluator = evaluator
+        self.exports = exports
+        self._runners: dict[str, JobRunner] = {}
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------------------------------- jobs
+
+    def start_job(self, job_id: str) -> None:
+        """Start (or resume) a job's round loop; KeyError if unknown, JobStateError if not startable."""
+        with self._lock:
+            job = self.store.get_job(job_id)
+            if job is None:
+                raise KeyError(job_id)
+            if job["status"] == "finished":
+                raise JobStateError(f"job {job_id} is finished; create a new job to train further")
+            if job_id in self._runners:
+                raise JobStateError(f"job {job_id} is already running")
+            self.store.abort_open_rounds(job_id, reason="superseded by a restart of the job")
+            self.store.update_job(job_id, status="running", error=None)
+            runner = JobRunner(self, job_id)
+            self._runners[job_id] = runner
+            runner.start()
+        log.info("job %s started at round %d", job_id, job["current_round"] + 1)
+
+    def stop_job(self, job_id: str, timeout: float = 30.0) -> None:
+        with self._lock:
+            job = self.store.get_job(job_id)
+            if job is None:
+                raise KeyError(job_id)
+            runner = self._runners.get(job_id)
+            if runner is None:
+                if job["status"] != "running":
+                    raise JobStateError(f"job {job_id} is not running (status {job['status']})")
+                self.store.update_job(job_id, status="stopped")
+                return
+            runner.stop()
+        if not runner.join(timeout):
+            log.warning("job %s did not stop within %.0fs", job_id, timeout)
+
+    def is_running(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._runners
+
+    def resume(self) -> list[str]:
+        """Restart jobs the store says are running (after a coordinator restart)."""
+        self.store.abort_open_rounds(reason="coordinator restarted")
+        resumed = []
+        for job in self.store.list_jobs(status="running"):
+            if not self.is_running(job["id"]):
+                self.store.update_job(job["id"], status="stopped")
+                self.start_job(job["id"])
+                resumed.append(job["id"])
+        return resumed
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop every job thread; their jobs stay 'running' in the store and resume on the next start."""
+        with self._lock:
+            runners = list(self._runners.values())
+        for r in runners:
+            r.stop(interrupted=True)
+        for r in runners:
+            r.join(timeout)
+
+    def _runner_done(self, runner: JobRunner) -> None:
+        with self._lock:
+            if self._runners.get(runner.job_id) is runner:
+                del self._runners[runner.job_id]
+
+    def current_round(self, job_id: str) -> OpenRound | None:
+        with self._lock:
+            runner = self._runners.get(job_id)
+        return runner.current if runner else None
+
+    def wait_idle(self, job_id: str, timeout: float) -> bool:
+        """Block until the job's thread has exited (tests, CLI)."""
+        with self._lock:
+            runner = self._runners.get(job_id)
+        return runner is None or runner.join(timeout)
+
+    # ------------------------------------------------------------------------------------ outbound
+
+    def model_url(self, job_id: str, version: str) -> str:
+        return f"{self.config.public_url.rstrip('/')}/api/v1/jobs/{job_id}/models/{version}"
+
+    def _publish_json(self, topic: str, obj: dict[str, Any]) -> None:
+        try:
+            self.publisher.publish(topic, json.dumps(obj, separators=(",", ":")), qos=1, retain=False)
+        except Exception:  # noqa: BLE001 - a broker hiccup must not kill a round; MQTT redelivers on reconnect
+            log.exception("publish to %s failed", topic)
+
+    def send_task(self, client_id: str, task: dict[str, Any]) -> None:
+        self._publish_json(topics.task_topic(client_id), task)
+
+    def send_event(self, job_id: str, event: dict[str, Any]) -> None:
+        self._publish_json(topics.job_events_topic(job_id), event)
+
+    # ------------------------------------------------------------------------------------- presence
+
+    def on_status(self, client_id: str, payload: bytes) -> None:
+        status = self.presence.update_from_payload(client_id, payload)
+        if status is not None:
+            try:
+                self.store.set_client_state(client_id, "online" if status.online else "offline", status.ts)
+            except Exception:  # noqa: BLE001
+                log.exception("could not record status of %s", client_id)
+
+    def eligible_clients(self, job_id: str) -> list[str]:
+        """Online (per retained status), registered, and willing to work on ``job_id``."""
+        registered = self.store.client_ids()
+        return [cid for cid in self.presence.online_for(job_id) if cid in registered]
+
+    # -------------------------------------------------------------------------------------- inbound
+
+    def _token_hash(self, client_id: str) -> str | None:
+        row = self.store.get_client(client_id, with_secret=True)
+        return row["token_sha256"] if row else None
+
+    def _message_limit(self) -> int:
+        """Largest message any running job accepts (per-job limits are re-checked after the header)."""
+        with self._lock:
+            rounds = [r.current for r in self._runners.values() if r.current is not None]
+        limit = max((r.max_update_bytes for r in rounds), default=self.config.max_message_bytes)
+        return min(limit, self.config.max_message_bytes)
+
+    def _round_of_client(self, client_id: str) -> OpenRound | None:
+        """The open round that selected this client: where to file a message we cannot even parse."""
+        with self._lock:
+            rounds = [r.current for r in self._runners.values() if r.current is not None]
+        return next((r for r in rounds if client_id in r.selected), None)
+
+    def submit(self, topic_client_id: str, raw: bytes) -> Verdict:
+        """Validate, aggregate, record and ack one update message. Never raises."""
+        nbytes = len(raw)
+        header: UpdateHeader | None = None
+        rnd: OpenRound | None = None
+        try:
+            header, payload = validation.parse_message(raw, self._message_limit())
+            rnd = self._accept_parsed(topic_client_id, header, payload, nbytes)
+            verdict = Verdict("accepted", job_id=header.job_id, round=header.round)
+        except Rejected as rej:
+            verdict = self._rejected(rej.code, rej.reason, header)
+        except Exception as exc:  # noqa: BLE001 - the update path must survive any payload
+            log.exception("internal error while handling an update from %s", topic_client_id)
+            verdict = self._rejected(validation.INTERNAL_ERROR, f"{validation.INTERNAL_ERROR}: {type(exc).__name__}",
+                                     header)
+        if not verdict.accepted:
+            rnd = self._file_rejection(topic_client_id, header, nbytes)
+            log.info("rejected update from %s (%d bytes): %s", topic_client_id, nbytes, verdict.reason)
+        self._record(topic_client_id, verdict, header, rnd, nbytes)
+        ack = {"job": verdict.job_id, "round": verdict.round, "status": verdict.status, "reason": verdict.reason}
+        if verdict.code:
+            ack["code"] = verdict.code
+        self._publish_json(topics.ack_topic(topic_client_id), ack)
+        return verdict
+
+    @staticmethod
+    def _rejected(code: str, reason: str, header: UpdateHeader | None) -> Verdict:
+        return Verdict("rejected", code, reason, header.job_id if header else None, header.round if header else None)
+
+    def _accept_parsed(self, topic_client_id: str, header: UpdateHeader, payload: bytes, nbytes: int) -> OpenRound:
+        validation.check_client(header, topic_client_id, self._token_hash)
+        with self._lock:
+            runner = self._runners.get(header.job_id)
+        if runner is None:
+            job = self.store.get_job(header.job_id)
+            raise Rejected(validation.WRONG_JOB, f"job {header.job_id[:64]!r} " + (
+                "does not exist" if job is None else f"is not running (status {job['status']})"))
+        rnd = runner.current
+        with rnd.cond if rnd is not None else _NO_LOCK:
+            validation.check_round(header, nbytes, rnd)
+            assert rnd is not None
+            decoded = validation.decode_payload(header, payload, rnd)
+            rnd.add(header.client_id, decoded, header.num_samples, nbytes, header.metrics)
+        return rnd
+
+    def _file_rejection(self, client_id: str, header: UpdateHeader | None, nbytes: int) -> OpenRound | None:
+        """Count a rejected message against the round it was meant for (uplink bytes, rejected count)."""
+        rnd: OpenRound | None
+        if header is not None:
+            rnd = self.current_round(header.job_id)
+            if rnd is None or rnd.round != header.round:
+                return None
+        else:
+            rnd = self._round_of_client(client_id)
+            if rnd is None:
+                return None
+        rnd.count_rejected(nbytes)
+        return rnd
+
+    def _record(self, client_id: str, verdict: Verdict, header: UpdateHeader | None, rnd: OpenRound | None,
+                nbytes: int) -> None:
+        try:
+            self.store.add_update(
+                client_id=client_id, status=verdict.status, reason=verdict.reason, bytes_=nbytes,
+                job_id=verdict.job_id or (rnd.job_id if rnd else None),
+                round_=verdict.round if verdict.round is not None else (rnd.round if rnd else None),
+                attempt=rnd.attempt if rnd else None, num_samples=header.num_samples if header else None,
+                base_version=header.base_version[:64] if header else None,
+                metrics=header.metrics if header and verdict.accepted else None)
+        except Exception:  # noqa: BLE001 - bookkeeping failure must not undo an accepted update
+            log.exception("could not store the update record from %s", client_id)
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LOCK = _NoLock()

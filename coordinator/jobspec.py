@@ -1,0 +1,164 @@
+"""The job body accepted by ``POST /api/v1/jobs``: strict validation, defaults, and the initial model.
+
+Strict on purpose: an unknown field or a wrong type is almost always a typo in an operator's script
+(``client_per_round``), and silently ignoring it would run a different experiment than intended.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from edge_sdk.protocol import codecs
+from edge_sdk.protocol.errors import ProtocolError
+from edge_sdk.protocol.modelfile import dump_model
+
+from .strategy import make_strategy
+
+DEFAULT_MAX_UPDATE_BYTES = 64 << 20
+HARD_MAX_UPDATE_BYTES = 256 << 20
+EVAL_DATASETS = ("digits",)
+
+
+class JobSpecError(ValueError):
+    """The job body is invalid; the message names the field and what is expected."""
+
+
+def _type_name(kind: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+             dict: "an object"}
+    return names.get(kind, str(kind))
+
+
+def _get(body: dict[str, Any], key: str, kind: type, default: Any, path: str, *, lo: float | None = None,
+         hi: float | None = None, nullable: bool = False) -> Any:
+    value = body.get(key, default)
+    where = f"{path}{key}"
+    if value is None and nullable:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise JobSpecError(f"'{where}' must be {_type_name(kind)}{' or null' if nullable else ''}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise JobSpecError(f"'{where}' must be finite")
+    if lo is not None and value < lo:
+        raise JobSpecError(f"'{where}' must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise JobSpecError(f"'{where}' must be <= {hi}, got {value}")
+    return value
+
+
+def _object(body: Any, allowed: set[str], path: str) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise JobSpecError(f"'{path.rstrip('.') or 'body'}' must be a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise JobSpecError(f"unknown field(s) {', '.join(repr(path + k) for k in unknown)}; "
+                           f"allowed: {', '.join(sorted(allowed))}")
+    return body
+
+
+def _default_normalization(channels: int, eval_dataset: str | None) -> dict[str, list[float]]:
+    if eval_dataset == "digits" or channels == 1:
+        return {"mean": [0.5] * channels, "std": [0.5] * channels}
+    if channels == 3:
+        return {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    return {"mean": [0.0] * channels, "std": [1.0] * channels}
+
+
+def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Validate a job body and return the full config with every default filled in."""
+    top = {"name", "model", "rounds", "clients_per_round", "min_clients", "round_timeout_s", "train", "codec",
+           "eval", "seed", "class_names", "normalization", "max_update_bytes", "strategy"}
+    body = _object(body, top, "")
+    name = _get(body, "name", str, "job", "")
+    if not 1 <= len(name) <= 200:
+        raise JobSpecError("'name' must be 1-200 characters")
+    model = _object(body.get("model"), {"arch", "num_classes", "in_channels", "image_size", "weights"}, "model.")
+    arch = _get(model, "arch", str, None, "model.")
+    if known_archs is not None and arch not in known_archs:
+        raise JobSpecError(f"unknown model.arch {arch!r}; valid: {', '.join(known_archs)}")
+    num_classes = _get(model, "num_classes", int, 10, "model.", lo=2, hi=100_000)
+    channels = _get(model, "in_channels", int, 3, "model.", lo=1, hi=16)
+    image_size = _get(model, "image_size", int, 8 if arch == "small_cnn" else 32, "model.", lo=2, hi=4096)
+    weights = _get(model, "weights", str, None, "model.", nullable=True)
+    rounds = _get(body, "rounds", int, 10, "", lo=1, hi=100_000)
+    k = _get(body, "clients_per_round", int, 5, "", lo=1, hi=100_000)
+    min_clients = _get(body, "min_clients", int, min(3, k), "", lo=1, hi=k)
+    timeout = _get(body, "round_timeout_s", float, 60.0, "", lo=0.1, hi=7 * 24 * 3600)
+    train = _object(body.get("train", {}), {"epochs", "batch_size", "lr", "mu", "freeze_backbone"}, "train.")
+    train_cfg = {"epochs": _get(train, "epochs", int, 1, "train.", lo=1, hi=1000),
+                 "batch_size": _get(train, "batch_size", int, 32, "train.", lo=1, hi=65536),
+                 "lr": _get(train, "lr", float, 0.05, "train.", lo=0.0, hi=100.0),
+                 "mu": _get(train, "mu", float, 0.0, "train.", lo=0.0, hi=1e6),
+                 "freeze_backbone": _get(train, "freeze_backbone", bool, False, "train.")}
+    codec_in = body.get("codec", {"name": "dense", "dtype": "float32"})
+    if isinstance(codec_in, dict) and codec_in.get("name") == "randk" and "seed" not in codec_in:
+        codec_in = {**codec_in, "seed": 0}  # placeholder: the coordinator announces a fresh seed per round
+    try:
+        codec = codecs.validate_spec(codec_in)
+    except ProtocolError as exc:
+        raise JobSpecError(f"'codec': {exc.reason}") from None
+    eval_in = body.get("eval")
+    eval_cfg = None
+    if eval_in is not None:
+        eval_in = _object(eval_in, {"dataset"}, "eval.")
+        dataset = _get(eval_in, "dataset", str, None, "eval.")
+        if dataset not in EVAL_DATASETS:
+            raise JobSpecError(f"unknown eval.dataset {dataset!r}; valid: {', '.join(EVAL_DATASETS)}")
+        eval_cfg = {"dataset": dataset}
+    seed = _get(body, "seed", int, 0, "", lo=0, hi=2**63 - 1)
+    class_names = body.get("class_names", [str(i) for i in range(num_classes)])
+    if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names):
+        raise JobSpecError("'class_names' must be a list of strings")
+    if len(class_names) != num_classes:
+        raise JobSpecError(f"'class_names' has {len(class_names)} names for num_classes={num_classes}")
+    norm = body.get("normalization") or _default_normalization(channels, eval_cfg and eval_cfg["dataset"])
+    norm = _object(norm, {"mean", "std"}, "normalization.")
+    for key in ("mean", "std"):
+        vals = norm.get(key)
+        if (not isinstance(vals, list) or len(vals) not in (1, channels)
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals)):
+            raise JobSpecError(f"'normalization.{key}' must be a list of 1 or {channels} numbers")
+    if any(v <= 0 for v in norm["std"]):
+        raise JobSpecError("'normalization.std' values must be positive")
+    max_bytes = _get(body, "max_update_bytes", int, DEFAULT_MAX_UPDATE_BYTES, "", lo=1024, hi=HARD_MAX_UPDATE_BYTES)
+    try:
+        strategy = make_strategy(body.get("strategy")).spec()
+    except ValueError as exc:
+        raise JobSpecError(f"'strategy': {exc}") from None
+    return {"name": name, "model": {"arch": arch, "num_classes": num_classes, "in_channels": channels,
+                                    "image_size": image_size, "weights": weights},
+            "rounds": rounds, "clients_per_round": k, "min_clients": min_clients, "round_timeout_s": timeout,
+            "train": train_cfg, "codec": codec, "eval": eval_cfg, "seed": seed, "class_names": class_names,
+            "normalization": {"mean": [float(v) for v in norm["mean"]], "std": [float(v) for v in norm["std"]]},
+            "max_update_bytes": max_bytes, "strategy": strategy}
+
+
+def model_meta(job_id: str, config: dict[str, Any], round_: int, **extra: Any) -> dict[str, Any]:
+    """FSM1 meta for a version of this job: everything a device or the ONNX exporter needs."""
+    m = config["model"]
+    meta = {"job_id": job_id, "round": round_, "arch": m["arch"], "num_classes": m["num_classes"],
+            "in_channels": m["in_channels"], "image_size": m["image_size"],
+            "normalization": config["normalization"], "class_names": config["class_names"]}
+    if config.get("eval"):
+        meta["dataset"] = config["eval"]["dataset"]
+    meta.update(extra)
+    return meta
+
+
+def initial_model(job_id: str, config: dict[str, Any]) -> bytes:
+    """Version 0: ``build_model`` seeded by the job seed (same seed, same bytes)."""
+    import torch
+
+    from edge_sdk.models import build_model
+    from edge_sdk.params import state_to_arrays
+
+    m = config["model"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config["seed"])
+        try:
+            model = build_model(m["arch"], m["num_classes"], in_channels=m["in_channels"], weights=m["weights"])
+        except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
+            raise JobSpecError(f"cannot build model {m['arch']!r}: {exc}") from None
+    return dump_model(state_to_arrays(model), model_meta(job_id, config, 0))

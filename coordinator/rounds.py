@@ -1,0 +1,90 @@
+"""The in-memory state of one open round attempt: who may send, what was accepted, the running aggregate.
+
+Everything that changes while updates arrive lives here behind one condition variable: the update path
+checks-and-adds under it (so a duplicate can never be counted twice and nothing is added after close), and
+the job's round thread waits on it for "all selected clients accepted" or the deadline.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .strategy import Accumulator, DecodedLike
+
+
+@dataclass
+class OpenRound:
+    job_id: str
+    round: int
+    attempt: int
+    base_version: str
+    codec: dict[str, Any]
+    numel: int
+    layout_sizes: list[int]
+    selected: frozenset[str]
+    max_update_bytes: int
+    accumulator: Accumulator
+    deadline: float
+    started_at: float = field(default_factory=time.time)
+    closed: bool = False
+    accepted_clients: dict[str, int] = field(default_factory=dict)  # client -> raw message bytes
+    rejected: int = 0
+    uplink_bytes: int = 0
+    _metric_sums: dict[str, float] = field(default_factory=dict)
+    _metric_weights: dict[str, float] = field(default_factory=dict)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    @property
+    def target(self) -> int:
+        """Accepted updates after which the round closes early: every selected client."""
+        return len(self.selected)
+
+    @property
+    def accepted(self) -> int:
+        return len(self.accepted_clients)
+
+    def add(self, client_id: str, decoded: DecodedLike, num_samples: int, nbytes: int,
+            metrics: dict[str, float]) -> None:
+        """Fold an already-validated update in; caller holds ``cond``."""
+        self.accumulator.add(decoded, num_samples)
+        self.accepted_clients[client_id] = nbytes
+        self.uplink_bytes += nbytes
+        for key, value in metrics.items():
+            if np.isfinite(value):
+                self._metric_sums[key] = self._metric_sums.get(key, 0.0) + num_samples * float(value)
+                self._metric_weights[key] = self._metric_weights.get(key, 0.0) + num_samples
+        self.cond.notify_all()
+
+    def count_rejected(self, nbytes: int) -> None:
+        with self.cond:
+            self.rejected += 1
+            self.uplink_bytes += nbytes
+
+    def wait(self, stop: threading.Event, poll_s: float = 0.25) -> None:
+        """Block until every selected client was accepted, the deadline passes or ``stop`` is set."""
+        with self.cond:
+            while self.accepted < self.target and not stop.is_set():
+                left = self.deadline - time.time()
+                if left <= 0:
+                    break
+                self.cond.wait(min(left, poll_s))
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def metrics(self) -> dict[str, float]:
+        """Client-reported metrics averaged with num_samples as weights."""
+        return {k: self._metric_sums[k] / w for k, w in self._metric_weights.items() if w > 0}
+
+    def compression_ratio(self) -> float | None:
+        """Dense float32 size of an update over the mean size of the accepted messages."""
+        if not self.accepted_clients:
+            return None
+        mean_bytes = sum(self.accepted_clients.values()) / len(self.accepted_clients)
+        return (4.0 * self.numel) / mean_bytes if mean_bytes else None

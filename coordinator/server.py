@@ -1,0 +1,163 @@
+"""Run the coordinator: MQTT broker (embedded or external) + bridge + round engine + waitress.
+
+``serve(...)`` blocks until SIGINT/SIGTERM and then shuts down in dependency order (HTTP, jobs, bridge,
+broker, database). ``start(...)`` does the same start-up but returns a :class:`CoordinatorHandle` at once,
+for tests and for ``fedsight demo``; ``handle.stop()`` is the same clean shutdown. Jobs that were running
+stay 'running' in the store across a stop and are resumed by the next start.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from waitress.server import create_server
+
+from edge_sdk.transport import BrokerAddress
+
+from .app import create_app
+from .bridge import MqttBridge
+from .broker import EmbeddedBroker
+from .engine import EngineConfig
+from .services import Services, build_services
+
+log = logging.getLogger(__name__)
+
+_ANY_HOST = ("", "0.0.0.0", "::")
+
+
+@dataclass
+class CoordinatorHandle:
+    """A running coordinator. ``url``: REST base (``http://host:port``); ``broker_url``: for devices."""
+
+    services: Services
+    url: str
+    broker_url: str
+    bridge: MqttBridge
+    broker: EmbeddedBroker | None
+    _http: Any
+    _http_thread: threading.Thread
+    _stopped: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def engine(self) -> Any:
+        return self.services.engine
+
+    @property
+    def store(self) -> Any:
+        return self.services.store
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def stop(self) -> None:
+        """Idempotent clean shutdown."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("coordinator shutting down")
+        _stop_waitress(self._http, self._http_thread)
+        self.services.engine.shutdown()
+        self.bridge.stop()
+        if self.broker is not None:
+            self.broker.stop()
+        self.services.store.close()
+        log.info("coordinator stopped")
+
+    def __enter__(self) -> CoordinatorHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _stop_waitress(server: Any, thread: threading.Thread) -> None:
+    from waitress import wasyncore
+
+    # Close every channel from inside waitress's own loop thread; the loop then exits as its map is empty.
+    server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+    thread.join(10.0)
+    server.task_dispatcher.shutdown(timeout=5)
+
+
+def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fedsight-data",
+          broker: str = "embedded", *, broker_host: str = "127.0.0.1", broker_port: int = 1883,
+          public_url: str | None = None, advertised_broker_url: str | None = None, threads: int = 8,
+          evaluate: bool = True, engine_config: EngineConfig | None = None, resume: bool = True) -> CoordinatorHandle:
+    """Start everything in background threads and return once the REST API and MQTT bridge are up.
+
+    ``broker``: ``"embedded"`` (amqtt on ``broker_host:broker_port``; port 0 picks a free one) or
+    ``"mqtt://HOST:PORT"`` of an external broker. ``port=0`` picks a free HTTP port. ``public_url`` /
+    ``advertised_broker_url``: the addresses devices should use, when they differ from the bind addresses.
+    """
+    embedded: EmbeddedBroker | None = None
+    if broker == "embedded":
+        embedded = EmbeddedBroker(broker_host, broker_port).start()
+        address = BrokerAddress(broker_host, embedded.port)
+    else:
+        address = BrokerAddress.parse(broker)
+    services: Services | None = None
+    bridge: MqttBridge | None = None
+    try:
+        services = build_services(data_dir, engine_config=engine_config, evaluate=evaluate)
+        bridge = MqttBridge(services.engine, address)
+        bridge.start()
+        app = create_app({"services": services})
+        http = create_server(app, host=host, port=port, threads=threads, ident="fedsight")
+        bound = int(http.effective_port)
+        url_host = "127.0.0.1" if host in _ANY_HOST else host
+        services.engine.config.public_url = (public_url or f"http://{url_host}:{bound}").rstrip("/")
+        if advertised_broker_url:
+            services.broker_url = advertised_broker_url
+        else:
+            b_host = "127.0.0.1" if address.host in _ANY_HOST else address.host
+            services.broker_url = f"mqtt://{b_host}:{address.port}"
+        if host in _ANY_HOST and public_url is None:
+            log.warning("bound to all interfaces but devices are told %s; pass public_url for remote devices",
+                        services.engine.config.public_url)
+        thread = threading.Thread(target=http.run, name="waitress", daemon=True)
+        thread.start()
+        if resume:
+            resumed = services.engine.resume()
+            if resumed:
+                log.info("resumed running job(s): %s", ", ".join(resumed))
+    except BaseException:
+        if bridge is not None:
+            bridge.stop()
+        if services is not None:
+            services.close()
+        if embedded is not None:
+            embedded.stop()
+        raise
+    url = f"http://{url_host}:{bound}"
+    log.info("coordinator REST on %s (data in %s), MQTT %s", url, Path(data_dir).resolve(), services.broker_url)
+    return CoordinatorHandle(services, url, services.broker_url or "", bridge, embedded, http, thread)
+
+
+def serve(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fedsight-data",
+          broker: str = "embedded", **kwargs: Any) -> None:
+    """Blocking entry point (``fedsight coordinator``): runs until SIGINT or SIGTERM, then stops cleanly.
+
+    Keyword arguments are those of :func:`start`.
+    """
+    handle = start(host, port, data_dir, broker, **kwargs)
+    done = threading.Event()
+
+    def _signal(signum: int, _frame: object) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        done.set()
+
+    previous = {s: signal.signal(s, _signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not done.wait(1.0):
+            if not handle._http_thread.is_alive():
+                log.error("HTTP server thread exited unexpectedly")
+                break
+    finally:
+        handle.stop()
+        for sig, prev in previous.items():
+            signal.signal(sig, prev)

@@ -1,0 +1,49 @@
+"""Wiring of the coordinator's long-lived objects over one data directory.
+
+The REST app, the MQTT bridge and the server all share one Store, ModelStore, exports cache and
+RoundEngine; building them in one place keeps the data-dir layout defined exactly once::
+
+    <data_dir>/fedsight.db      SQLite (WAL) state
+    <data_dir>/models/ab/<sha256>.fsm   global versions, write-once
+    <data_dir>/onnx/<job_id>/<sha256>.onnx(.json)   ONNX exports
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .engine import EngineConfig, Publisher, RoundEngine
+from .evaluation import Evaluator
+from .exports import OnnxExports
+from .model_store import ModelStore
+from .presence import Presence
+from .store import Store
+
+
+@dataclass
+class Services:
+    data_dir: Path
+    store: Store
+    models: ModelStore
+    exports: OnnxExports
+    engine: RoundEngine
+    broker_url: str | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def close(self) -> None:
+        self.engine.shutdown()
+        self.store.close()
+
+
+def build_services(data_dir: Path | str, *, public_url: str = "http://127.0.0.1:8080",
+                   publisher: Publisher | None = None, engine_config: EngineConfig | None = None,
+                   evaluate: bool = True, broker_url: str | None = None) -> Services:
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(data_dir / "fedsight.db")
+    models = ModelStore(data_dir / "models")
+    exports = OnnxExports(data_dir / "onnx", models)
+    cfg = engine_config or EngineConfig()
+    cfg.public_url = public_url
+    engine = RoundEngine(store, models, publisher, cfg, Presence(), Evaluator() if evaluate else None, exports)
+    return Services(data_dir, store, models, exports, engine, broker_url)

@@ -1,0 +1,204 @@
+"""Aggregation strategies: Flower's configure/aggregate split, made streaming.
+
+Flower's ``aggregate_fit`` receives every client result at once, so server memory grows with the number of
+participants. Here a strategy hands out an :class:`Accumulator` at the start of a round and each accepted
+update is folded into it the moment it arrives (``add``) and then dropped; ``finalize`` produces the new
+global vector. Memory is O(model) whatever the number of clients, and a sparse update costs O(k), not
+O(model), because it is scattered straight into the running sum (indices are unique, so plain fancy-index
+``+=`` is exact; no ``np.add.at`` needed).
+
+Server-side optimisers (FedAdam, FedYogi; Reddi et al. 2021, "Adaptive Federated Optimization") treat the
+weighted mean delta as a pseudo-gradient; their moment state lives in the strategy object, one per job.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+
+class DecodedLike(Protocol):
+    """What ``edge_sdk.protocol.codecs.Decoded`` provides: dense values, or sorted unique indices + values."""
+
+    indices: np.ndarray | None
+    values: np.ndarray
+
+
+class Accumulator:
+    """Running ``sum_i n_i * delta_i`` and ``sum_i n_i`` for one round; holds no reference to any update."""
+
+    def __init__(self, global_vec: np.ndarray, finish: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+                 ) -> None:
+        self.global_vec = global_vec
+        self.numel = int(global_vec.size)
+        self._sum = np.zeros(self.numel, dtype=np.float64)
+        self.total_weight = 0.0
+        self.count = 0
+        self._finish = finish
+
+    def add(self, decoded: DecodedLike, num_samples: int) -> None:
+        """Fold one update in. Validates shapes first so a bad update leaves the sum untouched."""
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        values = np.asarray(decoded.values)
+        w = np.float64(num_samples)  # a float64 scalar promotes the product: no float32 overflow
+        if decoded.indices is None:
+            if values.shape != (self.numel,):
+                raise ValueError(f"dense update has {values.size} values, model has {self.numel}")
+            self._sum += values * w
+        else:
+            idx = np.asarray(decoded.indices)
+            if idx.shape != values.shape or idx.ndim != 1:
+                raise ValueError("sparse update: indices and values differ in length")
+            if idx.size:
+                if idx[0] < 0 or idx[-1] >= self.numel or (idx.size > 1 and not np.all(idx[1:] > idx[:-1])):
+                    raise ValueError("sparse update: indices must be sorted, unique and within the model")
+                self._sum[idx] += values * w
+        self.total_weight += float(w)
+        self.count += 1
+
+    def mean_delta(self) -> np.ndarray:
+        if self.count == 0:
+            raise ValueError("no update was accumulated in this round")
+        return self._sum / self.total_weight
+
+    def finalize(self) -> np.ndarray:
+        """The new global vector (float32)."""
+        delta = self.mean_delta()
+        if self._finish is not None:
+            return self._finish(self.global_vec, delta)
+        return to_float32(self.global_vec.astype(np.float64) + delta)
+
+
+def to_float32(vec: np.ndarray) -> np.ndarray:
+    """Cast the float64 result; overflow becomes inf, which the engine refuses to publish."""
+    with np.errstate(over="ignore"):
+        return vec.astype(np.float32)
+
+
+class Strategy:
+    """Base class: FedAvg semantics; subclasses override ``params`` and ``_step``."""
+
+    name: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, float]] = {}
+
+    def __init__(self, **params: Any) -> None:
+        unknown = set(params) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"strategy {self.name!r} has no parameter(s) {sorted(unknown)}; "
+                             f"valid: {sorted(self.defaults) or 'none'}")
+        self.params: dict[str, float] = dict(self.defaults)
+        for key, value in params.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value) or value < 0:
+                raise ValueError(f"strategy parameter {key!r} must be a non-negative number")
+            self.params[key] = float(value)
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, **self.params}
+
+    def configure_round(self, job: dict[str, Any], round_: int, clients: list[str], attempt: int = 1) -> dict:
+        """Task config sent to every selected client (DESIGN.md task JSON ``config``)."""
+        cfg = job["config"] if "config" in job else job
+        train = cfg.get("train", {})
+        seed = round_seed(str(job.get("id", "")), int(cfg.get("seed", 0)), round_, attempt)
+        codec = dict(cfg["codec"])
+        if codec.get("name") == "randk":  # one fresh shared mask per round, announced to everyone
+            codec["seed"] = seed
+        return {"epochs": train.get("epochs", 1), "batch_size": train.get("batch_size", 32),
+                "lr": train.get("lr", 0.05), "mu": self._mu(train),
+                "freeze_backbone": train.get("freeze_backbone", False), "codec": codec, "seed": seed}
+
+    def _mu(self, train: dict[str, Any]) -> float:
+        return float(train.get("mu", 0.0))
+
+    def begin(self, global_vec: np.ndarray) -> Accumulator:
+        return Accumulator(np.asarray(global_vec, dtype=np.float32), self._step)
+
+    def _step(self, global_vec: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        """Apply the round's weighted mean delta; server optimisers override this."""
+        return to_float32(global_vec.astype(np.float64) + delta)
+
+
+def round_seed(job_id: str, job_seed: int, round_: int, attempt: int) -> int:
+    """Deterministic per (job, round, attempt) seed: reproducible runs, fresh randomness each attempt."""
+    digest = hashlib.sha256(f"{job_id}/{job_seed}/{round_}/{attempt}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+class FedAvg(Strategy):
+    """McMahan et al. 2017: new = global + sum(n_i * delta_i) / sum(n_i)."""
+
+    name = "fedavg"
+
+
+class FedProx(Strategy):
+    """Li et al. 2020: FedAvg on the server; the proximal term ``mu`` is applied by clients."""
+
+    name = "fedprox"
+    defaults = {"mu": 0.01}
+
+    def _mu(self, train: dict[str, Any]) -> float:
+        return self.params["mu"]
+
+
+class FedAdam(Strategy):
+    """Server Adam on the pseudo-gradient ``-mean_delta`` (no bias correction, as in Reddi et al.)."""
+
+    name = "fedadam"
+    defaults = {"eta": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.m: np.ndarray | None = None
+        self.v: np.ndarray | None = None
+
+    def _second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
+        b2 = self.params["beta2"]
+        return b2 * v + (1.0 - b2) * d2
+
+    def _step(self, global_vec: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        p = self.params
+        if self.m is None or self.m.shape != delta.shape:
+            self.m = np.zeros_like(delta)
+            self.v = np.full_like(delta, p["tau"] ** 2)
+        assert self.v is not None
+        self.m = p["beta1"] * self.m + (1.0 - p["beta1"]) * delta
+        self.v = self._second_moment(self.v, delta * delta)
+        return to_float32(global_vec.astype(np.float64) + p["eta"] * self.m / (np.sqrt(self.v) + p["tau"]))
+
+
+class FedYogi(FedAdam):
+    """Yogi's additive second-moment update: v grows or shrinks by at most (1-b2)*d^2 per round."""
+
+    name = "fedyogi"
+
+    def _second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
+        return v - (1.0 - self.params["beta2"]) * d2 * np.sign(v - d2)
+
+
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FedProx, FedAdam, FedYogi)}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator for third-party strategies."""
+    if not cls.name:
+        raise ValueError("a strategy needs a name")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def make_strategy(spec: dict[str, Any] | str | None) -> Strategy:
+    """``{"name": "fedadam", "eta": 0.01}`` / ``"fedavg"`` / None (FedAvg) -> Strategy; ValueError if bad."""
+    if spec is None:
+        return FedAvg()
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ValueError('strategy must be an object like {"name": "fedavg"}')
+    params = {k: v for k, v in spec.items() if k != "name"}
+    cls = STRATEGIES.get(spec["name"])
+    if cls is None:
+        raise ValueError(f"unknown strategy {spec['name']!r}; valid: {', '.join(sorted(STRATEGIES))}")
+    return cls(**params)

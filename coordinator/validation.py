@@ -1,0 +1,157 @@
+"""Checks every incoming update must pass before it may touch a round's aggregate.
+
+An update arrives as raw MQTT bytes from an untrusted device. The checks run cheapest-first and in the
+order of DESIGN.md's "Coordinator update path": size (before any parsing), wire frame, credentials, job,
+round, selection, base version, duplicate, codec, numel, payload decode, finiteness. Each failure raises
+:class:`Rejected` carrying a stable machine-readable ``code`` (what tests, dashboards and devices branch on)
+plus a human-readable ``detail``; ``reason`` is what is acked to the device and stored.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable, Collection
+from typing import Any, Protocol
+
+import numpy as np
+
+from edge_sdk.protocol import codecs
+from edge_sdk.protocol.errors import ProtocolError
+from edge_sdk.protocol.wire import UpdateHeader, decode_update
+
+# Stable rejection codes (documented in docs/mqtt.md).
+OVERSIZE = "oversize"
+MALFORMED = "malformed"
+TRUNCATED = "truncated"
+UNKNOWN_CLIENT = "unknown_client"
+BAD_TOKEN = "bad_token"
+CLIENT_MISMATCH = "client_mismatch"
+WRONG_JOB = "wrong_job"
+STALE_ROUND = "stale_round"
+NOT_SELECTED = "not_selected"
+OLD_BASE_VERSION = "old_base_version"
+DUPLICATE = "duplicate"
+WRONG_CODEC = "wrong_codec"
+WRONG_NUMEL = "wrong_numel"
+BAD_PAYLOAD = "bad_payload"
+NON_FINITE = "non_finite"
+INTERNAL_ERROR = "internal_error"
+
+REASON_CODES = (OVERSIZE, MALFORMED, TRUNCATED, UNKNOWN_CLIENT, BAD_TOKEN, CLIENT_MISMATCH, WRONG_JOB,
+                STALE_ROUND, NOT_SELECTED, OLD_BASE_VERSION, DUPLICATE, WRONG_CODEC, WRONG_NUMEL, BAD_PAYLOAD,
+                NON_FINITE, INTERNAL_ERROR)
+
+# Keys of a codec spec that only change how a device *encodes* (its residual, its rounding noise); a
+# device may choose them freely, everything else must match the round's codec exactly.
+_ENCODER_ONLY_KEYS = frozenset({"error_feedback", "stochastic"})
+
+
+class Rejected(Exception):
+    """An update that must not be aggregated; ``reason`` is ``code`` or ``code: detail``."""
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        super().__init__(f"{code}: {detail}" if detail else code)
+        self.code = code
+        self.detail = detail
+
+    @property
+    def reason(self) -> str:
+        return str(self)
+
+
+class RoundView(Protocol):
+    """What a round exposes to validation (implemented by ``coordinator.rounds.OpenRound``)."""
+
+    job_id: str
+    round: int
+    base_version: str
+    codec: dict[str, Any]
+    numel: int
+    layout_sizes: list[int]
+    selected: Collection[str]
+    accepted_clients: Collection[str]
+    max_update_bytes: int
+    closed: bool
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def check_size(nbytes: int, limit: int) -> None:
+    """Runs before any byte is parsed, so an oversize message costs nothing but its receipt."""
+    if nbytes > limit:
+        raise Rejected(OVERSIZE, f"{nbytes} bytes > limit {limit}")
+
+
+def parse_message(raw: bytes, limit: int) -> tuple[UpdateHeader, bytes]:
+    """Wire frame -> (header, payload). A CRC failure cannot tell truncation from corruption; wire v1
+    reports both as 'corrupted or truncated', which is filed under ``truncated``."""
+    check_size(len(raw), limit)
+    try:
+        return decode_update(raw, max_bytes=limit)
+    except ProtocolError as exc:
+        code = TRUNCATED if "truncat" in exc.reason else MALFORMED
+        raise Rejected(code, exc.reason) from None
+
+
+def check_client(header: UpdateHeader, topic_client_id: str,
+                 token_hash_of: Callable[[str], str | None]) -> None:
+    """Registered client, right token (constant-time compare), publishing on its own topic."""
+    expected = token_hash_of(header.client_id)
+    if expected is None:
+        raise Rejected(UNKNOWN_CLIENT, f"client {header.client_id[:64]!r} is not registered")
+    if not hmac.compare_digest(expected, hash_token(header.token)):
+        raise Rejected(BAD_TOKEN, "token does not match the registered client")
+    if header.client_id != topic_client_id:
+        raise Rejected(CLIENT_MISMATCH, f"header says {header.client_id!r}, published on {topic_client_id!r}'s topic")
+
+
+def comparable_codec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The decode-relevant part of a normalised codec spec (seed matters only for rand-k's mask)."""
+    norm = codecs.validate_spec(spec)
+    out = {k: v for k, v in norm.items() if k not in _ENCODER_ONLY_KEYS}
+    if out["name"] != "randk":
+        out.pop("seed", None)
+    return out
+
+
+def check_round(header: UpdateHeader, nbytes: int, rnd: RoundView | None) -> None:
+    """Everything about the update's place in the round, checked before its payload is decoded."""
+    if rnd is None or rnd.closed:
+        raise Rejected(STALE_ROUND, f"no round of job {header.job_id!r} is open (sent for round {header.round})")
+    if header.round != rnd.round:
+        raise Rejected(STALE_ROUND, f"sent for round {header.round}, open round is {rnd.round}")
+    if header.client_id not in rnd.selected:
+        raise Rejected(NOT_SELECTED, f"client was not selected for round {rnd.round}")
+    if header.base_version != rnd.base_version:
+        raise Rejected(OLD_BASE_VERSION,
+                       f"trained on {header.base_version[:12]!r}, round base is {rnd.base_version[:12]}")
+    if header.client_id in rnd.accepted_clients:
+        raise Rejected(DUPLICATE, f"an update from this client was already accepted for round {rnd.round}")
+    try:
+        sent = comparable_codec(header.codec)
+    except ProtocolError as exc:
+        raise Rejected(WRONG_CODEC, exc.reason) from None
+    if sent != comparable_codec(rnd.codec):
+        raise Rejected(WRONG_CODEC, f"update uses {sent}, round expects {comparable_codec(rnd.codec)}")
+    if header.numel != rnd.numel:
+        raise Rejected(WRONG_NUMEL, f"update has numel {header.numel}, model has {rnd.numel}")
+    check_size(nbytes, rnd.max_update_bytes)
+
+
+def decode_payload(header: UpdateHeader, payload: bytes, rnd: RoundView) -> codecs.Decoded:
+    """Codec-decode (bounded by numel, hostile-input safe) and insist on finite values."""
+    try:
+        decoded = codecs.decode(rnd.codec, payload, rnd.numel, rnd.layout_sizes)
+    except ProtocolError as exc:
+        # the value decoder already refuses NaN/Inf (quant.dequantize); keep that distinct from garbage
+        raise Rejected(NON_FINITE if "non-finite" in exc.reason else BAD_PAYLOAD, exc.reason) from None
+    values = np.asarray(decoded.values)
+    expected = rnd.numel if decoded.indices is None else np.asarray(decoded.indices).size
+    if values.ndim != 1 or values.size != expected:
+        raise Rejected(BAD_PAYLOAD, f"decoded {values.size} values, expected {expected}")
+    if not np.isfinite(values).all():
+        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        raise Rejected(NON_FINITE, f"{bad} NaN/Inf value(s)")
+    return decoded

@@ -1,0 +1,232 @@
+"""The `fedsight` CLI: spec grammar, help, readable errors, REST commands, export and torch-free inference."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import requests
+
+from converters import spec_text
+from coordinator import cli
+from tests.support.processes import ROOT, child_env, free_port
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=child_env(), cwd=ROOT)
+
+
+# ------------------------------------------------------------------------------------------ spec text
+@pytest.mark.parametrize("text,expected", [
+    ("topk:0.01:int8", {"name": "topk", "density": 0.01, "values": "int8", "scope": "global",
+                        "error_feedback": True, "stochastic": False}),
+    ("topk:0.05:fp16:per_tensor:noef", {"name": "topk", "density": 0.05, "values": "float16",
+                                        "scope": "per_tensor", "error_feedback": False, "stochastic": False}),
+    ("dense", {"name": "dense", "dtype": "float32", "error_feedback": False}),
+    ("dense:fp16", {"name": "dense", "dtype": "float16", "error_feedback": False}),
+    ('{"name": "topk", "density": 0.2}', {"name": "topk", "density": 0.2, "values": "float32",
+                                          "scope": "global", "error_feedback": True, "stochastic": False}),
+])
+def test_codec_spec_parsing(text: str, expected: dict) -> None:
+    assert spec_text.parse_codec(text) == expected
+
+
+def test_randk_seed_is_left_to_the_coordinator() -> None:
+    spec = spec_text.parse_codec("randk:0.05:int8:stochastic")
+    assert spec["name"] == "randk" and spec["values"] == "int8" and spec["stochastic"] is True
+    assert "seed" not in spec
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("topk", "needs a density"), ("topk:abc", "density must be a number"), ("topk:2", "density must be in"),
+    ("topk:0.01:int9", "unknown codec option 'int9'"), ("gzip", "unknown codec 'gzip'"),
+    ("dense:stochastic", "unknown codec option"), ("{nope", "codec JSON is malformed"),
+])
+def test_bad_codec_specs_say_what_is_accepted(text: str, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        spec_text.parse_codec(text)
+
+
+def test_codec_label_round_trips() -> None:
+    for text in ("topk:0.01:int8", "dense:float16", "topk:0.05:float16:per_tensor", "randk:0.1:int8"):
+        assert spec_text.parse_codec(spec_text.codec_label(spec_text.parse_codec(text))) == spec_text.parse_codec(text)
+
+
+def test_partition_dataset_broker_specs(tmp_path: Path) -> None:
+    assert spec_text.parse_partition("iid") == "iid"
+    assert spec_text.parse_partition("dirichlet:0.3") == 0.3
+    assert spec_text.parse_dataset("digits") == ("digits", None)
+    assert spec_text.parse_dataset(f"imagefolder:{tmp_path}") == ("imagefolder", tmp_path)
+    assert spec_text.parse_broker("mqtt://10.0.0.2:1883") == "mqtt://10.0.0.2:1883"
+    for bad, fn in [("dirichlet:0", spec_text.parse_partition), ("dirichlet", spec_text.parse_partition),
+                    ("cifar10", spec_text.parse_dataset), ("mnist", spec_text.parse_dataset),
+                    ("mqtt://host", spec_text.parse_broker), ("tcp://h:1", spec_text.parse_broker)]:
+        with pytest.raises(ValueError):
+            fn(bad)
+
+
+# ------------------------------------------------------------------------------------ parser and help
+def test_console_help_lists_every_command() -> None:
+    result = run_cli("--help", timeout=60)
+    assert result.returncode == 0
+    for command in ("coordinator", "client", "job", "export", "infer", "demo", "quick start"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("argv,example", [
+    (["coordinator"], "fedsight coordinator --port 8080"), (["client"], "--partition dirichlet:0.5"),
+    (["job", "create"], "--codec topk:0.01:int8"), (["job", "status"], "fedsight job status"),
+    (["export"], "fedsight export --job"), (["infer"], "fedsight infer"), (["demo"], "fedsight demo --clients"),
+])
+def test_every_command_has_help_with_an_example(argv: list[str], example: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    assert example in capsys.readouterr().out
+
+
+def test_bad_flag_value_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["job", "create", "--codec", "topk:5"])
+    assert exit_info.value.code == 2
+    assert "density must be in" in capsys.readouterr().err
+
+
+def test_job_body_sends_only_what_was_given() -> None:
+    args = cli.build_parser().parse_args(["job", "create", "--name", "n", "--rounds", "4", "--codec",
+                                          "topk:0.01:int8", "--lr", "0.1", "--eval", "none"])
+    body = cli.job_body(args)
+    assert body == {"name": "n", "rounds": 4, "codec": spec_text.parse_codec("topk:0.01:int8"),
+                    "model": {"arch": "small_cnn", "num_classes": 10, "in_channels": 1},
+                    "train": {"lr": 0.1}, "eval": None}
+    half = cli.build_parser().parse_args(["job", "create", "--mean", "0.5"])
+    with pytest.raises(cli.CliError, match="--mean and --std go together"):
+        cli.job_body(half)
+
+
+def test_rounds_table_formats_each_round() -> None:
+    rounds = [{"round": 1, "status": "closed", "accepted": 5, "rejected": 1, "uplink_bytes": 25_000,
+               "compression_ratio": 40.0, "eval": {"accuracy": 0.875}, "duration_s": 1.25},
+              {"round": 2, "status": "open", "accepted": 0, "rejected": 0, "uplink_bytes": 0,
+               "compression_ratio": None, "eval": None, "duration_s": None}]
+    lines = cli.format_table(*cli.rounds_table(rounds)).splitlines()
+    assert lines[0].split() == ["round", "status", "acc/rej", "uplink", "compression", "accuracy", "time"]
+    assert lines[2].split() == ["1", "closed", "5/1", "25", "KB", "40.0x", "87.5%", "1.2s"]
+    assert lines[3].split() == ["2", "open", "0/0", "0", "B", "-", "-", "0.0s"]
+
+
+# ------------------------------------------------------------------------------------- user errors
+def test_unreachable_coordinator_is_one_line_and_a_hint() -> None:
+    result = run_cli("job", "list", "--coordinator", f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("fedsight: error: cannot reach the coordinator")
+    assert lines[1].startswith("hint: ") and len(lines) == 2
+
+
+def test_missing_files_are_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["infer", str(tmp_path / "nope.onnx"), str(tmp_path)]) == 2
+    assert "model file not found" in capsys.readouterr().err
+    assert cli.main(["export", "--job", "j", "--out", str(tmp_path / "m.onnx"), "--data-dir", str(tmp_path)]) == 2
+    assert "not a coordinator data directory" in capsys.readouterr().err
+    assert cli.main(["client", "--num-partitions", "2", "--partition-index", "2"]) == 2
+    assert "outside 0..1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ against a coordinator
+def test_job_commands_and_export_against_a_real_coordinator(coordinator, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    url = coordinator.url
+    assert cli.main(["job", "create", "--coordinator", url, "--name", "cli-test", "--rounds", "3",
+                     "--clients-per-round", "2", "--min-clients", "1", "--codec", "topk:0.05:int8"]) == 0
+    job_id = capsys.readouterr().out.strip()
+    job = requests.get(f"{coordinator.api}/jobs/{job_id}", timeout=10).json()
+    assert job["config"]["codec"]["density"] == 0.05 and job["config"]["clients_per_round"] == 2
+
+    assert cli.main(["job", "list", "--coordinator", url]) == 0
+    listing = capsys.readouterr().out
+    assert job_id in listing and "topk:0.05:int8" in listing and "created" in listing
+
+    assert cli.main(["job", "status", job_id, "--coordinator", url]) == 0
+    assert "no rounds yet" in capsys.readouterr().out
+    assert cli.main(["job", "status", "job-nope", "--coordinator", url]) == 2
+    assert "HTTP 404" in capsys.readouterr().err
+
+    out = tmp_path / "exports" / "model.onnx"
+    assert cli.main(["export", "--job", job_id, "--out", str(out), "--coordinator", url]) == 0
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert props["fedsight.job_id"] == job_id and props["fedsight.round"] == "0"
+    assert props["fedsight.version"] == job["current_version"]
+
+    local = tmp_path / "local.onnx"
+    assert cli.main(["export", "--job", job_id, "--out", str(local), "--data-dir", str(coordinator.data_dir)]) == 0
+    assert local.read_bytes() == out.read_bytes()  # the same cached, content-addressed export
+
+
+# ------------------------------------------------------------------------------------------- infer
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[int]]:
+    """A small_cnn trained for a few epochs on digits, exported; plus raw 0..16 digit PNGs to classify."""
+    import torch
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from converters.onnx_export import export_model_file
+    from edge_sdk.data import load_digits_split
+    from edge_sdk.models import build_model
+    from edge_sdk.params import state_to_arrays
+    from edge_sdk.protocol.modelfile import dump_model
+    from edge_sdk.trainer import LocalTrainer
+
+    torch.manual_seed(0)
+    train, _ = load_digits_split()
+    model = build_model("small_cnn", 10, in_channels=1)
+    LocalTrainer(device="cpu").train(model, train, {"epochs": 8, "lr": 0.05})
+    meta = {"arch": "small_cnn", "num_classes": 10, "in_channels": 1, "image_size": 8, "dataset": "digits",
+            "normalization": {"mean": [0.5], "std": [0.5]}, "class_names": [f"digit-{i}" for i in range(10)]}
+    out = tmp_path_factory.mktemp("infer")
+    report = export_model_file(dump_model(state_to_arrays(model), meta), None, out / "onnx")
+    images = out / "images"
+    (images / "nested").mkdir(parents=True)
+    digits = load_digits()
+    labels = []
+    for i in range(20):  # last samples: digits pixels are 0..16, stored as-is (fedsight.input_scale = 16)
+        idx = len(digits.target) - 1 - i
+        folder = images / "nested" if i % 2 else images
+        Image.fromarray(digits.images[idx].astype(np.uint8)).save(folder / f"{i:02d}.png")
+        labels.append(int(digits.target[idx]))
+    return Path(report["path"]), images, labels
+
+
+def test_infer_classifies_images_without_importing_torch(digits_model: tuple[Path, Path, list[int]]) -> None:
+    model, images, labels = digits_model
+    code = ("import json, sys; from coordinator.cli import main; rc = main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'infer imported torch'; sys.exit(rc)")
+    result = subprocess.run([sys.executable, "-c", code, "infer", str(model), str(images), "--json", "--top", "2"],
+                            capture_output=True, text=True, timeout=120, env=child_env(), cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert len(rows) == 20 and all(len(r["top"]) == 2 for r in rows)
+    by_name = {Path(r["image"]).name: r for r in rows}
+    predicted = [by_name[f"{i:02d}.png"]["label"] for i in range(20)]
+    assert np.mean(np.array(predicted) == np.array(labels)) >= 0.85
+    assert all(r["name"] == f"digit-{r['label']}" and 0 < r["probability"] <= 1 for r in rows)
+
+
+def test_infer_table_output_and_bad_image(digits_model: tuple[Path, Path, list[int]], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    model, images, _ = digits_model
+    assert cli.main(["infer", str(model), str(images / "00.png")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["image", "prediction", "probability"] and "digit-" in out[2]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    assert cli.main(["infer", str(model), str(broken)]) == 2
+    assert "cannot read image" in capsys.readouterr().err
