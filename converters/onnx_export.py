@@ -13,12 +13,14 @@ the TorchScript path fails (e.g. after it is removed from torch).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
 import tempfile
+import threading
 import time
 import warnings
 from datetime import datetime, timezone
@@ -35,6 +37,9 @@ REL_TOLERANCE = 1e-4  # max |onnx - torch| allowed, relative to max(1, max |logi
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 META_PREFIX = "fedsight."
+# torch.onnx keeps exporter settings in module globals and warnings.catch_warnings is process-wide: the
+# coordinator exports from request threads, so exports are serialised (each takes well under a second).
+_EXPORT_LOCK = threading.Lock()
 
 
 class ExportError(ValueError):
@@ -150,6 +155,13 @@ def _torch_export(model: Any, dummy: Any, opset: int) -> tuple[bytes, str, int]:
     """Returns (onnx bytes with embedded weights, exporter name, opset actually used)."""
     import torch
 
+    with _EXPORT_LOCK:
+        return _torch_export_locked(model, dummy, opset)
+
+
+def _torch_export_locked(model: Any, dummy: Any, opset: int) -> tuple[bytes, str, int]:
+    import torch
+
     axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
     buf = io.BytesIO()
     try:
@@ -164,8 +176,8 @@ def _torch_export(model: Any, dummy: Any, opset: int) -> tuple[bytes, str, int]:
     log.warning("TorchScript ONNX export failed (%s); falling back to the dynamo exporter", legacy_error)
     dyn_opset = max(opset, 18)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")  # and its "[torch.onnx] ..." progress prints go nowhere
             batch = torch.export.Dim("batch")
             program = torch.onnx.export(model, (dummy,), None, dynamo=True, opset_version=dyn_opset,
                                         input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],

@@ -105,9 +105,12 @@ def cmd_client(args: argparse.Namespace) -> int:
                            args.image_size, args.channels)
     cache = args.cache_dir or f"~/.cache/fedsight/client-{args.partition_index}"
     _sigterm_as_interrupt()
-    client = EdgeClient(args.coordinator, dataset=shard, client_id=args.client_id, token=args.token,
-                        name=args.name or f"sim-{args.partition_index}", broker_url=args.broker, cache_dir=cache,
-                        jobs=args.job or None)
+    try:
+        client = EdgeClient(args.coordinator, dataset=shard, client_id=args.client_id, token=args.token,
+                            name=args.name or f"sim-{args.partition_index}", broker_url=args.broker,
+                            cache_dir=cache, jobs=args.job or None)
+    except RuntimeError as exc:  # registration refused: wrong URL or not a FedSight coordinator
+        raise CliError(str(exc), "check --coordinator (and --client-id/--token if given)") from None
     log.info("device %s: %d local samples (partition %d of %d)", client.client_id, len(shard),
              args.partition_index, args.num_partitions)
     client.run(max_jobs=args.max_jobs, timeout=args.timeout)
@@ -342,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("coordinator", parents=[common], formatter_class=_formatter, help="run the coordinator",
-                       epilog="example:\n  fedsight coordinator --port 8080 --data-dir ./fedsight-data --broker embedded")
+                       epilog="example:\n  fedsight coordinator --port 8080 --data-dir ./fedsight-data "
+                              "--broker embedded")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8080, help="HTTP port (default: %(default)s)")
     p.add_argument("--data-dir", default="./fedsight-data", help="state, models, exports (default: %(default)s)")
@@ -379,12 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("job", parents=[common], help="create, start, stop, list and inspect jobs")
     jobs = p.add_subparsers(dest="job_command", required=True, metavar="ACTION")
     c = jobs.add_parser("create", parents=[common, rest], formatter_class=_formatter, help="create a job",
-                        epilog="example:\n  fedsight job create --name digits-topk --rounds 10 --clients-per-round 5 \\\n"
+                        epilog="example:\n  fedsight job create --name digits-topk --rounds 10 "
+                               "--clients-per-round 5 \\\n"
                                "      --min-clients 3 --codec topk:0.01:int8 --lr 0.05 --epochs 1 --start\n\n"
                                f"codec: {spec_text.CODEC_GRAMMAR}\nunset options take the coordinator's defaults "
                                "(docs/rest.md)")
     c.add_argument("--name")
-    c.add_argument("--arch", default="small_cnn", help="small_cnn, mobilenet_v3_small, resnet18, ... (default: %(default)s)")
+    c.add_argument("--arch", default="small_cnn",
+                   help="small_cnn, mobilenet_v3_small, resnet18, ... (default: %(default)s)")
     c.add_argument("--num-classes", type=int, default=10, help="(default: %(default)s)")
     c.add_argument("--in-channels", type=int, default=1, help="(default: %(default)s, digits)")
     c.add_argument("--image-size", type=int, help="(default: 8 for small_cnn, else 32)")
@@ -456,9 +462,14 @@ def _user_error(exc: BaseException) -> CliError | None:
     if isinstance(exc, (FileNotFoundError, ConnectionError)):
         return CliError(str(exc))
     for module, name in [("edge_sdk.protocol.errors", "ProtocolError"), ("converters.onnx_export", "ExportError"),
-                         ("edge_sdk.models", "WeightsMismatchError"), ("requests", "RequestException")]:
+                         ("edge_sdk.models", "WeightsMismatchError"), ("requests", "RequestException"),
+                         ("edge_sdk.data", "DatasetNotFoundError"), ("coordinator.demo", "DemoError")]:
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None and isinstance(exc, cls):
+            if module == "requests":  # its messages are walls of urllib3 detail
+                url = getattr(getattr(exc, "request", None), "url", None) or "the server"
+                return CliError(f"cannot reach {url} ({type(exc).__name__})",
+                                "is `fedsight coordinator` running there? check --coordinator / --broker")
             first, *rest = str(exc).splitlines() or [type(exc).__name__]
             return CliError(first, " ".join(line.strip() for line in rest))
     return None

@@ -216,11 +216,23 @@ def _evaluate_exports(model_bytes: bytes, onnx_bytes: bytes) -> dict[str, float]
             "prediction_agreement": float((torch_pred == onnx_pred).mean()), "test_samples": int(len(labels))}
 
 
+def _job_body(cfg: DemoConfig) -> dict[str, Any]:
+    from converters.spec_text import parse_codec
+
+    k = cfg.clients_per_round or cfg.clients
+    return {"name": f"demo-{cfg.clients}clients-alpha{cfg.alpha}",
+            "model": {"arch": "small_cnn", "num_classes": 10, "in_channels": 1, "image_size": 8},
+            "rounds": cfg.rounds, "clients_per_round": k, "min_clients": max(1, math.ceil(0.6 * k)),
+            "round_timeout_s": cfg.round_timeout, "codec": cfg.codec or parse_codec(DEFAULT_CODEC),
+            "eval": {"dataset": "digits"}, "seed": cfg.seed,
+            "train": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr}}
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the whole demo; returns the summary (also written to ``<out>/summary.json``)."""
     import torch
 
-    from converters.spec_text import codec_label, parse_codec
+    from converters.spec_text import codec_label
     from coordinator.chart import human_bytes, plot_rounds
     from coordinator.cli import Api, CliError
     from coordinator.server import start
@@ -234,8 +246,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     _clean_dir(data_dir, "fedsight.db")
     _clean_dir(caches, "device-0")
     logs.mkdir(exist_ok=True)
+    for stale in ("summary.json", "chart.png", "model.onnx"):
+        (out / stale).unlink(missing_ok=True)
     handler = _log_to_file(logs / "coordinator.log")
-    k = cfg.clients_per_round or cfg.clients
     procs: list[subprocess.Popen] = []
     handle = None
     finished = False
@@ -246,12 +259,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         def rest(method: str, path: str, **kw: Any) -> Any:
             return api.request(method, path, raw=True, **kw)
 
-        body = {"name": f"demo-{cfg.clients}clients-alpha{cfg.alpha}",
-                "model": {"arch": "small_cnn", "num_classes": 10, "in_channels": 1, "image_size": 8},
-                "rounds": cfg.rounds, "clients_per_round": k, "min_clients": max(1, math.ceil(0.6 * k)),
-                "round_timeout_s": cfg.round_timeout, "codec": cfg.codec or parse_codec(DEFAULT_CODEC), "eval": {"dataset": "digits"},
-                "train": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr}, "seed": cfg.seed}
-        job = rest("POST", "/jobs", json=body).json()
+        job = rest("POST", "/jobs", json=_job_body(cfg)).json()
         job_id = job["id"]
         numel = int(flatten(load_model(handle.services.models.get(job["current_version"]))[0]).size)
         print(f"coordinator {handle.url}, MQTT {handle.broker_url}; job {job_id}: small_cnn on digits, "
@@ -301,14 +309,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
               f"({summary['uplink_reduction'] or 0:.1f}x less); wall time {summary['wall_time_s']:.1f}s")
         print(f"wrote {chart}, {out / 'summary.json'}, {onnx_path}")
         return summary
-    except (DemoError, CliError) as exc:
-        failure = {"ok": False, "error": str(exc), "wall_time_s": round(time.monotonic() - started, 2)}
+    except BaseException as exc:  # every way out leaves a summary that says why
+        error = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
+        failure = {"ok": False, "error": error, "wall_time_s": round(time.monotonic() - started, 2)}
         (out / "summary.json").write_text(json.dumps(failure, indent=2) + "\n")
-        print(f"demo failed: {exc}", file=sys.stderr)
-        return failure
-    except KeyboardInterrupt:
-        failure = {"ok": False, "error": "interrupted", "wall_time_s": round(time.monotonic() - started, 2)}
-        (out / "summary.json").write_text(json.dumps(failure, indent=2) + "\n")
+        if isinstance(exc, (DemoError, CliError)):
+            print(f"demo failed: {exc}", file=sys.stderr)
+            return failure
         raise
     finally:
         _stop_devices(procs, grace=10.0 if finished else 0.0)

@@ -141,6 +141,7 @@ def test_missing_files_are_user_errors(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 # ------------------------------------------------------------------------------ against a coordinator
+@pytest.mark.integration
 def test_job_commands_and_export_against_a_real_coordinator(coordinator, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     url = coordinator.url

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import onnx
 import psutil
+import pytest
 from PIL import Image
 
 from tests.support.processes import ROOT, child_env
+
+pytestmark = pytest.mark.integration
 
 
 def _leftovers(marker: str) -> list[str]:

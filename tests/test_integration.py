@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,14 +52,19 @@ class Rogue:
     def __init__(self, api: str, broker_url: str) -> None:
         creds = requests.post(f"{api}/clients", json={"name": "rogue"}, timeout=5).json()
         self.id, self.token, self.api = creds["client_id"], creds["token"], api
+        victim = requests.post(f"{api}/clients", json={"name": "victim"}, timeout=5).json()
+        self.victim_id, self.victim_token = victim["client_id"], victim["token"]
         self.acks: queue.Queue = queue.Queue()
         self.tasks: queue.Queue = queue.Queue()
-        self.sabotaged = False
-        self.transport = MqttTransport(broker_url, f"rogue-{self.id}", self.on_message,
-                                       subscriptions=[topics.task_topic(self.id), topics.ack_topic(self.id),
-                                                      topics.ack_topic("ghost")])
+        self.stopped = threading.Event()
+        self.tokens = {self.id: self.token, self.victim_id: self.victim_token}
+        subs = [topics.ack_topic("ghost")]
+        for cid in self.tokens:
+            subs += [topics.task_topic(cid), topics.ack_topic(cid)]
+        self.transport = MqttTransport(broker_url, f"rogue-{self.id}", self.on_message, subscriptions=subs)
         self.transport.start()
-        self.transport.publish(topics.status_topic(self.id), json.dumps({"state": "online"}), retain=True, wait=5)
+        for cid in self.tokens:  # both identities online, so both are selected
+            self.transport.publish(topics.status_topic(cid), json.dumps({"state": "online"}), retain=True, wait=5)
 
     def on_message(self, topic: str, payload: bytes) -> None:
         cid, kind = topics.parse_client_topic(topic)
@@ -67,8 +73,16 @@ class Rogue:
     def send(self, message: bytes, client_id: str | None = None) -> None:
         assert self.transport.publish(topics.update_topic(client_id or self.id), message, wait=10)
 
-    def answer(self, task: dict, sabotage: bool) -> dict[str, str]:
+    def first_tasks(self) -> dict[str, dict]:
+        got: dict[str, dict] = {}
+        while len(got) < len(self.tokens):
+            cid, task = self.tasks.get(timeout=60)
+            got[cid] = task
+        return got
+
+    def answer(self, task: dict, sabotage: bool, as_client: str | None = None) -> dict[str, str]:
         """Send the bad variants (when ``sabotage``), then one good update and its duplicate."""
+        me = as_client or self.id
         model = requests.get(f"{self.api}/jobs/{task['job_id']}/models/{task['base_version']}",
                              headers={"Authorization": f"Bearer {self.token}"}, timeout=10).content
         arrays, _ = load_model(model)
@@ -78,28 +92,30 @@ class Rogue:
         good_payload, _ = codecs.encode(spec, zero, sizes)
 
         def msg(payload: bytes = good_payload, **kw: object) -> bytes:
-            fields = dict(job_id=task["job_id"], round=task["round"], client_id=self.id,
+            fields = dict(job_id=task["job_id"], round=task["round"], client_id=me,
                           base_version=task["base_version"], codec=spec, num_samples=1, numel=numel,
-                          metrics={}, token=self.token)
+                          metrics={}, token=self.tokens[me])
             fields.update(kw)
             return encode_update(UpdateHeader(**fields), payload)  # type: ignore[arg-type]
 
         expected: dict[str, str] = {}
         if sabotage:
-            nan = zero.copy()
-            nan[3] = np.nan
             dense = {"name": "dense", "dtype": "float32"}
+            noise = np.random.default_rng(0).standard_normal(numel).astype(np.float32) * 1e-3
+            nan, _ = codecs.encode(dense, noise, sizes)  # incompressible, so values sit raw after 10 bytes
+            nan = nan[:10] + np.float32(np.nan).tobytes() + nan[14:]
             variants = {
                 "garbage": b"this is not an update",
                 "truncated": msg()[:-7],
                 "oversize": msg(payload=b"\x00" * (MAX_UPDATE + 10)),
-                "nan": msg(payload=nan.tobytes(), codec=dense) if spec["name"] == "dense" else None,
+                "nan": msg(payload=nan, codec=dense) if spec["name"] == "dense" else None,
                 "wrong_round": msg(round=task["round"] + 5),
                 "old_base": msg(base_version="0" * 64),
                 "wrong_numel": msg(numel=numel + 1),
                 "wrong_codec": msg(codec={"name": "dense", "dtype": "float16"}),
                 "bad_token": msg(token="not-my-token"),
-                "id_mismatch": msg(client_id="someone-else"),
+                # a valid identity, sent from someone else's connection/topic
+                "id_mismatch": msg(client_id=self.victim_id, token=self.victim_token),
             }
             for name, message in variants.items():
                 if message is not None:
@@ -109,13 +125,23 @@ class Rogue:
             cid, ack = self.acks.get(timeout=15)
             assert cid == "ghost"
             expected["unknown_client"] = ack["reason"]
-        self.send(msg())
+        self.send(msg(), client_id=me)
         expected["good"] = self.acks.get(timeout=15)[1]["status"]
-        self.send(msg())
-        expected["duplicate"] = self.acks.get(timeout=15)[1]["reason"]
+        if sabotage:
+            self.send(msg())
+            expected["duplicate"] = self.acks.get(timeout=15)[1]["reason"]
         return expected
 
+    def serve(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                cid, task = self.tasks.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            self.answer(task, sabotage=False, as_client=cid)
+
     def stop(self) -> None:
+        self.stopped.set()
         self.transport.stop()
 
 
@@ -140,22 +166,26 @@ def test_dense_job_with_rogue_device(federation: tuple[Coordinator, Mosquitto, P
     rogue = Rogue(api, mosquitto.url)
     try:
         job = requests.post(f"{api}/jobs", json=job_body("dense", {"name": "dense", "dtype": "float32"},
-                                                         rounds=6, clients=DEVICES + 1, min_clients=DEVICES),
+                                                         rounds=6, clients=DEVICES + 2, min_clients=DEVICES),
                             timeout=10).json()
         assert requests.post(f"{api}/jobs/{job['id']}/start", timeout=10).ok
-        first = rogue.tasks.get(timeout=60)[1]
-        reasons = rogue.answer(first, sabotage=True)
+        first = rogue.first_tasks()
+        # The victim identity answers last, so round 1 is still open while the rogue misbehaves.
+        reasons = rogue.answer(first[rogue.id], sabotage=True)
+        assert rogue.answer(first[rogue.victim_id], sabotage=False, as_client=rogue.victim_id)["good"] == "accepted"
+        helper = threading.Thread(target=rogue.serve, daemon=True)  # later rounds: honest zero updates
+        helper.start()
         finished = wait_finished(api, job["id"], timeout=300)
     finally:
         rogue.stop()
     assert finished["status"] == "finished"
     assert reasons.pop("good") == "accepted"
-    expect = {"garbage": "magic", "truncated": "checksum", "oversize": "too large", "nan": "finite",
-              "wrong_round": "round", "old_base": "base version", "wrong_numel": "numel", "wrong_codec": "codec",
-              "bad_token": "token", "id_mismatch": "client id", "unknown_client": "unknown client",
-              "duplicate": "duplicate"}
+    expect = {"garbage": "malformed", "truncated": "truncated", "oversize": "oversize", "nan": "non_finite",
+              "wrong_round": "stale_round", "old_base": "old_base_version", "wrong_numel": "wrong_numel",
+              "wrong_codec": "wrong_codec", "bad_token": "bad_token", "id_mismatch": "client_mismatch",
+              "unknown_client": "unknown_client", "duplicate": "duplicate"}
     for name, needle in expect.items():
-        assert needle in reasons[name].lower(), (name, reasons[name])
+        assert reasons[name].startswith(needle + ":"), (name, reasons[name])
 
     rounds = requests.get(f"{api}/jobs/{job['id']}/rounds", timeout=5).json()["rounds"]
     closed = [r for r in rounds if r["status"] == "closed"]

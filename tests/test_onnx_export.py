@@ -167,3 +167,22 @@ def test_parity_check_catches_a_wrong_graph() -> None:
             p.add_(0.5)
     with pytest.raises(ParityError, match="differ by"):
         check_parity(other, exported, (1, 8, 8))
+
+
+def test_dynamo_fallback_still_embeds_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the TorchScript exporter goes away, the dynamo path must still give devices one file."""
+    real_export = torch.onnx.export
+
+    def legacy_removed(*args, **kwargs):
+        if kwargs.get("dynamo") is False:
+            raise RuntimeError("legacy exporter removed")
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", legacy_removed)
+    data, report = export_onnx_bytes(_model_file("small_cnn", 1, 8))
+    assert report["exporter"] == "dynamo" and report["opset"] >= 18
+    model = onnx.load_from_string(data)
+    assert model.graph.initializer and all(t.data_location != onnx.TensorProto.EXTERNAL
+                                           for t in model.graph.initializer)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
+    assert report["max_abs_diff"] <= report["parity"]["tolerance"]
