@@ -142,6 +142,8 @@ class Rogue:
 
     def stop(self) -> None:
         self.stopped.set()
+        for cid in self.tokens:
+            self.transport.publish(topics.status_topic(cid), json.dumps({"state": "offline"}), retain=True, wait=5)
         self.transport.stop()
 
 
