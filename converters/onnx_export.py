@@ -153,8 +153,6 @@ def _rebuild(model_bytes: bytes, job: dict | None) -> tuple[Any, dict[str, Any]]
 
 def _torch_export(model: Any, dummy: Any, opset: int) -> tuple[bytes, str, int]:
     """Returns (onnx bytes with embedded weights, exporter name, opset actually used)."""
-    import torch
-
     with _EXPORT_LOCK:
         return _torch_export_locked(model, dummy, opset)
 

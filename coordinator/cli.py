@@ -11,14 +11,15 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from converters import spec_text
 
+from . import cli_parser
+
 EXIT_USER_ERROR = 2
-DEFAULT_COORDINATOR = os.environ.get("FEDSIGHT_COORDINATOR", "http://127.0.0.1:8080")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 log = logging.getLogger("fedsight")
 
@@ -300,159 +301,9 @@ def _sigterm_as_interrupt() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-# --------------------------------------------------------------------------------------------- parser
-def _typed(fn: Callable[[str], Any], what: str) -> Callable[[str], Any]:
-    """argparse shows ArgumentTypeError messages verbatim (a bare ValueError becomes 'invalid value')."""
-    def convert(text: str) -> Any:
-        try:
-            return fn(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    convert.__name__ = what
-    return convert
-
-
-def _strategy(text: str) -> dict[str, Any]:
-    if text.lstrip().startswith("{"):
-        spec = json.loads(text)  # ValueError -> usage error
-        if not isinstance(spec, dict):
-            raise ValueError("strategy JSON must be an object")
-        return spec
-    return {"name": text}
-
-
-def _formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    # SUPPRESS: a sub-command's default must not reset a -v given before it (`fedsight -v job list`)
-    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="debug logging and full tracebacks")
-    rest = argparse.ArgumentParser(add_help=False)
-    rest.add_argument("--coordinator", default=DEFAULT_COORDINATOR, metavar="URL",
-                      help="coordinator base URL (default: $FEDSIGHT_COORDINATOR or %(default)s)")
-    parser = argparse.ArgumentParser(
-        prog="fedsight", formatter_class=_formatter, parents=[common],
-        description="Federated fine-tuning of vision models on edge devices.",
-        epilog="quick start:\n  fedsight demo                      # everything on this machine, ~2 min\n"
-               "  fedsight coordinator --port 8080   # then, per device:\n"
-               "  fedsight client --coordinator http://127.0.0.1:8080 --num-partitions 5 --partition-index 0\n"
-               "  fedsight job create --rounds 10 --codec topk:0.01:int8 --start\n"
-               "  fedsight job status JOB_ID\n  fedsight export --job JOB_ID --out model.onnx\n"
-               "  fedsight infer model.onnx photo.png\n\nsee docs/cli.md for every option")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("coordinator", parents=[common], formatter_class=_formatter, help="run the coordinator",
-                       epilog="example:\n  fedsight coordinator --port 8080 --data-dir ./fedsight-data "
-                              "--broker embedded")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8080, help="HTTP port (default: %(default)s)")
-    p.add_argument("--data-dir", default="./fedsight-data", help="state, models, exports (default: %(default)s)")
-    p.add_argument("--broker", default="embedded", type=_typed(spec_text.parse_broker, "broker"),
-                   help="'embedded' (built-in MQTT broker) or mqtt://HOST:PORT (default: %(default)s)")
-    p.add_argument("--mqtt-port", type=int, default=1883, help="embedded broker port (default: %(default)s)")
-    p.set_defaults(func=cmd_coordinator)
-
-    p = sub.add_parser("client", parents=[common, rest], formatter_class=_formatter,
-                       help="run a simulated device on a dataset shard",
-                       epilog="example:\n  fedsight client --coordinator http://127.0.0.1:8080 --dataset digits \\\n"
-                              "      --partition dirichlet:0.5 --num-partitions 10 --partition-index 3")
-    p.add_argument("--broker", type=_typed(spec_text.parse_broker, "broker"), metavar="mqtt://HOST:PORT",
-                   help="MQTT broker (default: the one the coordinator advertises)")
-    p.add_argument("--dataset", default="digits", type=_typed(spec_text.parse_dataset, "dataset"),
-                   help="digits | imagefolder:PATH | cifar10:PATH (default: digits)")
-    p.add_argument("--partition", default="iid", type=_typed(spec_text.parse_partition, "partition"),
-                   help="iid | dirichlet:ALPHA (label skew; smaller = more skewed) (default: iid)")
-    p.add_argument("--num-partitions", type=int, default=1, metavar="N", help="shards in total (default: 1)")
-    p.add_argument("--partition-index", type=int, default=0, metavar="I", help="this device's shard (default: 0)")
-    p.add_argument("--seed", type=int, default=0, help="partition seed, same for all devices (default: 0)")
-    p.add_argument("--image-size", type=int, help="resize images (default: 8 for digits, else 32)")
-    p.add_argument("--channels", type=int, choices=(1, 3), help="image channels (default: 1 digits, else 3)")
-    p.add_argument("--client-id", help="reuse a registered id (with --token); default: register or cached")
-    p.add_argument("--token", help="client token from POST /api/v1/clients")
-    p.add_argument("--name", help="display name (default: sim-INDEX)")
-    p.add_argument("--cache-dir", help="credentials, model cache, residuals (default: ~/.cache/fedsight/client-I)")
-    p.add_argument("--job", action="append", metavar="JOB_ID", help="only take part in these jobs (repeatable)")
-    p.add_argument("--max-jobs", type=int, help="exit after taking part in this many finished jobs")
-    p.add_argument("--timeout", type=float, help="exit after this many seconds")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
-    p.set_defaults(func=cmd_client)
-
-    p = sub.add_parser("job", parents=[common], help="create, start, stop, list and inspect jobs")
-    jobs = p.add_subparsers(dest="job_command", required=True, metavar="ACTION")
-    c = jobs.add_parser("create", parents=[common, rest], formatter_class=_formatter, help="create a job",
-                        epilog="example:\n  fedsight job create --name digits-topk --rounds 10 "
-                               "--clients-per-round 5 \\\n"
-                               "      --min-clients 3 --codec topk:0.01:int8 --lr 0.05 --epochs 1 --start\n\n"
-                               f"codec: {spec_text.CODEC_GRAMMAR}\nunset options take the coordinator's defaults "
-                               "(docs/rest.md)")
-    c.add_argument("--name")
-    c.add_argument("--arch", default="small_cnn",
-                   help="small_cnn, mobilenet_v3_small, resnet18, ... (default: %(default)s)")
-    c.add_argument("--num-classes", type=int, default=10, help="(default: %(default)s)")
-    c.add_argument("--in-channels", type=int, default=1, help="(default: %(default)s, digits)")
-    c.add_argument("--image-size", type=int, help="(default: 8 for small_cnn, else 32)")
-    c.add_argument("--rounds", type=int, help="(server default: 10)")
-    c.add_argument("--clients-per-round", type=int, help="devices selected per round (server default: 5)")
-    c.add_argument("--min-clients", type=int, help="accepted updates needed to close a round (server default: 3)")
-    c.add_argument("--round-timeout", type=float, metavar="SECONDS", help="(server default: 60)")
-    c.add_argument("--codec", type=_typed(spec_text.parse_codec, "codec"), help="e.g. dense, topk:0.01:int8")
-    c.add_argument("--epochs", type=int, help="local epochs per round (server default: 1)")
-    c.add_argument("--batch-size", type=int, help="(server default: 32)")
-    c.add_argument("--lr", type=float, help="local SGD learning rate (server default: 0.05)")
-    c.add_argument("--mu", type=float, help="FedProx proximal strength (server default: 0)")
-    c.add_argument("--freeze-backbone", action="store_true", help="train the classification head only")
-    c.add_argument("--eval", default="digits", choices=("digits", "none"),
-                   help="server-side evaluation set (default: %(default)s)")
-    c.add_argument("--class-names", metavar="A,B,...")
-    c.add_argument("--mean", type=_typed(spec_text.parse_floats, "floats"), metavar="M[,M,M]")
-    c.add_argument("--std", type=_typed(spec_text.parse_floats, "floats"), metavar="S[,S,S]")
-    c.add_argument("--strategy", type=_typed(_strategy, "strategy"), metavar="NAME|JSON",
-                   help='fedavg (server default), fedprox, fedadam, fedyogi, or JSON like {"name": "fedadam", ...}')
-    c.add_argument("--seed", type=int)
-    c.add_argument("--max-update-bytes", type=int)
-    c.add_argument("--start", action="store_true", help="start the job right away")
-    c.add_argument("--json", action="store_true", help="print the job as JSON instead of its id")
-    for action, text in (("start", "start a created job"), ("stop", "stop a running job"),
-                         ("status", "per-round table: accepted/rejected, uplink bytes, compression, accuracy")):
-        a = jobs.add_parser(action, parents=[common, rest], help=text, formatter_class=_formatter,
-                            epilog=f"example:\n  fedsight job {action} job-1a2b3c4d")
-        a.add_argument("job_id", metavar="JOB_ID")
-        if action == "status":
-            a.add_argument("--json", action="store_true", help="raw job and rounds JSON")
-    a = jobs.add_parser("list", parents=[common, rest], help="list jobs")
-    a.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_job)
-
-    p = sub.add_parser("export", parents=[common, rest], formatter_class=_formatter,
-                       help="download a global model as one ONNX file",
-                       epilog="examples:\n  fedsight export --job job-1a2b3c4d --out digits.onnx\n"
-                              "  fedsight export --job job-1a2b3c4d --data-dir ./fedsight-data --out digits.onnx")
-    p.add_argument("--job", required=True, metavar="JOB_ID")
-    p.add_argument("--version", help="model version sha256 (default: the job's current version)")
-    p.add_argument("--out", required=True, metavar="FILE")
-    p.add_argument("--data-dir", help="export locally from a coordinator data directory instead of over REST")
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("infer", parents=[common], formatter_class=_formatter,
-                       help="classify images with an exported ONNX model (no torch needed)",
-                       epilog="example:\n  fedsight infer digits.onnx samples/ photo.png --top 3")
-    p.add_argument("model", metavar="MODEL.onnx")
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
-    p.add_argument("--top", type=int, default=3, help="top-k classes in --json output (default: %(default)s)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_infer)
-
-    from coordinator.demo import add_demo_arguments  # the demo owns its defaults
-
-    p = sub.add_parser("demo", parents=[common], formatter_class=_formatter,
-                       help="end-to-end federated run on this machine, with a chart",
-                       epilog="example:\n  fedsight demo --clients 10 --rounds 10 --alpha 0.5 --codec topk:0.05:int8")
-    add_demo_arguments(p, _typed(spec_text.parse_codec, "codec"))
-    p.set_defaults(func=cmd_demo)
-    return parser
+    return cli_parser.build_parser({"coordinator": cmd_coordinator, "client": cmd_client, "job": cmd_job,
+                                    "export": cmd_export, "infer": cmd_infer, "demo": cmd_demo})
 
 
 def _user_error(exc: BaseException) -> CliError | None:
