@@ -309,7 +309,9 @@ def export_onnx(job_id: str) -> Any:
 
 def _client_view(row: Mapping[str, Any]) -> dict[str, Any]:
     view = {k: row[k] for k in ("id", "name", "created_at", "last_seen")}
-    view["online"] = _svc().engine.presence.is_online(row["id"])
+    status = _svc().engine.presence.get(row["id"])
+    view["online"] = bool(status and status.online)
+    view["ready"] = bool(status and status.online and status.ready)  # online with local data: selectable
     return view
 
 

@@ -21,6 +21,7 @@ class ClientStatus:
     online: bool
     jobs: frozenset[str] | None  # None: willing to join any job
     ts: float
+    ready: bool = True  # False: connected but no local samples yet, so not worth selecting
 
 
 class Presence:
@@ -30,9 +31,10 @@ class Presence:
         self._status: dict[str, ClientStatus] = {}
         self._cond = threading.Condition()
 
-    def update(self, client_id: str, online: bool, jobs: list[str] | None = None) -> None:
+    def update(self, client_id: str, online: bool, jobs: list[str] | None = None, ready: bool = True) -> None:
         with self._cond:
-            self._status[client_id] = ClientStatus(online, frozenset(jobs) if jobs is not None else None, time.time())
+            self._status[client_id] = ClientStatus(online, frozenset(jobs) if jobs is not None else None, time.time(),
+                                                   ready)
             self._cond.notify_all()
 
     def update_from_payload(self, client_id: str, payload: bytes) -> ClientStatus | None:
@@ -45,13 +47,14 @@ class Presence:
             msg: Any = json.loads(payload)
             state = msg["state"]
             jobs = msg.get("jobs")
-            if state not in ("online", "offline") or not (jobs is None or (isinstance(jobs, list) and all(
-                    isinstance(j, str) for j in jobs))):
-                raise ValueError("bad state or jobs")
+            ready = msg.get("ready", True)
+            if state not in ("online", "offline") or not isinstance(ready, bool) or not (
+                    jobs is None or (isinstance(jobs, list) and all(isinstance(j, str) for j in jobs))):
+                raise ValueError("bad state, ready or jobs")
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             log.warning("ignoring unreadable status from %s: %s", client_id, exc)
             return None
-        self.update(client_id, state == "online", jobs)
+        self.update(client_id, state == "online", jobs, ready)
         return self.get(client_id)
 
     def get(self, client_id: str) -> ClientStatus | None:
@@ -66,7 +69,7 @@ class Presence:
         """Online clients willing to work on ``job_id`` (sorted, for reproducible selection)."""
         with self._cond:
             return sorted(cid for cid, s in self._status.items()
-                          if s.online and (s.jobs is None or job_id in s.jobs))
+                          if s.online and s.ready and (s.jobs is None or job_id in s.jobs))
 
     def wait_change(self, timeout: float) -> None:
         with self._cond:

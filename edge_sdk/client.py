@@ -117,7 +117,7 @@ class EdgeClient:
 
     def stop(self) -> None:
         """Announce offline, finish the current task's bookkeeping and disconnect."""
-        if self._stopped.is_set():
+        if self._stopped.is_set() or self._worker is None:
             return
         self._stopped.set()
         self._tasks.put(None)
@@ -175,8 +175,12 @@ class EdgeClient:
             raise ValueError("coordinator did not advertise a broker; pass broker_url='mqtt://HOST:PORT'")
         return str(url)
 
+    def _has_data(self) -> bool:
+        return len(self.dataset) > 0  # type: ignore[arg-type]
+
     def _status(self, state: str) -> bytes:
-        return json.dumps({"state": state, "jobs": self.jobs, "ts": time.time()}).encode()
+        """Presence message; ``ready`` is false until there is local data, so the device is not selected."""
+        return json.dumps({"state": state, "jobs": self.jobs, "ready": self._has_data(), "ts": time.time()}).encode()
 
     # ----------------------------------------------------------------- messages
     def _on_message(self, topic: str, payload: bytes) -> None:
@@ -208,8 +212,15 @@ class EdgeClient:
                 self.callbacks.on_job_finished(job_id)
 
     def _work(self) -> None:
+        ready = self._has_data()
         while not self._stopped.is_set():
-            task = self._tasks.get()
+            try:
+                task = self._tasks.get(timeout=2.0)
+            except queue.Empty:
+                if self._has_data() != ready:  # e.g. a SampleBuffer got its first frames: tell the coordinator
+                    ready = not ready
+                    self._transport.publish(topics.status_topic(self.client_id), self._status("online"), retain=True)
+                continue
             if task is None:
                 return
             # A backlog means we fell behind: only the newest task per job is still worth doing.
@@ -245,7 +256,7 @@ class EdgeClient:
         if self.callbacks.on_round_start:
             self.callbacks.on_round_start(task)
         config = dict(task.get("config") or {})
-        if len(self.dataset) == 0:  # type: ignore[arg-type]
+        if not self._has_data():
             log.warning("no local samples yet; skipping job %s round %d", job_id, rnd)
             return None
         url = task.get("model_url") or f"{self.api}/jobs/{job_id}/models/{task['base_version']}"
