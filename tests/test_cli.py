@@ -112,13 +112,14 @@ def test_job_body_sends_only_what_was_given() -> None:
 
 def test_rounds_table_formats_each_round() -> None:
     rounds = [{"round": 1, "status": "closed", "accepted": 5, "rejected": 1, "uplink_bytes": 25_000,
-               "compression_ratio": 40.0, "eval": {"accuracy": 0.875}, "duration_s": 1.25},
+               "downlink_bytes": 3_000_000, "compression_ratio": 40.0, "eval": {"accuracy": 0.875}, "duration_s": 1.25},
               {"round": 2, "status": "open", "accepted": 0, "rejected": 0, "uplink_bytes": 0,
                "compression_ratio": None, "eval": None, "duration_s": None}]
     lines = cli.format_table(*cli.rounds_table(rounds)).splitlines()
-    assert lines[0].split() == ["round", "status", "acc/rej", "uplink", "compression", "accuracy", "time"]
-    assert lines[2].split() == ["1", "closed", "5/1", "25", "KB", "40.0x", "87.5%", "1.2s"]
-    assert lines[3].split() == ["2", "open", "0/0", "0", "B", "-", "-", "0.0s"]
+    assert lines[0].split() == ["round", "status", "acc/rej", "uplink", "downlink", "compression", "accuracy",
+                                "time"]
+    assert lines[2].split() == ["1", "closed", "5/1", "25", "KB", "3", "MB", "40.0x", "87.5%", "1.2s"]
+    assert lines[3].split() == ["2", "open", "0/0", "0", "B", "0", "B", "-", "-", "0.0s"]
 
 
 # ------------------------------------------------------------------------------------- user errors
