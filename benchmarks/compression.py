@@ -70,6 +70,7 @@ class Setup:
     per_round: int
     rounds: int
     train_cfg: dict
+    bn_momentum: float | None = None
 
 
 def digits_setup(alpha: float | str, rounds: int) -> Setup:
@@ -79,7 +80,7 @@ def digits_setup(alpha: float | str, rounds: int) -> Setup:
                  train, test, shards, 10, rounds, {"epochs": 2, "batch_size": 16, "lr": 0.05})
 
 
-def synthetic_setup(rounds: int, clients: int = 100, per_client: int = 24, size: int = 32) -> Setup:
+def synthetic_setup(rounds: int, clients: int = 100, per_client: int = 48, size: int = 32) -> Setup:
     """Generated images: class = oriented stripe pattern + colour cast, plus noise (nothing downloaded)."""
     g = torch.Generator().manual_seed(0)
     n_cls = 5
@@ -96,16 +97,23 @@ def synthetic_setup(rounds: int, clients: int = 100, per_client: int = 24, size:
         return TensorDataset(x.float(), y)
 
     train, test = make(clients * per_client), make(500)
-    shards = dirichlet_partition(train.tensors[1].numpy(), clients, 0.5, seed=0)
+    shards = dirichlet_partition(train.tensors[1].numpy(), clients, "iid", seed=0)
+    # torchvision's MobileNetV3 BatchNorm momentum (0.01) needs hundreds of steps before its running statistics
+    # mean anything; from random init with a few local steps per round, eval would stay at chance for every
+    # codec alike. 0.1 lets this short run compare codecs on a model that actually learns.
     return Setup(f"MobileNetV3-small, {clients} clients / 10 per round, generated {size}px images",
                  "mobilenet_v3_small", 3, train, test, shards, 10, rounds,
-                 {"epochs": 1, "batch_size": 16, "lr": 0.02})
+                 {"epochs": 2, "batch_size": 16, "lr": 0.05}, bn_momentum=0.1)
 
 
 def simulate(setup: Setup, spec: dict, seed: int = 0, progress: str = "") -> dict:
     torch.manual_seed(seed)
     n_classes = int(setup.train.tensors[1].max()) + 1
     model = build_model(setup.arch, n_classes, setup.in_channels)
+    if setup.bn_momentum is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.momentum = setup.bn_momentum
     template = params.state_to_arrays(model)
     sizes = layout_sizes(template)
     global_vec = flatten(template)
@@ -150,7 +158,7 @@ def simulate(setup: Setup, spec: dict, seed: int = 0, progress: str = "") -> dic
     reach = next((i + 1 for i, a in enumerate(accs) if a >= 0.9), None)
     mean_bytes = float(np.mean(bytes_sent))
     return {"setup": setup.name, "codec": spec, "bytes_per_update": mean_bytes,
-            "dense_fp32_bytes": dense_bytes, "ratio_vs_dense_fp32": dense_bytes / mean_bytes,
+            "uncompressed_fp32_bytes": dense_bytes,
             "final_accuracy": accs[-1], "accuracy_per_round": accs, "rounds_to_90": reach,
             "encode_ms": 1e3 * float(np.mean(enc_t)), "decode_ms": 1e3 * float(np.mean(dec_t)),
             "train_ms": 1e3 * float(np.mean(train_t)),
@@ -158,7 +166,7 @@ def simulate(setup: Setup, spec: dict, seed: int = 0, progress: str = "") -> dic
 
 
 def table(results: list[dict]) -> list[str]:
-    lines = ["| setup | codec | bytes/update | ratio vs dense fp32 | final acc | Δ vs dense (pt) | rounds to 90% "
+    lines = ["| setup | codec | bytes/update | ratio vs dense fp32 (measured) | final acc | Δ vs dense (pt) | rounds to 90% "
              "| encode ms | decode ms | encode / training |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- "
              "| --- |"]
     dense_acc = {r["setup"]: r["final_accuracy"] for r in results if r["codec"] == DENSE}
@@ -170,9 +178,17 @@ def table(results: list[dict]) -> list[str]:
     return lines
 
 
+def add_ratios(results: list[dict]) -> None:
+    """Ratios against the dense fp32 row of the same setup, as measured on the wire in this run."""
+    dense = {r["setup"]: r["bytes_per_update"] for r in results if r["codec"] == DENSE}
+    for r in results:
+        r["ratio_vs_dense_fp32"] = dense[r["setup"]] / r["bytes_per_update"]
+
+
 def best(results: list[dict]) -> str:
     dense_acc = {r["setup"]: r["final_accuracy"] for r in results if r["codec"] == DENSE}
-    ok = [r for r in results if r["ratio_vs_dense_fp32"] >= 100
+    # a setup whose dense baseline did not learn says nothing about codecs
+    ok = [r for r in results if r["ratio_vs_dense_fp32"] >= 100 and dense_acc.get(r["setup"], 0.0) >= 0.6
           and r["final_accuracy"] >= dense_acc.get(r["setup"], 1.0) - 0.01]
     if not ok:
         return "No configuration reached >= 100x with accuracy within 1 point of dense in this run."
@@ -185,13 +201,14 @@ def best(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20, help="digits rounds")
-    parser.add_argument("--large-rounds", type=int, default=8, help="MobileNetV3 rounds (0 skips that run)")
+    parser.add_argument("--large-rounds", type=int, default=20, help="MobileNetV3 rounds (0 skips that run)")
     parser.add_argument("--quick", action="store_true", help="three rows, fewer rounds")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rounds = 5 if args.quick else args.rounds
     setups = [digits_setup(0.5, rounds), digits_setup("iid", rounds)]
-    large_rows = {"dense fp32", "top-k 1.0% int8 +EF", "top-k 0.1% fp16 +EF", "top-k 1.0% fp16 +EF"}
+    large_rows = {"dense fp32", "top-k 1.0% int8 +EF", "top-k 0.1% fp16 +EF", "top-k 1.0% fp16 no EF",
+                  "top-k 0.5% int8 +EF"}
     results = []
     for setup in setups:
         for label, spec in rows(args.quick):
@@ -201,6 +218,7 @@ def main() -> None:
         for label, spec in rows(False):
             if label in large_rows:
                 results.append({"label": label, **simulate(large, spec, progress=f"{label} | MobileNetV3")})
+    add_ratios(results)
     out = ROOT / "benchmarks" / "results" / "compression.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
