@@ -24,10 +24,9 @@ buffer = SampleBuffer(capacity=512, image_size=8, channels=1,                   
                       normalization={"mean": [0.5], "std": [0.5]}, input_scale=16)
 client = EdgeClient(sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8080",
                     dataset=buffer, cache_dir="~/.cache/fedsight/camera-app")
+client.start()                                   # online now; selected once the buffer holds frames
 try:
-    for n, (frame, label) in enumerate(camera_frames(), 1):   # frames never leave the device
-        buffer.add(frame, label)
-        if n == 64:
-            client.start()                       # online once there is data; trains in the background
+    for frame, label in camera_frames():         # frames never leave the device
+        buffer.add(frame, label)                 # training runs in the background when selected
 finally:
     client.stop()                                # announce offline, disconnect
