@@ -140,7 +140,7 @@ def test_register_clients_token_only_hashed(http, app):
     assert store.get_client(cid, with_secret=True)["token_sha256"] == hash_token(token)
     listed = http.get("/api/v1/clients").json["clients"]
     assert listed == [{"id": cid, "name": "cam", "created_at": listed[0]["created_at"], "last_seen": None,
-                       "online": False}]
+                       "online": False, "ready": False}]
     assert token not in http.get("/api/v1/clients").get_data(as_text=True)
     resp = http.post("/api/v1/clients", json={"client_id": "cam-2"})
     assert resp.status_code == 201 and resp.json["client_id"] == "cam-2"

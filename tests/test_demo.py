@@ -37,7 +37,7 @@ def _demo(out: Path, *extra: str) -> list[str]:
 
 def test_small_demo_trains_exports_and_charts(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    result = subprocess.run(_demo(out), capture_output=True, text=True, timeout=300, env=child_env(), cwd=ROOT)
+    result = subprocess.run(_demo(out, "--codec", "topk:0.03:int8"), capture_output=True, text=True, timeout=300, env=child_env(), cwd=ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ok"] is True
