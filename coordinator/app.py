@@ -11,7 +11,7 @@ import json
 import logging
 import secrets
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -158,21 +158,20 @@ def get_job(job_id: str) -> Any:
 
 @api.post("/jobs/<job_id>/start")
 def start_job(job_id: str) -> Any:
-    _job(job_id)
-    _body(set(), required=False)
-    try:
-        _svc().engine.start_job(job_id)
-    except JobStateError as exc:
-        raise ApiError(409, str(exc)) from None
-    return jsonify(_job_view(_job(job_id)))
+    return _transition(job_id, _svc().engine.start_job)
 
 
 @api.post("/jobs/<job_id>/stop")
 def stop_job(job_id: str) -> Any:
+    return _transition(job_id, _svc().engine.stop_job)
+
+
+def _transition(job_id: str, action: Callable[[str], Any]) -> Any:
+    """Start or stop: 404 for an unknown job, 409 when its state does not allow it."""
     _job(job_id)
     _body(set(), required=False)
     try:
-        _svc().engine.stop_job(job_id)
+        action(job_id)
     except JobStateError as exc:
         raise ApiError(409, str(exc)) from None
     return jsonify(_job_view(_job(job_id)))

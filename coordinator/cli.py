@@ -290,7 +290,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in DemoConfig.__dataclass_fields__})
     _sigterm_as_interrupt()  # children are cleaned up by run_demo's finally on SIGTERM too
-    summary = run_demo(cfg)
+    summary = run_demo(cfg, say=lambda line: print(line, flush=True),
+                       complain=lambda line: print(line, file=sys.stderr, flush=True))
     return 0 if summary["ok"] else 1
 
 

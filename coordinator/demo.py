@@ -228,8 +228,11 @@ def _job_body(cfg: DemoConfig) -> dict[str, Any]:
             "train": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr}}
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Run the whole demo; returns the summary (also written to ``<out>/summary.json``)."""
+def run_demo(cfg: DemoConfig, say: Callable[[str], None] = log.info,
+             complain: Callable[[str], None] = log.error) -> dict[str, Any]:
+    """Run the whole demo; returns the summary (also written to ``<out>/summary.json``).
+
+    ``say`` / ``complain`` receive the lines meant for a person (the CLI prints them to stdout / stderr)."""
     import torch
 
     from converters.spec_text import codec_label
@@ -262,9 +265,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         job = rest("POST", "/jobs", json=_job_body(cfg)).json()
         job_id = job["id"]
         numel = int(flatten(load_model(handle.services.models.get(job["current_version"]))[0]).size)
-        print(f"coordinator {handle.url}, MQTT {handle.broker_url}; job {job_id}: small_cnn on digits, "
+        say(f"coordinator {handle.url}, MQTT {handle.broker_url}; job {job_id}: small_cnn on digits, "
               f"{cfg.clients} devices (Dirichlet alpha={cfg.alpha}), {cfg.rounds} rounds, codec "
-              f"{codec_label(job['config']['codec'])}; logs in {logs}", flush=True)
+              f"{codec_label(job['config']['codec'])}; logs in {logs}")
         procs = _start_devices(cfg, handle.url, job_id, logs, caches)
         deadline = started + cfg.timeout
         while sum(c["online"] for c in rest("GET", "/clients").json()["clients"]) < cfg.clients:
@@ -272,7 +275,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             if time.monotonic() > deadline:
                 raise DemoError(f"devices did not come online; see {logs / 'device-0.log'}")
             time.sleep(0.3)
-        print(f"{cfg.clients} devices online after {time.monotonic() - started:.1f}s", flush=True)
+        say(f"{cfg.clients} devices online after {time.monotonic() - started:.1f}s")
         rest("POST", f"/jobs/{job_id}/start")
         job, rounds = _follow(cfg, rest, job_id, numel, procs, logs, deadline)
         if job["status"] != "finished":
@@ -302,19 +305,19 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             "train_wall_time_s": round(train_s, 2), "wall_time_s": round(time.monotonic() - started, 2),
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"final accuracy on {scores['test_samples']} held-out digits: PyTorch {scores['pytorch_accuracy']:.2%}"
+        say(f"final accuracy on {scores['test_samples']} held-out digits: PyTorch {scores['pytorch_accuracy']:.2%}"
               f", ONNX (onnxruntime) {scores['onnx_accuracy']:.2%} (agreement {scores['prediction_agreement']:.2%}, "
               f"max |logit diff| {report.get('max_abs_diff', float('nan')):.1e})")
-        print(f"uplink: {human_bytes(sent)} sent vs {human_bytes(dense)} as dense fp32 "
+        say(f"uplink: {human_bytes(sent)} sent vs {human_bytes(dense)} as dense fp32 "
               f"({summary['uplink_reduction'] or 0:.1f}x less); wall time {summary['wall_time_s']:.1f}s")
-        print(f"wrote {chart}, {out / 'summary.json'}, {onnx_path}")
+        say(f"wrote {chart}, {out / 'summary.json'}, {onnx_path}")
         return summary
     except BaseException as exc:  # every way out leaves a summary that says why
         error = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
         failure = {"ok": False, "error": error, "wall_time_s": round(time.monotonic() - started, 2)}
         (out / "summary.json").write_text(json.dumps(failure, indent=2) + "\n")
         if isinstance(exc, (DemoError, CliError)):
-            print(f"demo failed: {exc}", file=sys.stderr)
+            complain(f"demo failed: {exc}")
             return failure
         raise
     finally:
