@@ -141,7 +141,8 @@ def check_round(header: UpdateHeader, nbytes: int, rnd: RoundView | None) -> Non
 
 
 def decode_payload(header: UpdateHeader, payload: bytes, rnd: RoundView) -> codecs.Decoded:
-    """Codec-decode (bounded by numel, hostile-input safe) and insist on finite values."""
+    """Codec-decode (bounded by numel, hostile-input safe). ``codecs.decode`` refuses NaN/Inf itself, so no
+    second pass over the values is spent here on the per-update hot path."""
     try:
         decoded = codecs.decode(rnd.codec, payload, rnd.numel, rnd.layout_sizes)
     except ProtocolError as exc:
@@ -151,7 +152,4 @@ def decode_payload(header: UpdateHeader, payload: bytes, rnd: RoundView) -> code
     expected = rnd.numel if decoded.indices is None else np.asarray(decoded.indices).size
     if values.ndim != 1 or values.size != expected:
         raise Rejected(BAD_PAYLOAD, f"decoded {values.size} values, expected {expected}")
-    if not np.isfinite(values).all():
-        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
-        raise Rejected(NON_FINITE, f"{bad} NaN/Inf value(s)")
     return decoded
