@@ -282,14 +282,19 @@ def output_paths(out_dir: Path, version: str) -> tuple[Path, Path]:
     return out_dir / f"{version}.onnx", out_dir / f"{version}.onnx.json"
 
 
-def _cached(onnx_path: Path, report_path: Path, opset: int) -> dict[str, Any] | None:
+def read_report(onnx_path: Path, report_path: Path) -> dict[str, Any] | None:
+    """The JSON report of an export whose two files both exist, or None (missing or unreadable)."""
     if not (onnx_path.is_file() and report_path.is_file()):
         return None
     try:
-        report = json.loads(report_path.read_text())
+        return json.loads(report_path.read_text())
     except (OSError, ValueError):
         return None
-    if report.get("requested_opset") != opset or report.get("onnx_sha256") != _sha256(onnx_path.read_bytes()):
+
+
+def _cached(onnx_path: Path, report_path: Path, opset: int) -> dict[str, Any] | None:
+    report = read_report(onnx_path, report_path)
+    if report is None or report.get("requested_opset") != opset or report.get("onnx_sha256") != _sha256(onnx_path.read_bytes()):
         return None
     return report
 

@@ -1,16 +1,17 @@
 """ONNX exports of global versions, cached on disk next to the model store.
 
-The converter (``converters.onnx_export``) pulls in torch and onnx, so it is imported only when an export
-is actually requested; a coordinator that never exports never pays for it. One lock per version keeps two
+The converter module imports torch and onnx only inside its export functions, so naming files and reading
+reports from it costs nothing; a coordinator that never exports never loads them. One lock per version keeps two
 simultaneous requests from exporting the same file twice.
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from pathlib import Path
 from typing import Any
+
+from converters.onnx_export import output_paths, read_report
 
 from .model_store import ModelStore
 
@@ -32,20 +33,14 @@ class OnnxExports:
         return self.root / job_id
 
     def _paths(self, job_id: str, version: str) -> tuple[Path, Path]:
-        # Same names as converters.onnx_export.output_paths, without importing the converter.
-        d = self.out_dir(job_id)
-        return d / f"{version}.onnx", d / f"{version}.onnx.json"
+        return output_paths(self.out_dir(job_id), version)
 
     def find(self, job_id: str, version: str) -> dict[str, Any] | None:
         """The report of an existing export, or None."""
         onnx_path, report_path = self._paths(job_id, version)
-        if not (onnx_path.is_file() and report_path.is_file()):
-            return None
-        try:
-            report = json.loads(report_path.read_text())
-        except (OSError, ValueError):
-            return None
-        report.setdefault("path", str(onnx_path))
+        report = read_report(onnx_path, report_path)
+        if report is not None:
+            report.setdefault("path", str(onnx_path))
         return report
 
     def export(self, job: dict[str, Any], version: str) -> dict[str, Any]:

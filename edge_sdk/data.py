@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
+from .frames import frame_to_chw
+
 log = logging.getLogger(__name__)
 
 # digits pixels are mapped to [0, 1] then normalised per channel; lists are per channel and a
@@ -252,13 +254,7 @@ class SampleBuffer(Dataset):
                 raise ValueError(f"tensor frames must be CHW, got shape {tuple(image.shape)}")
             x = image.detach().to("cpu", torch.float32)
         else:
-            arr = np.asarray(image)
-            if arr.ndim == 2:
-                arr = arr[:, :, None]
-            if arr.ndim != 3:
-                raise ValueError(f"numpy frames must be HxW or HxWxC, got shape {arr.shape}")
-            scale = self.input_scale if np.issubdtype(arr.dtype, np.integer) else 1.0
-            x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32)) / scale
+            x = torch.from_numpy(frame_to_chw(image, self.input_scale))
         if self.channels is not None:
             x = adapt_channels(x, self.channels)
         if self.image_size is not None:

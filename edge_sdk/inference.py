@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from .frames import frame_to_chw
+
 log = logging.getLogger(__name__)
 
 META_PREFIX = "fedsight."
@@ -236,13 +238,7 @@ class OnnxClassifier:
 
             img = Image.open(image) if isinstance(image, (str, Path)) else image
             image = np.asarray(img.convert("L" if pre.channels == 1 else "RGB"))
-        arr = np.asarray(image)
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        if arr.ndim != 3:
-            raise ValueError(f"images must be HxW or HxWxC, got shape {arr.shape}")
-        scale = pre.scale if np.issubdtype(arr.dtype, np.integer) else 1.0
-        x = np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32) / np.float32(scale)
+        x = frame_to_chw(image, pre.scale)
         x = _adapt_channels(x, pre.channels)
         if pre.size is not None:
             x = resize_chw(x, pre.size)
