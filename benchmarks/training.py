@@ -35,14 +35,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
+from benchmarks.report import write_section  # noqa: E402
 from edge_sdk.data import load_digits_split  # noqa: E402
 from edge_sdk.models import build_model  # noqa: E402
 from edge_sdk.trainer import LocalTrainer  # noqa: E402
 
 log = logging.getLogger("benchmarks.training")
 RESULTS = ROOT / "benchmarks" / "results" / "training.json"
-MARKDOWN = ROOT / "BENCHMARKS.md"
-START, END = "<!-- training:start -->", "<!-- training:end -->"
 
 
 @dataclass
@@ -167,26 +166,18 @@ def environment(device: str) -> dict:
 
 
 def write_markdown(results: dict) -> None:
-    lines = [START, "## Training throughput: LocalTrainer vs plain PyTorch loop", "",
-             "Best of alternating runs (images/s), warmup excluded; ratio = SDK / plain (target >= 0.95).",
+    lines = ["Best of alternating runs (images/s), warmup excluded; ratio = SDK / plain (target >= 0.95).",
              "Medians and every run are in `benchmarks/results/training.json`.", ""]
     for dev_type, block in results.items():
         lines += [f"**{dev_type}** — {json.dumps(block['environment'])}", "",
-                  f"Command: `{block['command']}`", "",
                   "| case | batch | steps | precision | SDK img/s | plain img/s | ratio |",
                   "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
         for r in block["cases"]:
             lines.append(f"| {r['case']} | {r['batch_size']} | {r['steps']} | {r['precision']} | "
                          f"{r['sdk_images_per_s']:.1f} | {r['plain_images_per_s']:.1f} | {r['ratio']:.3f} |")
         lines.append("")
-    section = "\n".join(lines).rstrip() + "\n" + END
-    text = MARKDOWN.read_text() if MARKDOWN.exists() else "# FedSight benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    MARKDOWN.write_text(text)
+    commands = " ; ".join(dict.fromkeys(block["command"] for block in results.values()))
+    write_section("training", "Training throughput: LocalTrainer vs plain PyTorch loop", commands, lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results)
-    log.info("wrote %s and %s", RESULTS.relative_to(ROOT), MARKDOWN.relative_to(ROOT))
+    log.info("wrote %s and BENCHMARKS.md", RESULTS.relative_to(ROOT))
     return 0
 
 
