@@ -30,7 +30,7 @@ setup(
     extras_require={
         # A device that only runs inference needs numpy + onnxruntime (+ pillow for image files).
         "inference": ["numpy>=1.26", "onnxruntime>=1.18", "pillow>=10"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "onnxscript>=0.1"],
     },
-    entry_points={"console_scripts": ["fedsight=coordinator.cli:main"]},
+    entry_points={"console_scripts": ["fedsight=coordinator.cli.main:main"]},
 )

@@ -27,8 +27,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from coordinator.strategy import FedAvg  # noqa: E402
-from coordinator.validation import decode_payload, parse_message  # noqa: E402
+from coordinator.rounds.strategy import FedAvg  # noqa: E402
+from coordinator.rounds.validation import decode_payload, parse_message  # noqa: E402
 from edge_sdk.protocol import codecs  # noqa: E402
 from edge_sdk.protocol.wire import UpdateHeader, encode_update  # noqa: E402
 

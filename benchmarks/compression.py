@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import write_section  # noqa: E402
-from coordinator.strategy import FedAvg  # noqa: E402
+from coordinator.rounds.strategy import FedAvg  # noqa: E402
 from edge_sdk import params  # noqa: E402
 from edge_sdk.data import dirichlet_partition, load_digits_split  # noqa: E402
 from edge_sdk.error_feedback import ResidualStore  # noqa: E402

@@ -1,7 +1,7 @@
 """FedSight coordinator: REST API, MQTT bridge, round engine and state for federated fine-tuning.
 
 Entry points: :func:`coordinator.server.serve` (blocking, as the CLI runs it), :func:`coordinator.server.start`
-(in-process, returns a handle with ``.stop()``), and :func:`coordinator.app.create_app` (the Flask app).
+(in-process, returns a handle with ``.stop()``), and :func:`coordinator.api.app.create_app` (the Flask app).
 Imports are lazy so that ``import coordinator`` stays cheap.
 """
 from __future__ import annotations
@@ -10,12 +10,12 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "create_app": "coordinator.app",
+    "create_app": "coordinator.api.app",
     "serve": "coordinator.server",
     "start": "coordinator.server",
     "CoordinatorHandle": "coordinator.server",
-    "RoundEngine": "coordinator.engine",
-    "EmbeddedBroker": "coordinator.broker",
+    "RoundEngine": "coordinator.rounds.engine",
+    "EmbeddedBroker": "coordinator.mqtt.broker",
 }
 
 __all__ = sorted(_EXPORTS)

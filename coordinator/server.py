@@ -18,11 +18,11 @@ from waitress.server import create_server
 
 from edge_sdk.transport import BrokerAddress
 
-from .app import create_app
-from .bridge import MqttBridge
-from .broker import EmbeddedBroker
-from .engine import EngineConfig
-from .services import Services, build_services
+from coordinator.api.app import create_app
+from coordinator.mqtt.bridge import MqttBridge
+from coordinator.mqtt.broker import EmbeddedBroker
+from coordinator.rounds.engine import EngineConfig
+from coordinator.services import Services, build_services
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .engine import EngineConfig, Publisher, RoundEngine
-from .evaluation import Evaluator
-from .exports import OnnxExports
-from .model_store import ModelStore
-from .presence import Presence
-from .store import Store
+from coordinator.rounds.engine import EngineConfig, Publisher, RoundEngine
+from coordinator.rounds.evaluation import Evaluator
+from coordinator.storage.exports import OnnxExports
+from coordinator.storage.model_store import ModelStore
+from coordinator.mqtt.presence import Presence
+from coordinator.storage.store import Store
 
 
 @dataclass

@@ -6,8 +6,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from coordinator.app import create_app
-from coordinator.validation import hash_token
+from coordinator.api.app import create_app
+from coordinator.rounds.validation import hash_token
 from edge_sdk.protocol.modelfile import flatten, load_model
 
 JOB_BODY = {"name": "digits", "model": {"arch": "small_cnn", "num_classes": 10, "in_channels": 1, "image_size": 8},
@@ -187,7 +187,7 @@ def test_model_download_auth_etag_range_304_and_downlink(http, app, job, client_
 
 
 def test_onnx_export_failure_is_a_readable_500(http, app, job, monkeypatch):
-    from coordinator import exports as ex
+    from coordinator.storage import exports as ex
 
     def boom(self, job, version):
         raise ex.ExportFailed("ONNX export failed: ExportError: no onnx today")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from coordinator.chart import DENSE_COLOR, ONNX_COLOR, human_bytes, plot_rounds
+from coordinator.cli.chart import DENSE_COLOR, ONNX_COLOR, human_bytes, plot_rounds
 
 
 def _rounds(n: int = 6, dense: bool = True) -> list[dict]:

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from converters import spec_text
-from coordinator import cli
+from coordinator.cli import main as cli
 from tests.support.processes import ROOT, child_env, free_port
 
 
@@ -209,7 +209,7 @@ def digits_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
 
 def test_infer_classifies_images_without_importing_torch(digits_model: tuple[Path, Path, list[int]]) -> None:
     model, images, labels = digits_model
-    code = ("import json, sys; from coordinator.cli import main; rc = main(sys.argv[1:]); "
+    code = ("import json, sys; from coordinator.cli.main import main; rc = main(sys.argv[1:]); "
             "assert 'torch' not in sys.modules, 'infer imported torch'; sys.exit(rc)")
     result = subprocess.run([sys.executable, "-c", code, "infer", str(model), str(images), "--json", "--top", "2"],
                             capture_output=True, text=True, timeout=120, env=child_env(), cwd=ROOT)

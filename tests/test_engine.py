@@ -10,10 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from coordinator.engine import EngineConfig, MemoryPublisher, RoundEngine
-from coordinator.jobspec import initial_model, normalize_job
+from coordinator.rounds.engine import EngineConfig, MemoryPublisher, RoundEngine
+from coordinator.rounds.jobspec import initial_model, normalize_job
 from coordinator.services import build_services
-from coordinator.validation import hash_token
+from coordinator.rounds.validation import hash_token
 from edge_sdk.protocol import codecs, topics
 from edge_sdk.protocol.modelfile import dump_model, flatten, layout_sizes, load_model
 from edge_sdk.protocol.wire import UpdateHeader, encode_update

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from coordinator.model_store import ModelStore, ModelStoreError, is_version
+from coordinator.storage.model_store import ModelStore, ModelStoreError, is_version
 
 
 def test_put_get_addressed_by_sha256(tmp_path):

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from coordinator.store import Store
-from coordinator.validation import hash_token
+from coordinator.storage.store import Store
+from coordinator.rounds.validation import hash_token
 
 V0, V1 = "a" * 64, "b" * 64
 

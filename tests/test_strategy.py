@@ -8,7 +8,7 @@ import weakref
 import numpy as np
 import pytest
 
-from coordinator.strategy import FedAdam, FedAvg, FedProx, FedYogi, STRATEGIES, make_strategy, round_seed
+from coordinator.rounds.strategy import FedAdam, FedAvg, FedProx, FedYogi, STRATEGIES, make_strategy, round_seed
 from edge_sdk.protocol import codecs
 
 RNG = np.random.default_rng(0)

@@ -8,11 +8,11 @@ import time
 import numpy as np
 import pytest
 
-from coordinator import validation as V
-from coordinator.engine import EngineConfig, MemoryPublisher
-from coordinator.jobspec import normalize_job
+from coordinator.rounds import validation as V
+from coordinator.rounds.engine import EngineConfig, MemoryPublisher
+from coordinator.rounds.jobspec import normalize_job
 from coordinator.services import build_services
-from coordinator.validation import hash_token
+from coordinator.rounds.validation import hash_token
 from edge_sdk.protocol import codecs, topics
 from edge_sdk.protocol.modelfile import dump_model, flatten, layout_sizes, load_model
 from edge_sdk.protocol.wire import UpdateHeader, encode_update

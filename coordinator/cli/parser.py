@@ -157,7 +157,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=commands["infer"])
 
-    from coordinator.demo import add_demo_arguments  # the demo owns its defaults
+    from coordinator.cli.demo import add_demo_arguments  # the demo owns its defaults
 
     p = sub.add_parser("demo", parents=[common], formatter_class=_formatter,
                        help="end-to-end federated run on this machine, with a chart",

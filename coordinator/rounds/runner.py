@@ -11,18 +11,18 @@ import math
 import random
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from edge_sdk.protocol.modelfile import dump_model, flatten, layout_sizes, load_model, unflatten
 
-from .jobspec import model_meta
-from .rounds import OpenRound
-from .strategy import Strategy, make_strategy, round_seed
+from coordinator.rounds.context import RunnerContext
+from coordinator.rounds.jobspec import model_meta
+from coordinator.rounds.open_round import OpenRound
+from coordinator.rounds.strategy import Strategy, make_strategy, round_seed
 
-if TYPE_CHECKING:
-    from .engine import RoundEngine
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 class JobRunner:
     """Drives one running job; the engine owns it and routes updates to ``current``."""
 
-    def __init__(self, engine: RoundEngine, job_id: str) -> None:
-        self.engine = engine
+    def __init__(self, ctx: RunnerContext, job_id: str, on_done: Callable[[JobRunner], None]) -> None:
+        self.ctx = ctx
+        self._on_done = on_done
         self.job_id = job_id
         self.stop_event = threading.Event()
         self.interrupted = False  # stopped by coordinator shutdown: the job stays 'running' and resumes
@@ -59,7 +60,7 @@ class JobRunner:
     # ------------------------------------------------------------------------------------------ the loop
 
     def _main(self) -> None:
-        store = self.engine.store
+        store = self.ctx.store
         try:
             job = self._job()
             cfg = job["config"]
@@ -74,7 +75,7 @@ class JobRunner:
                 if self.stop_event.is_set():
                     break
                 failures += 1
-                limit = self.engine.config.max_attempts
+                limit = self.ctx.config.max_attempts
                 if limit and failures >= limit:
                     msg = f"round {job['current_round'] + 1} failed {failures} attempts in a row"
                     log.error("job %s: %s; giving up", self.job_id, msg)
@@ -95,10 +96,10 @@ class JobRunner:
                 log.exception("could not record failure of job %s", self.job_id)
         finally:
             self.current = None
-            self.engine._runner_done(self)
+            self._on_done(self)
 
     def _job(self) -> dict[str, Any]:
-        job = self.engine.store.get_job(self.job_id)
+        job = self.ctx.store.get_job(self.job_id)
         if job is None:
             raise RuntimeError(f"job {self.job_id} vanished from the store")
         return job
@@ -106,11 +107,11 @@ class JobRunner:
     def _await_clients(self, cfg: dict[str, Any], round_: int) -> list[str] | None:
         """Eligible clients once K are online, or >= min_clients have been for the grace period."""
         k, need = cfg["clients_per_round"], cfg["min_clients"]
-        grace = self.engine.config.selection_grace_s
+        grace = self.ctx.config.selection_grace_s
         since: float | None = None
         last_log = 0.0
         while not self.stop_event.is_set():
-            eligible = self.engine.eligible_clients(self.job_id)
+            eligible = self.ctx.eligible_clients(self.job_id)
             now = time.monotonic()
             if len(eligible) >= k:
                 return eligible
@@ -120,16 +121,16 @@ class JobRunner:
                     return eligible
             else:
                 since = None
-            if now - last_log >= self.engine.config.wait_log_s:
+            if now - last_log >= self.ctx.config.wait_log_s:
                 log.info("job %s round %d: waiting for clients (%d online, need %d, want %d)", self.job_id,
                          round_, len(eligible), need, k)
                 last_log = now
-            self.engine.presence.wait_change(self.engine.config.poll_s)
+            self.ctx.presence.wait_change(self.ctx.config.poll_s)
         return None
 
     def _run_round(self, job: dict[str, Any], round_: int, strategy: Strategy) -> bool:
         """One attempt at ``round_``; True if it produced a new global version."""
-        eng, cfg = self.engine, job["config"]
+        eng, cfg = self.ctx, job["config"]
         clients = self._await_clients(cfg, round_)
         if clients is None:
             return False
@@ -161,7 +162,7 @@ class JobRunner:
         return self._close(job, rnd, arrays, strategy)
 
     def _close(self, job: dict[str, Any], rnd: OpenRound, template: dict[str, Any], strategy: Strategy) -> bool:
-        eng, cfg = self.engine, job["config"]
+        eng, cfg = self.ctx, job["config"]
         now = time.time()
         common = {"participants": sorted(rnd.accepted_clients), "accepted": rnd.accepted,
                   "rejected": rnd.rejected, "uplink_bytes": rnd.uplink_bytes,
@@ -210,10 +211,10 @@ class JobRunner:
         return True
 
     def _evaluate(self, data: bytes, cfg: dict[str, Any]) -> dict[str, Any] | None:
-        if not cfg.get("eval") or self.engine.evaluator is None:
+        if not cfg.get("eval") or self.ctx.evaluator is None:
             return None
         try:
-            return _finite(self.engine.evaluator.evaluate(data, cfg))
+            return _finite(self.ctx.evaluator.evaluate(data, cfg))
         except Exception as exc:  # noqa: BLE001 - evaluation is advisory; a failure must not lose the round
             log.exception("job %s: evaluation failed", self.job_id)
             return {"error": f"{type(exc).__name__}: {exc}"}
@@ -222,14 +223,14 @@ class JobRunner:
         """Accuracy of version 0, so charts start from the untrained model."""
         if job["current_round"] != 0 or not job["config"].get("eval"):
             return
-        if any(m["round"] == 0 and m["source"] == "eval" for m in self.engine.store.list_metrics(self.job_id)):
+        if any(m["round"] == 0 and m["source"] == "eval" for m in self.ctx.store.list_metrics(self.job_id)):
             return
-        result = self._evaluate(self.engine.models.get(job["current_version"]), job["config"])
+        result = self._evaluate(self.ctx.models.get(job["current_version"]), job["config"])
         if result and "error" not in result:
-            self.engine.store.add_metrics(self.job_id, 0, _numbers(result), "eval")
+            self.ctx.store.add_metrics(self.job_id, 0, _numbers(result), "eval")
 
     def _finish(self, job: dict[str, Any]) -> None:
-        eng = self.engine
+        eng = self.ctx
         eng.store.update_job(self.job_id, status="finished")
         eng.send_event(self.job_id, {"type": "job_finished", "job_id": self.job_id, "round": job["current_round"],
                                      "version": job["current_version"],

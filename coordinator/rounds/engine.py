@@ -15,15 +15,15 @@ from typing import Any, Protocol
 from edge_sdk.protocol import topics
 from edge_sdk.protocol.wire import UpdateHeader
 
-from . import validation
-from .exports import OnnxExports
-from .jobspec import HARD_MAX_UPDATE_BYTES
-from .model_store import ModelStore
-from .presence import Presence
-from .rounds import OpenRound
-from .runner import JobRunner
-from .store import Store
-from .validation import Rejected
+from coordinator.rounds import validation
+from coordinator.storage.exports import OnnxExports
+from coordinator.rounds.context import EngineConfig, RunnerContext
+from coordinator.storage.model_store import ModelStore
+from coordinator.mqtt.presence import Presence
+from coordinator.rounds.open_round import OpenRound
+from coordinator.rounds.runner import JobRunner
+from coordinator.storage.store import Store
+from coordinator.rounds.validation import Rejected
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +58,6 @@ class MemoryPublisher:
 
 class JobStateError(RuntimeError):
     """A start/stop that the job's current status does not allow."""
-
-
-@dataclass
-class EngineConfig:
-    public_url: str = "http://127.0.0.1:8080"  # base URL devices use for model downloads
-    max_message_bytes: int = HARD_MAX_UPDATE_BYTES  # hard cap checked before any parsing
-    max_attempts: int = 5  # consecutive failed attempts of one round before the job fails (0 = never)
-    selection_grace_s: float = 5.0  # with >= min_clients but < K online, wait this long for more
-    wait_log_s: float = 30.0
-    poll_s: float = 0.25
-    export_onnx: bool = True
 
 
 @dataclass(frozen=True)
@@ -112,7 +101,7 @@ class RoundEngine:
                 raise JobStateError(f"job {job_id} is already running")
             self.store.abort_open_rounds(job_id, reason="superseded by a restart of the job")
             self.store.update_job(job_id, status="running", error=None)
-            runner = JobRunner(self, job_id)
+            runner = JobRunner(self._context(), job_id, self._runner_done)
             self._runners[job_id] = runner
             runner.start()
         log.info("job %s started at round %d", job_id, job["current_round"] + 1)
@@ -155,6 +144,12 @@ class RoundEngine:
             r.stop(interrupted=True)
         for r in runners:
             r.join(timeout)
+
+    def _context(self) -> RunnerContext:
+        return RunnerContext(store=self.store, models=self.models, config=self.config, presence=self.presence,
+                             evaluator=self.evaluator, exports=self.exports, send_task=self.send_task,
+                             send_event=self.send_event, eligible_clients=self.eligible_clients,
+                             model_url=self.model_url)
 
     def _runner_done(self, runner: JobRunner) -> None:
         with self._lock:

@@ -13,7 +13,7 @@ from typing import Any
 
 from converters.onnx_export import output_paths, read_report
 
-from .model_store import ModelStore
+from coordinator.storage.model_store import ModelStore
 
 log = logging.getLogger(__name__)
 

@@ -60,7 +60,7 @@ class Rejected(Exception):
 
 
 class RoundView(Protocol):
-    """What a round exposes to validation (implemented by ``coordinator.rounds.OpenRound``)."""
+    """What a round exposes to validation (implemented by ``coordinator.rounds.open_round.OpenRound``)."""
 
     job_id: str
     round: int

@@ -12,7 +12,7 @@ from edge_sdk.protocol import codecs
 from edge_sdk.protocol.errors import ProtocolError
 from edge_sdk.protocol.modelfile import dump_model
 
-from .strategy import make_strategy
+from coordinator.rounds.strategy import make_strategy
 
 DEFAULT_MAX_UPDATE_BYTES = 64 << 20
 HARD_MAX_UPDATE_BYTES = 256 << 20

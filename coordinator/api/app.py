@@ -22,12 +22,12 @@ from werkzeug.exceptions import HTTPException
 from edge_sdk.protocol import topics
 from edge_sdk.protocol.patch import make_patch
 
-from .engine import JobStateError
-from .exports import ExportFailed
-from .jobspec import JobSpecError, initial_model, normalize_job
-from .model_store import ModelStore, is_version
-from .services import Services, build_services
-from .validation import hash_token
+from coordinator.rounds.engine import JobStateError
+from coordinator.storage.exports import ExportFailed
+from coordinator.rounds.jobspec import JobSpecError, initial_model, normalize_job
+from coordinator.storage.model_store import ModelStore, is_version
+from coordinator.services import Services, build_services
+from coordinator.rounds.validation import hash_token
 
 log = logging.getLogger(__name__)
 

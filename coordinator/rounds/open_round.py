@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .strategy import Accumulator, DecodedLike
+from coordinator.rounds.strategy import Accumulator, DecodedLike
 
 
 @dataclass

@@ -17,44 +17,12 @@ from typing import Any, NoReturn
 
 from converters import spec_text
 
-from . import cli_parser
+from coordinator.cli import parser
+from coordinator.cli.rest_client import Api, CliError
 
 EXIT_USER_ERROR = 2
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 log = logging.getLogger("fedsight")
-
-
-class CliError(Exception):
-    """A mistake the user can fix: shown as one line and a hint, never as a traceback."""
-
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint
-
-
-class Api:
-    """Tiny REST client that turns every failure into a CliError naming the coordinator."""
-
-    def __init__(self, base_url: str, timeout: float = 30.0) -> None:
-        self.base = base_url.rstrip("/")
-        self.timeout = timeout
-
-    def request(self, method: str, path: str, *, raw: bool = False, **kwargs: Any) -> Any:
-        import requests
-
-        try:
-            resp = requests.request(method, f"{self.base}/api/v1{path}", timeout=self.timeout, **kwargs)
-        except requests.RequestException as exc:
-            raise CliError(f"cannot reach the coordinator at {self.base} ({type(exc).__name__})",
-                           "start one with `fedsight coordinator` or pass --coordinator URL") from None
-        if resp.status_code >= 400:
-            try:
-                reason = resp.json().get("error", resp.text)
-            except ValueError:
-                reason = resp.text.strip()[:200] or resp.reason
-            hint = "`fedsight job list` shows the jobs this coordinator knows" if resp.status_code == 404 else ""
-            raise CliError(f"{method} {path} failed: HTTP {resp.status_code}: {reason}", hint)
-        return resp if raw else resp.json()
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -176,7 +144,7 @@ def cmd_job(args: argparse.Namespace) -> int:
 
 
 def rounds_table(rounds: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    from coordinator.chart import human_bytes
+    from coordinator.cli.chart import human_bytes
 
     rows = []
     for r in rounds:
@@ -198,7 +166,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def export_local(data_dir: Path, job_id: str, version: str | None) -> tuple[bytes, str]:
     """Export from a coordinator's data directory without a running server (same cache as the server)."""
-    from coordinator.exports import ExportFailed
+    from coordinator.storage.exports import ExportFailed
     from coordinator.services import build_services
 
     if not (data_dir / "fedsight.db").is_file():
@@ -286,7 +254,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from coordinator.demo import DemoConfig, run_demo
+    from coordinator.cli.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in DemoConfig.__dataclass_fields__})
     _sigterm_as_interrupt()  # children are cleaned up by run_demo's finally on SIGTERM too
@@ -304,7 +272,7 @@ def _sigterm_as_interrupt() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return cli_parser.build_parser({"coordinator": cmd_coordinator, "client": cmd_client, "job": cmd_job,
+    return parser.build_parser({"coordinator": cmd_coordinator, "client": cmd_client, "job": cmd_job,
                                     "export": cmd_export, "infer": cmd_infer, "demo": cmd_demo})
 
 
@@ -316,7 +284,7 @@ def _user_error(exc: BaseException) -> CliError | None:
         return CliError(str(exc))
     for module, name in [("edge_sdk.protocol.errors", "ProtocolError"), ("converters.onnx_export", "ExportError"),
                          ("edge_sdk.models", "WeightsMismatchError"), ("requests", "RequestException"),
-                         ("edge_sdk.data", "DatasetNotFoundError"), ("coordinator.demo", "DemoError")]:
+                         ("edge_sdk.data", "DatasetNotFoundError"), ("coordinator.cli.demo", "DemoError")]:
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None and isinstance(exc, cls):
             if module == "requests":  # its messages are walls of urllib3 detail

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from edge_sdk.protocol import topics
 from edge_sdk.transport import BrokerAddress, MqttTransport
 
-from .engine import RoundEngine
+from coordinator.rounds.engine import RoundEngine
 
 log = logging.getLogger(__name__)
 

@@ -163,7 +163,7 @@ def _follow(cfg: DemoConfig, rest: Callable[..., Any], job_id: str, numel: int, 
             logs: Path, deadline: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from tqdm import tqdm
 
-    from coordinator.chart import human_bytes
+    from coordinator.cli.chart import human_bytes
 
     bar = tqdm(total=cfg.rounds, unit="round", desc="federated rounds", disable=not cfg.progress, file=sys.stdout,
                dynamic_ncols=True)
@@ -236,8 +236,8 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = log.info,
     import torch
 
     from converters.spec_text import codec_label
-    from coordinator.chart import human_bytes, plot_rounds
-    from coordinator.cli import Api, CliError
+    from coordinator.cli.chart import human_bytes, plot_rounds
+    from coordinator.cli.rest_client import Api, CliError
     from coordinator.server import start
     from edge_sdk.protocol.modelfile import flatten, load_model
 

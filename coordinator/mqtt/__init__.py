@@ -1,0 +1,1 @@
+"""MQTT side of the coordinator: the embedded broker, the bridge to the round engine, device presence."""

@@ -1,0 +1,48 @@
+"""What a job's round loop needs from the coordinator, as one explicit object.
+
+The :class:`~coordinator.rounds.engine.RoundEngine` builds a :class:`RunnerContext` and hands it to each
+:class:`~coordinator.rounds.runner.JobRunner`; the runner never sees the engine, so the two modules do not
+import each other and a runner can be driven by a test with a hand-made context.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from coordinator.mqtt.presence import Presence
+from coordinator.rounds.jobspec import HARD_MAX_UPDATE_BYTES
+from coordinator.storage.exports import OnnxExports
+from coordinator.storage.model_store import ModelStore
+from coordinator.storage.store import Store
+
+
+@dataclass
+class EngineConfig:
+    public_url: str = "http://127.0.0.1:8080"  # base URL devices use for model downloads
+    max_message_bytes: int = HARD_MAX_UPDATE_BYTES  # hard cap checked before any parsing
+    max_attempts: int = 5  # consecutive failed attempts of one round before the job fails (0 = never)
+    selection_grace_s: float = 5.0  # with >= min_clients but < K online, wait this long for more
+    wait_log_s: float = 30.0
+    poll_s: float = 0.25
+    export_onnx: bool = True
+
+
+class Evaluates(Protocol):
+    def evaluate(self, model_bytes: bytes, cfg: dict[str, Any]) -> dict[str, Any]: ...
+
+
+@dataclass
+class RunnerContext:
+    """Shared services plus the engine's outbound calls, passed to every job runner."""
+
+    store: Store
+    models: ModelStore
+    config: EngineConfig
+    presence: Presence
+    evaluator: Evaluates | None
+    exports: OnnxExports | None
+    send_task: Callable[[str, dict[str, Any]], None]
+    send_event: Callable[[str, dict[str, Any]], None]
+    eligible_clients: Callable[[str], list[str]]
+    model_url: Callable[[str, str], str]

@@ -1,0 +1,1 @@
+"""Durable state: the SQLite store, content-addressed model versions and ONNX exports."""
