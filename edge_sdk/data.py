@@ -1,15 +1,16 @@
 """Datasets for edge training (torch): digits, non-IID partitioning, folder/CIFAR adapters, a live buffer.
 
-Preprocessing convention shared with :mod:`edge_sdk.inference` (which re-implements it in numpy):
-raw pixels / input_scale -> [0, 1]; channel adaptation (grey->repeat, RGB->luma); bilinear resize
-(``align_corners=False``, antialiased, as ``F.interpolate(..., antialias=True)``); ``(x - mean) / std``.
+Every image goes through :func:`edge_sdk.preprocess.preprocess` (numpy), the function on-device ONNX
+inference and the coordinator's evaluation use too. Datasets built here carry a ``preprocessing``
+attribute (a :class:`~edge_sdk.preprocess.Preprocessing`) so ``EdgeClient`` can check it against a job's
+model; a :class:`SampleBuffer` is configured from the job instead.
 """
 from __future__ import annotations
 
 import logging
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +19,13 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from .frames import frame_to_chw
+from .preprocess import (DIGITS_NORMALIZATION, IMAGENET_NORMALIZATION, Preprocessing, PreprocessingMismatch,
+                         adapt_channels as adapt_channels_np, digits_preprocessing, preprocess, resize_chw)
 
 log = logging.getLogger(__name__)
 
-# digits pixels are mapped to [0, 1] then normalised per channel; lists are per channel and a
-# length-1 list applies to every channel (use digits_normalization(3) for an explicit 3-channel copy)
-DIGITS_NORMALIZATION: dict[str, list[float]] = {"mean": [0.5], "std": [0.5]}
-IMAGENET_NORMALIZATION: dict[str, list[float]] = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+__all__ = ["DIGITS_NORMALIZATION", "IMAGENET_NORMALIZATION", "CIFAR10_NORMALIZATION", "SampleBuffer",
+           "PreprocessingMismatch", "load_digits_split", "image_folder", "cifar10", "dirichlet_partition"]
 CIFAR10_NORMALIZATION: dict[str, list[float]] = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616]}
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -90,17 +91,15 @@ def load_digits_split(
     if channels not in (1, 3):
         raise ValueError("channels must be 1 or 3")
     bunch = load_digits()
-    x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)  # N,1,8,8 in [0,1]
+    spec = digits_preprocessing(image_size, channels)
+    x = torch.from_numpy(np.stack([preprocess(img.astype(np.uint8), spec) for img in bunch.images]))
     y = torch.from_numpy(bunch.target.astype(np.int64))
-    if image_size != 8:
-        x = resize(x, image_size)
-    if channels == 3:
-        x = x.repeat(1, 3, 1, 1)
-    x = normalize(x, DIGITS_NORMALIZATION).contiguous()
     idx = np.arange(len(y))
     tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=bunch.target)
     tr, te = torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(te))
-    return TensorDataset(x[tr], y[tr]), TensorDataset(x[te], y[te])
+    train, test = TensorDataset(x[tr], y[tr]), TensorDataset(x[te], y[te])
+    train.preprocessing = test.preprocessing = spec  # type: ignore[attr-defined]
+    return train, test
 
 
 # --------------------------------------------------------------------------------------- partitioning
@@ -158,15 +157,18 @@ _FOLDER_LAYOUT = (
 class _FilePreprocess:
     """PIL image -> normalised CHW tensor (a class, not lambdas, so DataLoader workers can pickle it)."""
 
-    def __init__(self, image_size: int, normalization: dict[str, Sequence[float]], channels: int) -> None:
-        self.image_size, self.normalization, self.channels = image_size, normalization, channels
+    def __init__(self, spec: Preprocessing) -> None:
+        self.spec = spec
 
     def __call__(self, img: object) -> torch.Tensor:
-        from torchvision.transforms.functional import pil_to_tensor
+        return torch.from_numpy(preprocess(img, self.spec))
 
-        img = img.convert("L" if self.channels == 1 else "RGB")  # type: ignore[attr-defined]
-        x = pil_to_tensor(img).float() / 255.0
-        return normalize(resize(x, self.image_size), self.normalization)
+
+def folder_preprocessing(image_size: int, channels: int = 3,
+                         normalization: dict[str, Sequence[float]] | None = None) -> Preprocessing:
+    """8-bit image files: ImageNet normalisation for 3 channels, digits-style 0.5/0.5 for grey, scale 255."""
+    norm = normalization or (IMAGENET_NORMALIZATION if channels == 3 else DIGITS_NORMALIZATION)
+    return Preprocessing.create(image_size, channels, norm, 255.0)
 
 
 def image_folder(
@@ -174,20 +176,25 @@ def image_folder(
     image_size: int,
     normalization: dict[str, Sequence[float]] | None = None,
     channels: int = 3,
+    *,
+    preprocessing: Preprocessing | None = None,
 ) -> Dataset:
-    """torchvision ImageFolder with the SDK preprocessing (ImageNet normalisation when None)."""
+    """torchvision ImageFolder with the SDK preprocessing: ``preprocessing`` (e.g. a job's) when given, else
+    built from the other arguments (ImageNet normalisation when None)."""
     from torchvision.datasets import ImageFolder
 
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFoundError(f"image folder {root} does not exist. " + _FOLDER_LAYOUT.format(root=root))
-    norm = normalization or (IMAGENET_NORMALIZATION if channels == 3 else DIGITS_NORMALIZATION)
+    spec = preprocessing or folder_preprocessing(image_size, channels, normalization)
     try:
-        return ImageFolder(str(root), transform=_FilePreprocess(image_size, norm, channels))
+        dataset = ImageFolder(str(root), transform=_FilePreprocess(spec))
     except FileNotFoundError as exc:
         raise DatasetNotFoundError(
             f"no images found under {root} ({exc}). " + _FOLDER_LAYOUT.format(root=root)
         ) from exc
+    dataset.preprocessing = spec  # type: ignore[attr-defined]
+    return dataset
 
 
 def cifar10(
@@ -200,9 +207,9 @@ def cifar10(
     from torchvision.datasets import CIFAR10
 
     root = Path(root)
-    tf = _FilePreprocess(image_size, normalization or CIFAR10_NORMALIZATION, 3)
+    spec = folder_preprocessing(image_size, 3, normalization or CIFAR10_NORMALIZATION)
     try:
-        return CIFAR10(str(root), train=train, transform=tf, download=False)
+        dataset = CIFAR10(str(root), train=train, transform=_FilePreprocess(spec), download=False)
     except RuntimeError as exc:
         raise DatasetNotFoundError(
             f"CIFAR-10 not found under {root}: expected {root / 'cifar-10-batches-py'}/ containing "
@@ -210,6 +217,8 @@ def cifar10(
             "https://www.cs.toronto.edu/~kriz/cifar.html and extract it into that folder "
             "(FedSight never downloads data at run time)."
         ) from exc
+    dataset.preprocessing = spec  # type: ignore[attr-defined]
+    return dataset
 
 
 # ---------------------------------------------------------------------------------------- live buffer
@@ -217,10 +226,16 @@ def cifar10(
 class SampleBuffer(Dataset):
     """Bounded, thread-safe store of labelled frames that a camera app fills while training runs.
 
+    The app passes raw frames only (HxW / HxWxC, any size, uint8 or float in [0, 1]); ``EdgeClient``
+    calls :meth:`configure` with the job's :class:`~edge_sdk.preprocess.Preprocessing`, so frames are
+    prepared exactly as the model (and its ONNX export) expects. Arguments given here pin that field:
+    a job whose model differs is refused with :class:`PreprocessingMismatch` naming each difference.
+    Until configured, frames are kept raw; afterwards they are preprocessed on ``add`` (outside the lock).
+
     ``policy="reservoir"`` (default) keeps a uniform random sample of every frame ever added (Algorithm R),
-    so old scenes are not forgotten; ``policy="ring"`` keeps the most recent ``capacity`` frames.
-    Frames are preprocessed on ``add`` (outside the lock) with the SDK convention, so training reads
-    ready tensors. Train on :meth:`snapshot` (a consistent copy) while frames keep arriving.
+    so old scenes are not forgotten; ``policy="ring"`` keeps the most recent ``capacity`` frames. Each frame
+    draws a fixed key in [0, 1) when added: for a held-out fraction f, frames with key < f are evaluation-only
+    (:meth:`holdout`) and never in :meth:`snapshot` ``(holdout_fraction=f)``, the training view.
     """
 
     def __init__(
@@ -230,7 +245,7 @@ class SampleBuffer(Dataset):
         channels: int | None = None,
         normalization: dict[str, Sequence[float]] | None = None,
         policy: str = "reservoir",
-        input_scale: float = 255.0,
+        input_scale: float | None = None,
         seed: int = 0,
     ) -> None:
         if capacity < 1:
@@ -239,37 +254,107 @@ class SampleBuffer(Dataset):
             raise ValueError("policy must be 'reservoir' or 'ring'")
         self.capacity, self.policy = capacity, policy
         self.image_size, self.channels = image_size, channels
-        self.normalization, self.input_scale = normalization, float(input_scale)
-        self._images: list[torch.Tensor] = []
+        self.normalization, self.input_scale = normalization, input_scale
+        self.spec: Preprocessing | None = None
+        if image_size is not None and channels is not None and normalization and input_scale is not None:
+            self.spec = Preprocessing.create(image_size, channels, normalization, input_scale)
+        self._images: list[torch.Tensor | np.ndarray] = []  # tensors once configured, raw frames before
         self._labels: list[int] = []
+        self._keys: list[float] = []
         self._seen = 0
         self._next = 0  # ring write position
         self._rng = np.random.default_rng(seed)
+        self._key_rng = np.random.default_rng([seed, 1])
         self._lock = threading.Lock()
 
-    def preprocess(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """HxW / HxWxC numpy (uint8 scaled by input_scale, floats as-is) or CHW float tensor -> CHW float32."""
-        if isinstance(image, torch.Tensor):
+    # ------------------------------------------------------------------------------ preprocessing
+    def pinned_differences(self, spec: Preprocessing) -> list[str]:
+        """How the fields given to the constructor differ from ``spec`` (empty: compatible)."""
+        mine: dict[str, object] = {}
+        if self.image_size is not None:
+            h, w = (self.image_size, self.image_size) if isinstance(self.image_size, int) else self.image_size
+            mine["image_size"] = (int(h), int(w))
+        if self.channels is not None:
+            mine["channels"] = int(self.channels)
+        if self.normalization:
+            try:
+                pinned = Preprocessing.create(spec.image_size, spec.channels, self.normalization)
+                mine["mean"], mine["std"] = pinned.mean, pinned.std
+            except ValueError as exc:
+                return [f"normalization {self.normalization} does not fit {spec.channels} channels ({exc})"]
+        if self.input_scale is not None:
+            mine["input_scale"] = float(self.input_scale)
+        merged = Preprocessing(**{**spec.__dict__, **mine})
+        return merged.differences(spec)
+
+    def configure(self, spec: Preprocessing) -> None:
+        """Adopt a job model's preprocessing (idempotent); raises PreprocessingMismatch and changes
+        nothing when a pinned field or an earlier job's preprocessing differs."""
+        diffs = self.pinned_differences(spec)
+        if diffs:
+            raise PreprocessingMismatch(
+                "SampleBuffer preprocessing differs from the job's model: " + "; ".join(diffs)
+                + " (leave these SampleBuffer arguments unset to take them from the job)")
+        with self._lock:
+            if self.spec == spec:
+                return
+            if self.spec is not None:
+                raise PreprocessingMismatch(
+                    "SampleBuffer already holds frames prepared for another model: "
+                    + "; ".join(self.spec.differences(spec)) + " (use one SampleBuffer per job)")
+            converted = [torch.from_numpy(preprocess(raw, spec)) for raw in self._images]
+            self._images = list(converted)
+            self.spec = spec
+        log.info("SampleBuffer configured: %s", spec)
+
+    def _partial(self, frame: np.ndarray) -> torch.Tensor:
+        """Before :meth:`configure`: apply only the pinned fields (so the buffer is usable on its own)."""
+        x = frame_to_chw(frame, 255.0 if self.input_scale is None else float(self.input_scale))
+        if self.channels is not None:
+            x = adapt_channels_np(x, self.channels)
+        if self.image_size is not None:
+            x = resize_chw(x, (self.image_size, self.image_size) if isinstance(self.image_size, int)
+                           else tuple(self.image_size))
+        if self.normalization:
+            p = Preprocessing.create(x.shape[1:], x.shape[0], self.normalization)
+            x = (x - np.asarray(p.mean, np.float32).reshape(-1, 1, 1)) / np.asarray(p.std, np.float32).reshape(-1, 1, 1)
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+    @staticmethod
+    def _raw(image: np.ndarray | torch.Tensor) -> np.ndarray:
+        if isinstance(image, torch.Tensor):  # CHW float tensor -> HWC float array (taken as [0, 1])
             if image.dim() != 3:
                 raise ValueError(f"tensor frames must be CHW, got shape {tuple(image.shape)}")
-            x = image.detach().to("cpu", torch.float32)
-        else:
-            x = torch.from_numpy(frame_to_chw(image, self.input_scale))
-        if self.channels is not None:
-            x = adapt_channels(x, self.channels)
-        if self.image_size is not None:
-            x = resize(x, self.image_size)
-        return normalize(x, self.normalization).contiguous()
+            return image.detach().to("cpu", torch.float32).permute(1, 2, 0).numpy().copy()
+        arr = np.array(image, copy=True)
+        if arr.ndim not in (2, 3):
+            raise ValueError(f"frames must be HxW or HxWxC, got shape {arr.shape}")
+        return arr
 
+    def preprocess(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """One raw frame -> CHW float32 tensor, exactly as training will see it."""
+        spec = self.spec
+        raw = self._raw(image)
+        return torch.from_numpy(preprocess(raw, spec)) if spec is not None else self._partial(raw)
+
+    def _ready(self, item: torch.Tensor | np.ndarray) -> torch.Tensor:
+        return item if isinstance(item, torch.Tensor) else self._partial(item)
+
+    # ------------------------------------------------------------------------------ storage
     def add(self, image: np.ndarray | torch.Tensor, label: int) -> bool:
         """Add one frame; returns False when the reservoir chose to drop it."""
-        x = self.preprocess(image)
+        spec, raw = self.spec, self._raw(image)
+        x: torch.Tensor | np.ndarray = raw if spec is None else torch.from_numpy(preprocess(raw, spec))
         label = int(label)
         with self._lock:
+            if spec is None and self.spec is not None:  # configured meanwhile: prepare it like the rest
+                x = torch.from_numpy(preprocess(raw, self.spec))
             self._seen += 1
+            key = float(self._key_rng.random())
             if len(self._images) < self.capacity:
                 self._images.append(x)
                 self._labels.append(label)
+                self._keys.append(key)
                 return True
             if self.policy == "ring":
                 slot = self._next
@@ -278,10 +363,9 @@ class SampleBuffer(Dataset):
                 slot = int(self._rng.integers(self._seen))
                 if slot >= self.capacity:
                     return False
-            if x.shape != self._images[slot].shape:
-                raise ValueError("frame shape changed; set image_size/channels to make frames uniform")
             self._images[slot] = x
             self._labels[slot] = label
+            self._keys[slot] = key
             return True
 
     @property
@@ -296,22 +380,36 @@ class SampleBuffer(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         with self._lock:
-            return self._images[i], torch.tensor(self._labels[i], dtype=torch.int64)
+            item, label = self._images[i], self._labels[i]
+        return self._ready(item), torch.tensor(label, dtype=torch.int64)
 
-    def snapshot(self) -> TensorDataset:
-        """Consistent copy of the current contents as a TensorDataset (stacked tensors)."""
+    def _select(self, keep: Callable[[float], bool]) -> TensorDataset | None:
         with self._lock:
-            images, labels = list(self._images), list(self._labels)
-        if not images:
-            raise ValueError("SampleBuffer is empty")
+            picked = [(x, y) for x, y, k in zip(self._images, self._labels, self._keys) if keep(k)]
+        if not picked:
+            return None
         try:
-            x = torch.stack(images)
+            x = torch.stack([self._ready(item) for item, _ in picked])
         except RuntimeError as exc:
-            raise ValueError("frames differ in shape; set image_size/channels on the SampleBuffer") from exc
-        return TensorDataset(x, torch.tensor(labels, dtype=torch.int64))
+            raise ValueError("frames differ in shape; the buffer is not configured for a job yet "
+                             "(or set image_size/channels)") from exc
+        return TensorDataset(x, torch.tensor([y for _, y in picked], dtype=torch.int64))
+
+    def snapshot(self, holdout_fraction: float = 0.0) -> TensorDataset:
+        """Consistent copy of the training frames (all but the held-out ``holdout_fraction``)."""
+        data = self._select(lambda k: k >= holdout_fraction)
+        if data is None:
+            raise ValueError("SampleBuffer is empty" if not len(self) else
+                             f"SampleBuffer holds no training frames outside the {holdout_fraction:.0%} held out")
+        return data
+
+    def holdout(self, fraction: float) -> TensorDataset | None:
+        """The frames held out for evaluation at this fraction (never in ``snapshot(fraction)``), or None."""
+        return self._select(lambda k: k < fraction) if fraction > 0 else None
 
     def clear(self) -> None:
         with self._lock:
             self._images.clear()
             self._labels.clear()
+            self._keys.clear()
             self._seen = self._next = 0

@@ -2,8 +2,8 @@
 
 Phones/gateways that only run the model should not pay for a torch install, so this module imports
 nothing that imports torch (a test enforces it). Preprocessing is read from the model's
-``metadata_props`` (written by ``converters/onnx_export.py``) and mirrors ``edge_sdk.data``:
-raw / input_scale -> channel adaptation -> antialiased bilinear resize -> (x - mean) / std, NCHW float32.
+``metadata_props`` (written by ``converters/onnx_export.py``) and applied by
+:func:`edge_sdk.preprocess.preprocess`, the same function training and server-side evaluation use.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,13 @@ import numpy as np
 import onnxruntime as ort
 
 from .frames import frame_to_chw
+from .preprocess import Preprocessing, adapt_channels, load_image, preprocess, resize_chw
+
+__all__ = ["OnnxClassifier", "Prediction", "resize_chw"]
 
 log = logging.getLogger(__name__)
 
 META_PREFIX = "fedsight."
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32).reshape(3, 1, 1)
-
-
 
 @dataclass
 class Prediction:
@@ -38,12 +37,14 @@ class Prediction:
 
 @dataclass(frozen=True)
 class _Preprocess:
-    size: tuple[int, int] | None
+    spec: Preprocessing | None  # None only for foreign ONNX files with no size in metadata or input shape
     channels: int
-    mean: np.ndarray | None   # (C, 1, 1)
-    std: np.ndarray | None
     scale: float
     class_names: tuple[str, ...]
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        return self.spec.image_size if self.spec else None
 
 
 @dataclass(frozen=True)
@@ -55,46 +56,6 @@ class _State:
     fixed_batch: int | None
     meta: dict[str, str]
     pre: _Preprocess
-
-
-@lru_cache(maxsize=64)
-def _resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out, in) weights of antialiased bilinear resampling, identical to torch
-    ``F.interpolate(mode="bilinear", align_corners=False, antialias=True)`` along one axis."""
-    scale = in_size / out_size
-    support = max(scale, 1.0)
-    mat = np.zeros((out_size, in_size), dtype=np.float64)
-    for i in range(out_size):
-        center = scale * (i + 0.5)
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), in_size)
-        j = np.arange(lo, hi)
-        w = np.clip(1.0 - np.abs((j - center + 0.5) / support), 0.0, None)
-        total = w.sum()
-        mat[i, lo:hi] = w / total if total > 0 else 0.0
-    return mat.astype(np.float32)
-
-
-def resize_chw(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a CHW float32 array (see :func:`_resize_matrix`)."""
-    h, w = x.shape[-2:]
-    if (h, w) == tuple(size):
-        return x
-    return _resize_matrix(h, size[0]) @ x @ _resize_matrix(w, size[1]).T
-
-
-def _adapt_channels(x: np.ndarray, channels: int) -> np.ndarray:
-    c = x.shape[0]
-    if c == channels:
-        return x
-    if c == 1:
-        return np.repeat(x, channels, axis=0)
-    if c in (3, 4) and channels == 1:
-        return (x[:3] * _LUMA).sum(axis=0, keepdims=True)
-    if c == 4 and channels == 3:
-        return x[:3]
-    raise ValueError(f"cannot convert a {c}-channel image to {channels} channels (a 3-D array is one HxWxC "
-                     "image; pass a list of HxW arrays or an NxHxWxC array for several)")
 
 
 def _json_list(meta: dict[str, str], key: str) -> list[Any] | None:
@@ -126,25 +87,21 @@ def _preprocess_from(meta: dict[str, str], shape: Sequence[Any]) -> _Preprocess:
     else:
         channels = shape[1] if len(shape) == 4 and isinstance(shape[1], int) else 3
 
-    def per_channel(key: str) -> np.ndarray | None:
+    def values(key: str) -> list[float] | None:
         vals = _json_list(meta, key)
-        if vals is None:
-            return None
-        if len(vals) == 1:
-            vals = vals * channels
-        if len(vals) != channels:
+        if vals is not None and len(vals) not in (1, channels):
             raise ValueError(f"ONNX metadata {META_PREFIX}{key} has {len(vals)} values for {channels} channels")
-        return np.asarray(vals, dtype=np.float32).reshape(-1, 1, 1)
+        return vals
 
+    mean, std = values("mean"), values("std")
     names = _json_list(meta, "class_names") or []
-    return _Preprocess(
-        size=_parse_size(meta.get(META_PREFIX + "input_size"), shape),
-        channels=channels,
-        mean=per_channel("mean"),
-        std=per_channel("std"),
-        scale=float(meta.get(META_PREFIX + "input_scale") or 255.0),
-        class_names=tuple(str(n) for n in names),
-    )
+    scale = float(meta.get(META_PREFIX + "input_scale") or 255.0)
+    size = _parse_size(meta.get(META_PREFIX + "input_size"), shape)
+    spec = None
+    if size is not None:
+        norm = {"mean": mean if mean is not None else [0.0], "std": std if std is not None else [1.0]}
+        spec = Preprocessing.create(size, channels, norm, scale)
+    return _Preprocess(spec=spec, channels=channels, scale=scale, class_names=tuple(str(n) for n in names))
 
 
 def _default_providers() -> list[str]:
@@ -233,20 +190,11 @@ class OnnxClassifier:
 
     @staticmethod
     def _one(pre: _Preprocess, image: Any) -> np.ndarray:
+        if pre.spec is not None:
+            return preprocess(image, pre.spec)  # the same function the model was trained with
         if isinstance(image, (str, Path)) or hasattr(image, "convert"):
-            from PIL import Image  # optional dependency, only for files / PIL images
-
-            img = Image.open(image) if isinstance(image, (str, Path)) else image
-            image = np.asarray(img.convert("L" if pre.channels == 1 else "RGB"))
-        x = frame_to_chw(image, pre.scale)
-        x = _adapt_channels(x, pre.channels)
-        if pre.size is not None:
-            x = resize_chw(x, pre.size)
-        if pre.mean is not None:
-            x = x - pre.mean
-        if pre.std is not None:
-            x = x / pre.std
-        return x
+            image = load_image(image)
+        return adapt_channels(frame_to_chw(image, pre.scale), pre.channels)
 
     # ------------------------------------------------------------------------------------- inference
     def predict(self, images: Any) -> list[Prediction]:
