@@ -95,11 +95,17 @@ def resolve_metadata(meta: dict, job: dict | None, version: str) -> dict[str, An
     names = _pick("class_names", meta, cfg) or [str(i) for i in range(out["num_classes"])]
     if len(names) != out["num_classes"]:
         raise ExportError(f"{len(names)} class_names for a {out['num_classes']}-class model")
-    eval_cfg = cfg.get("eval") if isinstance(cfg.get("eval"), dict) else {}
-    dataset = _pick("dataset", meta, eval_cfg, cfg)
-    scale = _pick("input_scale", meta, cfg, norm)
+    # the job's own field, carried in every model version; never inferred from the evaluation set
+    scale = _pick("input_scale", meta, cfg)
     if scale is None:
-        scale = 16 if dataset == "digits" else 255  # sklearn digits pixels are 0..16
+        log.warning("model file and job lack input_scale (made by an older coordinator); assuming 255")
+        scale = 255
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise ExportError(f"input_scale must be a number, got {scale!r}") from None
+    if not scale > 0 or scale != scale or scale == float("inf"):
+        raise ExportError(f"input_scale must be a positive finite number, got {scale}")
     job_id = _pick("job_id", meta) or (job or {}).get("id") or (job or {}).get("job_id") or ""
     out.update(mean=mean, std=std, class_names=[str(n) for n in names], input_scale=float(scale),
                job_id=str(job_id), round=int(meta.get("round") or 0), version=version)

@@ -1,43 +1,79 @@
-"""Server-side evaluation of a global model version on a held-out set (today: the digits test split).
+"""Server-side evaluation of a global model version on a held-out set: sklearn digits or an operator's
+ImageFolder (``{"dataset": "imagefolder", "path": ...}``).
 
 Gives every round an accuracy measured the same way on the same data, independent of what devices
-report about themselves. torch is imported lazily so a coordinator without evaluation never loads it.
+report about themselves. Images are prepared by :func:`edge_sdk.preprocess.preprocess` with the
+preprocessing recorded in the model version itself, exactly as devices train on them and as the ONNX
+export runs on them. torch is imported lazily so a coordinator without evaluation never loads it.
 """
 from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
+from edge_sdk.preprocess import Preprocessing
 from edge_sdk.protocol.modelfile import load_model
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("digits",)
+DATASETS = ("digits", "imagefolder")
+DIGITS_CLASSES = 10
+
+
+class EvaluationError(ValueError):
+    """The evaluation set does not fit the model (or cannot be read); the message says why."""
 
 
 class Evaluator:
-    """Evaluates FSM1 bytes; caches the test split per (dataset, image_size, channels)."""
+    """Evaluates FSM1 bytes; caches the prepared test set per (dataset, path, preprocessing)."""
 
-    def __init__(self, batch_size: int = 512) -> None:
+    def __init__(self, batch_size: int = 256) -> None:
         self.batch_size = batch_size
-        self._cache: dict[tuple[str, int, int], Any] = {}
+        self._cache: dict[tuple[str, str, Preprocessing], Any] = {}
         self._lock = threading.Lock()
 
-    def _dataset(self, name: str, image_size: int, channels: int) -> Any:
+    def _dataset(self, spec: dict[str, Any], pre: Preprocessing, class_names: list[str]) -> Any:
+        name, path = spec.get("dataset"), str(spec.get("path") or "")
         if name not in DATASETS:
-            raise ValueError(f"unknown eval dataset {name!r}; valid: {', '.join(DATASETS)}")
-        key = (name, image_size, channels)
+            raise EvaluationError(f"unknown eval dataset {name!r}; valid: {', '.join(DATASETS)}")
+        key = (name, path, pre)
         with self._lock:
             if key not in self._cache:
-                from edge_sdk.data import load_digits_split
-
-                _, test = load_digits_split(image_size=image_size, channels=channels)
-                self._cache[key] = test
+                self._cache[key] = self._load(name, path, pre, class_names)
             return self._cache[key]
 
+    @staticmethod
+    def _load(name: str, path: str, pre: Preprocessing, class_names: list[str]) -> Any:
+        import torch
+        from torch.utils.data import TensorDataset
+
+        from edge_sdk.data import DatasetNotFoundError, image_folder, load_digits_split
+
+        if name == "digits":
+            if len(class_names) != DIGITS_CLASSES:
+                raise EvaluationError(f"the digits set has {DIGITS_CLASSES} classes but the model has "
+                                      f"{len(class_names)}")
+            return load_digits_split(preprocessing=pre)[1]
+        try:
+            folder = image_folder(path, pre.image_size[0], preprocessing=pre)
+        except DatasetNotFoundError as exc:
+            raise EvaluationError(str(exc).splitlines()[0]) from None
+        if list(folder.classes) != list(class_names):
+            raise EvaluationError(f"evaluation folder {path} now has classes {folder.classes}, the job's "
+                                  f"class_names are {class_names}")
+        xs, ys = [], []
+        for i in range(len(folder)):
+            x, y = folder[i]
+            xs.append(x)
+            ys.append(int(y))
+        log.info("evaluation set %s: %d images, %d classes", path, len(ys), len(folder.classes))
+        return TensorDataset(torch.stack(xs), torch.tensor(ys, dtype=torch.int64))
+
     def evaluate(self, model_bytes: bytes, job_config: dict[str, Any]) -> dict[str, float]:
-        """``{"loss", "accuracy", "num_samples"}`` of the model in ``model_bytes``."""
+        """``{"loss", "accuracy", "num_samples"}`` of the model in ``model_bytes``; EvaluationError if the
+        set does not fit the model."""
         import torch
         import torch.nn.functional as F
 
@@ -49,13 +85,18 @@ class Evaluator:
         model_cfg = job_config["model"]
         arch = meta.get("arch", model_cfg["arch"])
         num_classes = int(meta.get("num_classes", model_cfg["num_classes"]))
-        channels = int(meta.get("in_channels", model_cfg["in_channels"]))
-        image_size = int(meta.get("image_size", model_cfg["image_size"]))
-        test = self._dataset(spec.get("dataset", "digits"), image_size, channels)
-        model = build_model(arch, num_classes, in_channels=channels)
+        class_names = list(meta.get("class_names") or job_config.get("class_names") or range(num_classes))
+        try:
+            pre = Preprocessing.from_meta(meta)
+        except ValueError as exc:
+            raise EvaluationError(str(exc)) from None
+        test = self._dataset(spec, pre, [str(c) for c in class_names])
+        model = build_model(arch, num_classes, in_channels=pre.channels)
         load_arrays(model, arrays)
         model.eval()
         x_all, y_all = test.tensors
+        if len(y_all) == 0:
+            raise EvaluationError("the evaluation set is empty")
         loss_sum, correct = 0.0, 0
         with torch.inference_mode():
             for start in range(0, len(y_all), self.batch_size):
@@ -63,5 +104,5 @@ class Evaluator:
                 out = model(x)
                 loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
                 correct += int((out.argmax(1) == y).sum())
-        n = max(len(y_all), 1)
-        return {"loss": loss_sum / n, "accuracy": correct / n, "num_samples": float(len(y_all))}
+        n = len(y_all)
+        return {"loss": loss_sum / n, "accuracy": correct / n, "num_samples": float(n)}

@@ -2,21 +2,30 @@
 
 Strict on purpose: an unknown field or a wrong type is almost always a typo in an operator's script
 (``client_per_round``), and silently ignoring it would run a different experiment than intended.
+
+Defaults follow one rule: a job is a *digits* job only when it says so with ``"eval": {"dataset": "digits"}``
+(1 channel, 8x8, mean/std 0.5, ``input_scale`` 16); every other job gets photo defaults (3 channels, 32x32,
+ImageNet mean/std, ``input_scale`` 255). These preprocessing fields travel in every model version's
+metadata, so devices, evaluation and ONNX exports prepare images the same way.
 """
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from edge_sdk.protocol import codecs
 from edge_sdk.protocol.errors import ProtocolError
+from edge_sdk.preprocess import DIGITS_INPUT_SCALE, DIGITS_NORMALIZATION, IMAGENET_NORMALIZATION
 from edge_sdk.protocol.modelfile import dump_model
 
 from coordinator.rounds.strategy import make_strategy
 
 DEFAULT_MAX_UPDATE_BYTES = 64 << 20
 HARD_MAX_UPDATE_BYTES = 256 << 20
-EVAL_DATASETS = ("digits",)
+EVAL_DATASETS = ("digits", "imagefolder")
+DEFAULT_HOLDOUT_FRACTION = 0.1  # federated evaluation when the job names no server-side set
+MAX_HOLDOUT_FRACTION = 0.5
 
 
 class JobSpecError(ValueError):
@@ -58,18 +67,78 @@ def _object(body: Any, allowed: set[str], path: str) -> dict[str, Any]:
     return body
 
 
-def _default_normalization(channels: int, eval_dataset: str | None) -> dict[str, list[float]]:
-    if eval_dataset == "digits" or channels == 1:
-        return {"mean": [0.5] * channels, "std": [0.5] * channels}
+def _default_normalization(channels: int, digits: bool) -> dict[str, list[float]]:
+    if digits or channels == 1:
+        return {"mean": DIGITS_NORMALIZATION["mean"] * channels, "std": DIGITS_NORMALIZATION["std"] * channels}
     if channels == 3:
-        return {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+        return {k: list(v) for k, v in IMAGENET_NORMALIZATION.items()}
     return {"mean": [0.0] * channels, "std": [1.0] * channels}
+
+
+def folder_classes(root: Path) -> list[str]:
+    """Class names of an ImageFolder layout: its sorted sub-folder names (torchvision's rule)."""
+    return sorted(e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith("."))
+
+
+def _eval_config(eval_in: Any) -> dict[str, Any] | None:
+    """``null``: no evaluation; omitted: federated only; else a server-side set and/or a device hold-out."""
+    if eval_in is None:
+        return None
+    eval_in = _object(eval_in, {"dataset", "path", "holdout_fraction"}, "eval.")
+    dataset = _get(eval_in, "dataset", str, None, "eval.", nullable=True)
+    if dataset is not None and dataset not in EVAL_DATASETS:
+        raise JobSpecError(f"unknown eval.dataset {dataset!r}; valid: {', '.join(EVAL_DATASETS)} or null")
+    path = _get(eval_in, "path", str, None, "eval.", nullable=True)
+    if (dataset == "imagefolder") != (path is not None):
+        raise JobSpecError("'eval.path' is required with eval.dataset 'imagefolder' and only allowed with it")
+    holdout = _get(eval_in, "holdout_fraction", float, 0.0 if dataset else DEFAULT_HOLDOUT_FRACTION, "eval.",
+                   lo=0.0, hi=MAX_HOLDOUT_FRACTION)
+    cfg: dict[str, Any] = {"dataset": dataset, "holdout_fraction": holdout}
+    if path is not None:
+        root = Path(path).expanduser()
+        if not root.is_dir():
+            raise JobSpecError(f"'eval.path' {path!r} is not a folder on the coordinator; lay it out as "
+                               "PATH/<class name>/<image files>")
+        cfg["path"] = str(root.resolve())
+    return cfg
+
+
+def _class_names(body: dict[str, Any], num_classes: int | None, eval_cfg: dict[str, Any] | None) -> list[str]:
+    folder = (eval_cfg or {}).get("path")
+    found = folder_classes(Path(folder)) if folder else None
+    if folder and not found:
+        raise JobSpecError(f"evaluation folder {folder} has no class sub-folders; lay it out as "
+                           "PATH/<class name>/<image files>")
+    default = found or [str(i) for i in range(num_classes if num_classes is not None else 10)]
+    names = body.get("class_names", default)
+    if not isinstance(names, list) or not names or not all(isinstance(c, str) and c for c in names):
+        raise JobSpecError("'class_names' must be a non-empty list of non-empty strings")
+    if len(set(names)) != len(names):
+        raise JobSpecError("'class_names' must not repeat a name")
+    if found is not None and names != found:
+        raise JobSpecError(f"evaluation folder {folder} has classes {found} but the job's class_names are "
+                           f"{names}; they must be the same names in the same (sorted) order, because a "
+                           "label's index is its folder's position")
+    return names
+
+
+def _normalization(body: dict[str, Any], channels: int, digits: bool) -> dict[str, list[float]]:
+    norm = _object(body.get("normalization") or _default_normalization(channels, digits), {"mean", "std"},
+                   "normalization.")
+    for key in ("mean", "std"):
+        vals = norm.get(key)
+        if (not isinstance(vals, list) or len(vals) not in (1, channels)
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals)):
+            raise JobSpecError(f"'normalization.{key}' must be a list of 1 or {channels} numbers")
+    if any(v <= 0 for v in norm["std"]):
+        raise JobSpecError("'normalization.std' values must be positive")
+    return {"mean": [float(v) for v in norm["mean"]], "std": [float(v) for v in norm["std"]]}
 
 
 def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Validate a job body and return the full config with every default filled in."""
     top = {"name", "model", "rounds", "clients_per_round", "min_clients", "round_timeout_s", "train", "codec",
-           "eval", "seed", "class_names", "normalization", "max_update_bytes", "strategy"}
+           "eval", "seed", "class_names", "normalization", "input_scale", "max_update_bytes", "strategy"}
     body = _object(body, top, "")
     name = _get(body, "name", str, "job", "")
     if not 1 <= len(name) <= 200:
@@ -78,9 +147,18 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
     arch = _get(model, "arch", str, None, "model.")
     if known_archs is not None and arch not in known_archs:
         raise JobSpecError(f"unknown model.arch {arch!r}; valid: {', '.join(known_archs)}")
-    num_classes = _get(model, "num_classes", int, 10, "model.", lo=2, hi=100_000)
-    channels = _get(model, "in_channels", int, 3, "model.", lo=1, hi=16)
-    image_size = _get(model, "image_size", int, 8 if arch == "small_cnn" else 32, "model.", lo=2, hi=4096)
+    eval_cfg = _eval_config(body["eval"] if "eval" in body else {})
+    digits = bool(eval_cfg and eval_cfg["dataset"] == "digits")
+    num_in = _get(model, "num_classes", int, None, "model.", lo=2, hi=100_000, nullable=True)
+    class_names = _class_names(body, num_in, eval_cfg)
+    num_classes = len(class_names) if num_in is None else num_in
+    if len(class_names) != num_classes:
+        raise JobSpecError(f"'class_names' has {len(class_names)} names for num_classes={num_classes}")
+    if digits and num_classes != 10:
+        raise JobSpecError(f"eval.dataset 'digits' scores the 10 digit classes but this job has {num_classes}; "
+                           "use eval.dataset 'imagefolder' with a folder of your classes, or null")
+    channels = _get(model, "in_channels", int, 1 if digits else 3, "model.", lo=1, hi=16)
+    image_size = _get(model, "image_size", int, 8 if digits else 32, "model.", lo=2, hi=4096)
     weights = _get(model, "weights", str, None, "model.", nullable=True)
     rounds = _get(body, "rounds", int, 10, "", lo=1, hi=100_000)
     k = _get(body, "clients_per_round", int, 5, "", lo=1, hi=100_000)
@@ -99,29 +177,11 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
         codec = codecs.validate_spec(codec_in)
     except ProtocolError as exc:
         raise JobSpecError(f"'codec': {exc.reason}") from None
-    eval_in = body.get("eval")
-    eval_cfg = None
-    if eval_in is not None:
-        eval_in = _object(eval_in, {"dataset"}, "eval.")
-        dataset = _get(eval_in, "dataset", str, None, "eval.")
-        if dataset not in EVAL_DATASETS:
-            raise JobSpecError(f"unknown eval.dataset {dataset!r}; valid: {', '.join(EVAL_DATASETS)}")
-        eval_cfg = {"dataset": dataset}
     seed = _get(body, "seed", int, 0, "", lo=0, hi=2**63 - 1)
-    class_names = body.get("class_names", [str(i) for i in range(num_classes)])
-    if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names):
-        raise JobSpecError("'class_names' must be a list of strings")
-    if len(class_names) != num_classes:
-        raise JobSpecError(f"'class_names' has {len(class_names)} names for num_classes={num_classes}")
-    norm = body.get("normalization") or _default_normalization(channels, eval_cfg and eval_cfg["dataset"])
-    norm = _object(norm, {"mean", "std"}, "normalization.")
-    for key in ("mean", "std"):
-        vals = norm.get(key)
-        if (not isinstance(vals, list) or len(vals) not in (1, channels)
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals)):
-            raise JobSpecError(f"'normalization.{key}' must be a list of 1 or {channels} numbers")
-    if any(v <= 0 for v in norm["std"]):
-        raise JobSpecError("'normalization.std' values must be positive")
+    input_scale = _get(body, "input_scale", float, DIGITS_INPUT_SCALE if digits else 255.0, "",
+                       lo=1e-6, hi=65535.0)
+    if input_scale <= 0:
+        raise JobSpecError(f"'input_scale' must be > 0, got {input_scale}")
     max_bytes = _get(body, "max_update_bytes", int, DEFAULT_MAX_UPDATE_BYTES, "", lo=1024, hi=HARD_MAX_UPDATE_BYTES)
     try:
         strategy = make_strategy(body.get("strategy")).spec()
@@ -131,8 +191,20 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
                                     "image_size": image_size, "weights": weights},
             "rounds": rounds, "clients_per_round": k, "min_clients": min_clients, "round_timeout_s": timeout,
             "train": train_cfg, "codec": codec, "eval": eval_cfg, "seed": seed, "class_names": class_names,
-            "normalization": {"mean": [float(v) for v in norm["mean"]], "std": [float(v) for v in norm["std"]]},
+            "normalization": _normalization(body, channels, digits), "input_scale": input_scale,
             "max_update_bytes": max_bytes, "strategy": strategy}
+
+
+def job_input_scale(config: dict[str, Any]) -> float:
+    """The job's raw-pixel divisor; jobs stored before it was a field keep what their devices used then."""
+    if config.get("input_scale") is not None:
+        return float(config["input_scale"])
+    return DIGITS_INPUT_SCALE if (config.get("eval") or {}).get("dataset") == "digits" else 255.0
+
+
+def holdout_fraction(config: dict[str, Any]) -> float:
+    """Share of each device's data held out for federated evaluation (0: none)."""
+    return float((config.get("eval") or {}).get("holdout_fraction") or 0.0)
 
 
 def model_meta(job_id: str, config: dict[str, Any], round_: int, **extra: Any) -> dict[str, Any]:
@@ -140,8 +212,9 @@ def model_meta(job_id: str, config: dict[str, Any], round_: int, **extra: Any) -
     m = config["model"]
     meta = {"job_id": job_id, "round": round_, "arch": m["arch"], "num_classes": m["num_classes"],
             "in_channels": m["in_channels"], "image_size": m["image_size"],
-            "normalization": config["normalization"], "class_names": config["class_names"]}
-    if config.get("eval"):
+            "normalization": config["normalization"], "class_names": config["class_names"],
+            "input_scale": job_input_scale(config)}
+    if (config.get("eval") or {}).get("dataset"):
         meta["dataset"] = config["eval"]["dataset"]
     meta.update(extra)
     return meta
