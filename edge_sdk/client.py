@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -23,8 +24,10 @@ from torch.utils.data import Dataset
 
 from . import params
 from .error_feedback import ResidualStore
+from .job_data import fit_to_job, split_for_job
 from .model_cache import ModelCache
 from .models import build_model
+from .preprocess import Preprocessing
 from .protocol import codecs, topics
 from .protocol.errors import ProtocolError
 from .protocol.modelfile import flatten, layout_sizes, load_model
@@ -250,6 +253,16 @@ class EdgeClient:
             self._model._fedsight_arch = (arch, meta.get("num_classes"))  # type: ignore[attr-defined]
         return self._model
 
+    def _score(self, model: nn.Module, held_out: Dataset | None) -> dict[str, float]:
+        """``eval_loss``/``eval_accuracy``/``eval_samples`` of the round's base (global) model on the held-out
+        share; the coordinator averages them, weighted by ``eval_samples``, into that version's score."""
+        if held_out is None or len(held_out) == 0:  # type: ignore[arg-type]
+            return {}
+        out = self.trainer.evaluate(model, held_out)
+        scored = {"eval_loss": float(out["loss"]), "eval_accuracy": float(out["accuracy"]),
+                  "eval_samples": float(len(held_out))}  # type: ignore[arg-type]
+        return scored if all(math.isfinite(v) for v in scored.values()) else {}  # a diverged model: no score
+
     def handle_task(self, task: dict[str, Any]) -> RoundReport | None:
         """Run one training task end to end and publish the update (also callable directly in tests)."""
         job_id, rnd = str(task["job_id"]), int(task["round"])
@@ -269,7 +282,10 @@ class EdgeClient:
         params.load_arrays(model, arrays)
         global_vec = flatten(arrays)
 
-        dataset = self.dataset.snapshot() if hasattr(self.dataset, "snapshot") else self.dataset
+        # the job's model decides preprocessing; a dataset that disagrees is refused (PreprocessingMismatch)
+        fit_to_job(self.dataset, Preprocessing.from_meta(meta))
+        dataset, held_out = split_for_job(self.dataset, float(config.get("holdout_fraction") or 0.0))
+        scored = self._score(model, held_out)  # federated evaluation of the global model, before training
         result = self.trainer.train(model, dataset, config)
         local_vec = flatten(params.state_to_arrays(model))
 
@@ -278,7 +294,7 @@ class EdgeClient:
         payload, _ = encode_delta(spec, local_vec - global_vec, layout_sizes(arrays), self.residuals, job_id,
                                   statistics_mask(arrays))
         metrics = {"loss": float(result.loss), "accuracy": float(result.accuracy),
-                   "train_time_s": float(result.wall_time_s)}
+                   "train_time_s": float(result.wall_time_s), **scored}
         header = UpdateHeader(job_id=job_id, round=rnd, client_id=self.client_id,
                               base_version=str(task["base_version"]), codec=spec,
                               num_samples=int(result.num_samples), numel=int(global_vec.size),

@@ -49,7 +49,7 @@ def load_partition(spec: tuple[str, Path | None], partition: float | str, num: i
         dataset, _ = data.load_digits_split(image_size=image_size or 8, channels=channels or 1)
         labels = dataset.tensors[1].numpy()
     elif kind == "imagefolder":
-        dataset = data.image_folder(path, image_size or 32, channels=channels or 3)
+        dataset = data.image_folder(path, image_size, channels=channels or 3)  # no size: follows the job
         labels = np.asarray(dataset.targets)
     else:
         dataset = data.cifar10(path, train=True, image_size=image_size or 32)
@@ -94,12 +94,18 @@ def job_body(args: argparse.Namespace) -> dict[str, Any]:
     body = pick(name=args.name, rounds=args.rounds, clients_per_round=args.clients_per_round,
                 min_clients=args.min_clients, round_timeout_s=args.round_timeout, codec=args.codec, seed=args.seed,
                 class_names=args.class_names.split(",") if args.class_names else None,
-                max_update_bytes=args.max_update_bytes, strategy=args.strategy)
+                max_update_bytes=args.max_update_bytes, strategy=args.strategy, input_scale=args.input_scale)
     body["model"] = pick(arch=args.arch, num_classes=args.num_classes, in_channels=args.in_channels,
                          image_size=args.image_size)
     body["train"] = pick(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mu=args.mu,
                          freeze_backbone=args.freeze_backbone or None)
-    body["eval"] = None if args.eval == "none" else {"dataset": args.eval}
+    kind, path = args.eval or (None, None)
+    if kind == "none":
+        if args.holdout:
+            raise CliError("--eval none turns evaluation off; it cannot go with --holdout", "drop one of them")
+        body["eval"] = None
+    elif kind or args.holdout is not None:
+        body["eval"] = pick(dataset=kind, path=path, holdout_fraction=args.holdout)
     if (args.mean is None) != (args.std is None):
         raise CliError("--mean and --std go together", "give both, e.g. --mean 0.5 --std 0.5")
     if args.mean is not None:
@@ -140,7 +146,33 @@ def cmd_job(args: argparse.Namespace) -> int:
         if job.get("error"):
             print(f"error: {job['error']}")
         print(format_table(*rounds_table(rounds)) if rounds else "no rounds yet")
+        for note in eval_notes(rounds):
+            print(note)
     return 0
+
+
+def _score(value: dict[str, Any] | None) -> str:
+    """Accuracy cell: a percentage, or the evaluation's state (failed/pending/...), '-' only when not configured."""
+    if not value:
+        return "-"
+    if value.get("accuracy") is not None:
+        return f"{value['accuracy'] * 100:.1f}%"
+    if value.get("error"):
+        return "failed"
+    return str(value.get("status", "-"))
+
+
+def eval_notes(rounds: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per failed evaluation, with its reason (a failure is never just a '-')."""
+    notes = []
+    for r in rounds:
+        if (r.get("eval") or {}).get("error"):
+            notes.append(f"round {r.get('round')}: server evaluation failed: {r['eval']['error']}")
+        fed = r.get("federated_eval") or {}
+        if fed.get("status") in ("failed", "not_run"):
+            notes.append(f"round {r.get('round')}: device evaluation {fed['status'].replace('_', ' ')}: "
+                         f"{fed.get('reason', '')}")
+    return notes
 
 
 def rounds_table(rounds: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -148,13 +180,12 @@ def rounds_table(rounds: Sequence[dict[str, Any]]) -> tuple[list[str], list[list
 
     rows = []
     for r in rounds:
-        acc = (r.get("eval") or {}).get("accuracy")
         ratio = r.get("compression_ratio")
         rows.append([str(r.get("round")), str(r.get("status", "")), f"{r.get('accepted', 0)}/{r.get('rejected', 0)}",
                      human_bytes(r.get("uplink_bytes") or 0), human_bytes(r.get("downlink_bytes") or 0),
-                     f"{ratio:.1f}x" if ratio else "-",
-                     f"{acc * 100:.1f}%" if acc is not None else "-", f"{r.get('duration_s') or 0:.1f}s"])
-    return ["round", "status", "acc/rej", "uplink", "downlink", "compression", "accuracy", "time"], rows
+                     f"{ratio:.1f}x" if ratio else "-", _score(r.get("eval")), _score(r.get("federated_eval")),
+                     f"{r.get('duration_s') or 0:.1f}s"])
+    return ["round", "status", "acc/rej", "uplink", "downlink", "compression", "accuracy", "device acc", "time"], rows
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

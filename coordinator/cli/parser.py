@@ -32,6 +32,23 @@ def _strategy(text: str) -> dict[str, Any]:
     return {"name": text}
 
 
+def _eval_set(text: str) -> tuple[str, str | None]:
+    """``digits`` | ``imagefolder:PATH`` | ``none`` -> (kind, absolute path or None)."""
+    kind, _, path = text.partition(":")
+    if kind in ("digits", "none") and not path:
+        return kind, None
+    if kind == "imagefolder" and path:
+        return kind, os.path.abspath(os.path.expanduser(path))
+    raise ValueError(f"--eval must be digits, imagefolder:PATH or none, got {text!r}")
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 0.5:
+        raise ValueError(f"--holdout must be between 0 and 0.5, got {text}")
+    return value
+
+
 def _formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
@@ -51,7 +68,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
         epilog="quick start:\n  fedsight demo                      # everything on this machine, ~2 min\n"
                "  fedsight coordinator --port 8080   # then, per device:\n"
                "  fedsight client --coordinator http://127.0.0.1:8080 --num-partitions 5 --partition-index 0\n"
-               "  fedsight job create --rounds 10 --codec topk:0.01:int8 --start\n"
+               "  fedsight job create --eval digits --rounds 10 --codec topk:0.01:int8 --start\n"
                "  fedsight job status JOB_ID\n  fedsight export --job JOB_ID --out model.onnx\n"
                "  fedsight infer model.onnx photo.png\n\nsee docs/cli.md for every option")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -80,7 +97,8 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     p.add_argument("--num-partitions", type=int, default=1, metavar="N", help="shards in total (default: 1)")
     p.add_argument("--partition-index", type=int, default=0, metavar="I", help="this device's shard (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="partition seed, same for all devices (default: 0)")
-    p.add_argument("--image-size", type=int, help="resize images (default: 8 for digits, else 32)")
+    p.add_argument("--image-size", type=int,
+                   help="resize images (default: 8 for digits, imagefolder follows the job's model, cifar10 32)")
     p.add_argument("--channels", type=int, choices=(1, 3), help="image channels (default: 1 digits, else 3)")
     p.add_argument("--client-id", help="reuse a registered id (with --token); default: register or cached")
     p.add_argument("--token", help="client token from POST /api/v1/clients")
@@ -95,17 +113,25 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     p = sub.add_parser("job", parents=[common], help="create, start, stop, list and inspect jobs")
     jobs = p.add_subparsers(dest="job_command", required=True, metavar="ACTION")
     c = jobs.add_parser("create", parents=[common, rest], formatter_class=_formatter, help="create a job",
-                        epilog="example:\n  fedsight job create --name digits-topk --rounds 10 "
+                        epilog="examples:\n  fedsight job create --name digits-topk --eval digits --rounds 10 "
                                "--clients-per-round 5 \\\n"
-                               "      --min-clients 3 --codec topk:0.01:int8 --lr 0.05 --epochs 1 --start\n\n"
+                               "      --min-clients 3 --codec topk:0.01:int8 --lr 0.05 --epochs 1 --start\n"
+                               "  fedsight job create --name cams --arch mobilenet_v3_small --num-classes 5 "
+                               "--image-size 224 \\\n"
+                               "      --eval imagefolder:./holdout --codec topk:0.01:int8\n\n"
+                               "defaults: a job is a digits job only with --eval digits (1 channel, 8x8, mean/std "
+                               "0.5, input scale 16);\nevery other job gets photo defaults (3 channels, 32x32, "
+                               "ImageNet mean/std, input scale 255)\nand, without a server-side --eval set, "
+                               "devices score each version on 10% held-out data.\n\n"
                                f"codec: {spec_text.CODEC_GRAMMAR}\nunset options take the coordinator's defaults "
                                "(docs/rest.md)")
     c.add_argument("--name")
     c.add_argument("--arch", default="small_cnn",
                    help="small_cnn, mobilenet_v3_small, resnet18, ... (default: %(default)s)")
-    c.add_argument("--num-classes", type=int, default=10, help="(default: %(default)s)")
-    c.add_argument("--in-channels", type=int, default=1, help="(default: %(default)s, digits)")
-    c.add_argument("--image-size", type=int, help="(default: 8 for small_cnn, else 32)")
+    c.add_argument("--num-classes", type=int,
+                   help="(default: number of --class-names or of --eval imagefolder classes, else 10)")
+    c.add_argument("--in-channels", type=int, help="(default: 1 for --eval digits, else 3)")
+    c.add_argument("--image-size", type=int, help="(default: 8 for --eval digits, else 32)")
     c.add_argument("--rounds", type=int, help="(server default: 10)")
     c.add_argument("--clients-per-round", type=int, help="devices selected per round (server default: 5)")
     c.add_argument("--min-clients", type=int, help="accepted updates needed to close a round (server default: 3)")
@@ -116,11 +142,19 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     c.add_argument("--lr", type=float, help="local SGD learning rate (server default: 0.05)")
     c.add_argument("--mu", type=float, help="FedProx proximal strength (server default: 0)")
     c.add_argument("--freeze-backbone", action="store_true", help="train the classification head only")
-    c.add_argument("--eval", default="digits", choices=("digits", "none"),
-                   help="server-side evaluation set (default: %(default)s)")
-    c.add_argument("--class-names", metavar="A,B,...")
-    c.add_argument("--mean", type=_typed(spec_text.parse_floats, "floats"), metavar="M[,M,M]")
+    c.add_argument("--eval", type=_typed(_eval_set, "eval"), metavar="digits|imagefolder:PATH|none",
+                   help="server-side evaluation set: digits, or a held-out ImageFolder on the coordinator's disk "
+                        "whose class folders match the class names; none = no evaluation at all "
+                        "(default: devices score on held-out data only)")
+    c.add_argument("--holdout", type=_typed(_fraction, "fraction"), metavar="FRACTION",
+                   help="share of each device's data held out to score every version (federated evaluation; "
+                        "0-0.5; default: 0.1 without a server-side --eval set, else 0)")
+    c.add_argument("--class-names", metavar="A,B,...", help="(default: the --eval imagefolder classes, else 0..N-1)")
+    c.add_argument("--mean", type=_typed(spec_text.parse_floats, "floats"), metavar="M[,M,M]",
+                   help="per-channel normalisation mean (default: ImageNet for 3 channels, 0.5 otherwise)")
     c.add_argument("--std", type=_typed(spec_text.parse_floats, "floats"), metavar="S[,S,S]")
+    c.add_argument("--input-scale", type=float, metavar="N",
+                   help="raw integer pixels are divided by this (default: 255; 16 for --eval digits)")
     c.add_argument("--strategy", type=_typed(_strategy, "strategy"), metavar="NAME|JSON",
                    help='fedavg (server default), fedprox, fedadam, fedyogi, or JSON like {"name": "fedadam", ...}')
     c.add_argument("--seed", type=int)

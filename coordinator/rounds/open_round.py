@@ -15,6 +15,9 @@ import numpy as np
 
 from coordinator.rounds.strategy import Accumulator, DecodedLike
 
+# a device's score of the round's base model on its held-out share (see EdgeClient._score)
+FEDERATED_KEYS = ("eval_loss", "eval_accuracy", "eval_samples")
+
 
 @dataclass
 class OpenRound:
@@ -36,6 +39,7 @@ class OpenRound:
     uplink_bytes: int = 0
     _metric_sums: dict[str, float] = field(default_factory=dict)
     _metric_weights: dict[str, float] = field(default_factory=dict)
+    _scored: list[tuple[float, float, float]] = field(default_factory=list)  # (loss, accuracy, weight)
     cond: threading.Condition = field(default_factory=threading.Condition)
 
     @property
@@ -53,11 +57,31 @@ class OpenRound:
         self.accumulator.add(decoded, num_samples)
         self.accepted_clients[client_id] = nbytes
         self.uplink_bytes += nbytes
+        self._add_score(metrics, num_samples)
         for key, value in metrics.items():
+            if key in FEDERATED_KEYS:
+                continue
             if np.isfinite(value):
                 self._metric_sums[key] = self._metric_sums.get(key, 0.0) + num_samples * float(value)
                 self._metric_weights[key] = self._metric_weights.get(key, 0.0) + num_samples
         self.cond.notify_all()
+
+    def _add_score(self, metrics: dict[str, float], num_samples: int) -> None:
+        loss, acc, n = (metrics.get(k) for k in FEDERATED_KEYS)
+        if loss is None or acc is None or n is None:
+            return
+        if not (np.isfinite(loss) and loss >= 0 and 0.0 <= acc <= 1.0 and n >= 1):
+            return  # implausible: left out rather than skewing the mean
+        self._scored.append((float(loss), float(acc), float(min(n, num_samples))))  # weight capped by its data
+
+    def federated_eval(self) -> dict[str, float] | None:
+        """Held-out scores of the base model, weighted by each device's held-out count; None if none came."""
+        total = sum(w for _, _, w in self._scored)
+        if not total:
+            return None
+        return {"loss": sum(l * w for l, _, w in self._scored) / total,
+                "accuracy": sum(a * w for _, a, w in self._scored) / total,
+                "num_samples": total, "clients": float(len(self._scored))}
 
     def count_rejected(self, nbytes: int) -> None:
         with self.cond:

@@ -19,7 +19,7 @@ import numpy as np
 from edge_sdk.protocol.modelfile import dump_model, flatten, layout_sizes, load_model, unflatten
 
 from coordinator.rounds.context import RunnerContext
-from coordinator.rounds.jobspec import model_meta
+from coordinator.rounds.jobspec import holdout_fraction, model_meta
 from coordinator.rounds.open_round import OpenRound
 from coordinator.rounds.strategy import Strategy, make_strategy, round_seed
 
@@ -138,6 +138,7 @@ class JobRunner:
         rng = random.Random(round_seed(self.job_id, cfg["seed"], round_, attempt))
         selected = sorted(rng.sample(clients, min(cfg["clients_per_round"], len(clients))))
         task_cfg = strategy.configure_round(job, round_, selected, attempt=attempt)
+        task_cfg["holdout_fraction"] = holdout_fraction(cfg)  # devices score the base model on this share
         base_version = job["current_version"]
         arrays, _ = load_model(eng.models.get(base_version))
         vec = flatten(arrays)
@@ -193,7 +194,11 @@ class JobRunner:
         version = eng.models.put(data)
         eng.store.add_model_version(self.job_id, version, rnd.round, len(data))
         evaluation = self._evaluate(data, cfg)
-        eng.store.update_round(*key, status="closed", new_version=version, eval=evaluation, **common)
+        pending = {"status": "pending", "reason": f"devices score this version on their held-out data in round "
+                                                  f"{rnd.round + 1}"} if holdout_fraction(cfg) > 0 else None
+        eng.store.update_round(*key, status="closed", new_version=version, eval=evaluation,
+                               federated_eval=pending, **common)
+        self._record_federated(rnd, cfg)
         if common["metrics"]:
             eng.store.add_metrics(self.job_id, rnd.round, _numbers(common["metrics"]), "clients")
         if evaluation and "error" not in evaluation:
@@ -211,26 +216,57 @@ class JobRunner:
         return True
 
     def _evaluate(self, data: bytes, cfg: dict[str, Any]) -> dict[str, Any] | None:
-        if not cfg.get("eval") or self.ctx.evaluator is None:
+        if not (cfg.get("eval") or {}).get("dataset") or self.ctx.evaluator is None:
             return None
         try:
             return _finite(self.ctx.evaluator.evaluate(data, cfg))
         except Exception as exc:  # noqa: BLE001 - evaluation is advisory; a failure must not lose the round
-            log.exception("job %s: evaluation failed", self.job_id)
-            return {"error": f"{type(exc).__name__}: {exc}"}
+            log.warning("job %s: evaluation failed: %s", self.job_id, exc, exc_info=not isinstance(exc, ValueError))
+            reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+            return {"error": reason}
+
+    def _record_federated(self, rnd: OpenRound, cfg: dict[str, Any]) -> None:
+        """Devices scored this round's base version: store it on the round that produced that version."""
+        fraction = holdout_fraction(cfg)
+        if fraction <= 0:
+            return
+        store, score = self.ctx.store, rnd.federated_eval()
+        if score is None:
+            result: dict[str, Any] = {
+                "status": "failed", "version": rnd.base_version, "scored_in_round": rnd.round,
+                "reason": f"none of the {rnd.accepted} device(s) reported a held-out score (each needs samples "
+                          f"in its {fraction:.0%} held-out share)"}
+        else:
+            result = {"status": "ok", **score, "version": rnd.base_version, "scored_in_round": rnd.round}
+            made = store.get_model_version(self.job_id, rnd.base_version)
+            store.add_metrics(self.job_id, made["round"] if made else rnd.round - 1, _numbers(score), "federated")
+        producers = [r for r in store.get_rounds(self.job_id)
+                     if r["new_version"] == rnd.base_version and r["status"] == "closed"]
+        if producers:
+            store.update_round(self.job_id, producers[-1]["round"], producers[-1]["attempt"], federated_eval=result)
+        if score is not None:
+            log.info("job %s: devices scored version %s at accuracy %.4f (%d held-out samples)", self.job_id,
+                     rnd.base_version[:12], score["accuracy"], score["num_samples"])
 
     def _baseline_eval(self, job: dict[str, Any]) -> None:
         """Accuracy of version 0, so charts start from the untrained model."""
-        if job["current_round"] != 0 or not job["config"].get("eval"):
+        if job["current_round"] != 0 or not (job["config"].get("eval") or {}).get("dataset"):
             return
         if any(m["round"] == 0 and m["source"] == "eval" for m in self.ctx.store.list_metrics(self.job_id)):
             return
         result = self._evaluate(self.ctx.models.get(job["current_version"]), job["config"])
         if result and "error" not in result:
             self.ctx.store.add_metrics(self.job_id, 0, _numbers(result), "eval")
+        elif result:  # the set does not fit the model: every round would fail the same way, say so now
+            self.ctx.store.update_job(self.job_id, error=f"evaluation of version 0 failed: {result['error']}")
 
     def _finish(self, job: dict[str, Any]) -> None:
         eng = self.ctx
+        for r in eng.store.get_rounds(self.job_id):  # the final version has no later round to be scored in
+            if (r.get("federated_eval") or {}).get("status") == "pending":
+                eng.store.update_round(self.job_id, r["round"], r["attempt"], federated_eval={
+                    "status": "not_run", "reason": "final version: devices score a version in the round after "
+                                                   "it; give the job eval.dataset imagefolder for a server-side score"})
         eng.store.update_job(self.job_id, status="finished")
         eng.send_event(self.job_id, {"type": "job_finished", "job_id": self.job_id, "round": job["current_round"],
                                      "version": job["current_version"],

@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     rejected INTEGER NOT NULL DEFAULT 0, uplink_bytes INTEGER NOT NULL DEFAULT 0,
     downlink_bytes INTEGER NOT NULL DEFAULT 0, compression_ratio REAL, started_at REAL NOT NULL,
     closed_at REAL, duration_s REAL, metrics TEXT NOT NULL DEFAULT '{}', eval TEXT, reason TEXT,
-    PRIMARY KEY (job_id, round, attempt));
+    federated_eval TEXT, PRIMARY KEY (job_id, round, attempt));
 CREATE TABLE IF NOT EXISTS clients (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, token_sha256 TEXT NOT NULL, created_at REAL NOT NULL,
     last_seen REAL, state TEXT NOT NULL DEFAULT 'unknown');
@@ -50,10 +50,13 @@ CREATE TABLE IF NOT EXISTS metrics (
 CREATE INDEX IF NOT EXISTS metrics_job ON metrics (job_id, round);
 """
 
-_JSON_COLUMNS = {"config", "codec", "selected", "participants", "metrics", "eval"}
+_JSON_COLUMNS = {"config", "codec", "selected", "participants", "metrics", "eval", "federated_eval"}
 _JOB_FIELDS = {"name", "status", "current_round", "current_version", "error"}
 _ROUND_FIELDS = {"status", "new_version", "participants", "accepted", "rejected", "uplink_bytes",
-                 "compression_ratio", "closed_at", "duration_s", "metrics", "eval", "reason", "selected"}
+                 "compression_ratio", "closed_at", "duration_s", "metrics", "eval", "reason", "selected",
+                 "federated_eval"}
+# columns added after a release: (table, column, type) added in place to older databases
+_ADDED_COLUMNS = (("rounds", "federated_eval", "TEXT"),)
 
 
 def _row(cur: sqlite3.Cursor, raw: tuple[Any, ...]) -> dict[str, Any]:
@@ -81,6 +84,9 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        for table, column, kind in _ADDED_COLUMNS:
+            if column not in {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})").fetchall()}:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     # ----------------------------------------------------------------------------------------- plumbing
