@@ -103,11 +103,28 @@ def test_job_body_sends_only_what_was_given() -> None:
                                           "topk:0.01:int8", "--lr", "0.1", "--eval", "none"])
     body = cli.job_body(args)
     assert body == {"name": "n", "rounds": 4, "codec": spec_text.parse_codec("topk:0.01:int8"),
-                    "model": {"arch": "small_cnn", "num_classes": 10, "in_channels": 1},
-                    "train": {"lr": 0.1}, "eval": None}
+                    "model": {"arch": "small_cnn"}, "train": {"lr": 0.1}, "eval": None}
     half = cli.build_parser().parse_args(["job", "create", "--mean", "0.5"])
     with pytest.raises(cli.CliError, match="--mean and --std go together"):
         cli.job_body(half)
+
+
+def test_job_body_evaluation_and_preprocessing_flags(tmp_path: Path) -> None:
+    parse = cli.build_parser().parse_args
+    photo = cli.job_body(parse(["job", "create", "--arch", "mobilenet_v3_small", "--num-classes", "5"]))
+    assert "eval" not in photo and "input_scale" not in photo  # the server's photo defaults apply
+    assert photo["model"] == {"arch": "mobilenet_v3_small", "num_classes": 5}
+    body = cli.job_body(parse(["job", "create", "--eval", f"imagefolder:{tmp_path}", "--holdout", "0.2",
+                               "--input-scale", "1023", "--class-names", "cat,dog"]))
+    assert body["eval"] == {"dataset": "imagefolder", "path": str(tmp_path), "holdout_fraction": 0.2}
+    assert body["input_scale"] == 1023.0 and body["class_names"] == ["cat", "dog"]
+    assert cli.job_body(parse(["job", "create", "--holdout", "0.3"]))["eval"] == {"holdout_fraction": 0.3}
+    assert cli.job_body(parse(["job", "create", "--eval", "digits"]))["eval"] == {"dataset": "digits"}
+    with pytest.raises(cli.CliError, match="cannot go with --holdout"):
+        cli.job_body(parse(["job", "create", "--eval", "none", "--holdout", "0.1"]))
+    for bad in (["--eval", "imagenet"], ["--holdout", "0.9"]):
+        with pytest.raises(SystemExit):
+            parse(["job", "create", *bad])
 
 
 def test_rounds_table_formats_each_round() -> None:
@@ -115,11 +132,25 @@ def test_rounds_table_formats_each_round() -> None:
                "downlink_bytes": 3_000_000, "compression_ratio": 40.0, "eval": {"accuracy": 0.875}, "duration_s": 1.25},
               {"round": 2, "status": "open", "accepted": 0, "rejected": 0, "uplink_bytes": 0,
                "compression_ratio": None, "eval": None, "duration_s": None}]
+    rounds[0]["federated_eval"] = {"status": "ok", "accuracy": 0.8125, "num_samples": 40.0}
     lines = cli.format_table(*cli.rounds_table(rounds)).splitlines()
     assert lines[0].split() == ["round", "status", "acc/rej", "uplink", "downlink", "compression", "accuracy",
-                                "time"]
-    assert lines[2].split() == ["1", "closed", "5/1", "25", "KB", "3", "MB", "40.0x", "87.5%", "1.2s"]
-    assert lines[3].split() == ["2", "open", "0/0", "0", "B", "0", "B", "-", "-", "0.0s"]
+                                "device", "acc", "time"]
+    assert lines[2].split() == ["1", "closed", "5/1", "25", "KB", "3", "MB", "40.0x", "87.5%", "81.2%", "1.2s"]
+    assert lines[3].split() == ["2", "open", "0/0", "0", "B", "0", "B", "-", "-", "-", "0.0s"]
+    assert cli.eval_notes(rounds) == []
+
+
+def test_failed_evaluations_show_their_reason_not_a_dash() -> None:
+    rounds = [{"round": 1, "status": "closed", "eval": {"error": "the digits set has 10 classes but the model has 5"},
+               "federated_eval": {"status": "failed", "reason": "none of the 3 device(s) reported a held-out score"}},
+              {"round": 2, "status": "closed", "eval": None,
+               "federated_eval": {"status": "pending", "reason": "devices score this version in round 3"}}]
+    _, rows = cli.rounds_table(rounds)
+    assert rows[0][6:8] == ["failed", "failed"] and rows[1][6:8] == ["-", "pending"]
+    notes = cli.eval_notes(rounds)
+    assert notes == ["round 1: server evaluation failed: the digits set has 10 classes but the model has 5",
+                     "round 1: device evaluation failed: none of the 3 device(s) reported a held-out score"]
 
 
 # ------------------------------------------------------------------------------------- user errors
@@ -192,7 +223,8 @@ def digits_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
     model = build_model("small_cnn", 10, in_channels=1)
     LocalTrainer(device="cpu").train(model, train, {"epochs": 8, "lr": 0.05})
     meta = {"arch": "small_cnn", "num_classes": 10, "in_channels": 1, "image_size": 8, "dataset": "digits",
-            "normalization": {"mean": [0.5], "std": [0.5]}, "class_names": [f"digit-{i}" for i in range(10)]}
+            "normalization": {"mean": [0.5], "std": [0.5]}, "class_names": [f"digit-{i}" for i in range(10)],
+            "input_scale": 16}
     out = tmp_path_factory.mktemp("infer")
     report = export_model_file(dump_model(state_to_arrays(model), meta), None, out / "onnx")
     images = out / "images"

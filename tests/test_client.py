@@ -16,7 +16,8 @@ from edge_sdk.data import SampleBuffer, load_digits_split
 JOB = {"name": "t", "model": {"arch": "small_cnn", "num_classes": 10, "in_channels": 1, "image_size": 8},
        "rounds": 2, "clients_per_round": 1, "min_clients": 1, "round_timeout_s": 30,
        "train": {"epochs": 1, "batch_size": 16, "lr": 0.05},
-       "codec": {"name": "topk", "density": 0.02, "values": "float16"}, "eval": None, "seed": 0}
+       "codec": {"name": "topk", "density": 0.02, "values": "float16"}, "eval": None, "seed": 0,
+       "input_scale": 16}  # digits pixels are 0..16
 
 
 @pytest.fixture(scope="module")

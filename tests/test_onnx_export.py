@@ -16,7 +16,7 @@ from edge_sdk.models import build_model
 from edge_sdk.params import load_arrays, state_to_arrays
 from edge_sdk.protocol.modelfile import dump_model, load_model
 
-DIGITS_JOB = {"id": "job-digits", "config": {"eval": {"dataset": "digits"}}}
+DIGITS_JOB = {"id": "job-digits", "config": {"eval": {"dataset": "digits"}, "input_scale": 16.0}}
 
 
 def _calibrate_bn(model: torch.nn.Module, shape: tuple[int, int, int], batches: int = 4) -> None:
@@ -109,7 +109,7 @@ def test_metadata_for_devices(small_cnn_export: tuple[bytes, dict, Path]) -> Non
     assert props["fedsight.in_channels"] == "1"
     assert json.loads(props["fedsight.mean"]) == [0.5] and json.loads(props["fedsight.std"]) == [0.5]
     assert json.loads(props["fedsight.class_names"]) == [f"c{i}" for i in range(10)]
-    assert props["fedsight.input_scale"] == "16"  # digits pixels are 0..16
+    assert props["fedsight.input_scale"] == "16"  # the job's field (digits pixels are 0..16)
     assert props["fedsight.version"] == hashlib.sha256(data).hexdigest()
     assert props["fedsight.job_id"] == "job-digits" and props["fedsight.round"] == "2"
     assert float(props["fedsight.max_abs_diff"]) == pytest.approx(report["max_abs_diff"], rel=1e-3, abs=1e-12)
@@ -124,6 +124,18 @@ def test_input_scale_defaults_to_255_and_channels_expand(tmp_path: Path) -> None
     assert props["fedsight.input_scale"] == "255"
     # the model file's normalisation is authoritative; a 1-value list is expanded per channel
     assert json.loads(props["fedsight.mean"]) == [0.5, 0.5, 0.5]
+
+
+def test_input_scale_comes_from_the_model_file_never_from_the_eval_set(tmp_path: Path) -> None:
+    """A 5-class photo job once got input_scale 16 because its (digits) eval set said so."""
+    arrays, meta = load_model(_model_file("small_cnn", 3, 16, calibrate=False))
+    photo = dump_model(arrays, {**meta, "input_scale": 255.0, "dataset": "digits"})
+    job = {"id": "j", "config": {"eval": {"dataset": "digits"}, "input_scale": 16.0}}
+    onnx_bytes, _ = export_onnx_bytes(photo, job)
+    props = {p.key: p.value for p in onnx.load_from_string(onnx_bytes).metadata_props}
+    assert props["fedsight.input_scale"] == "255"  # the model file is authoritative
+    with pytest.raises(ExportError, match="input_scale must be a positive"):
+        export_onnx_bytes(dump_model(arrays, {**meta, "input_scale": -1}), None)
 
 
 def test_export_is_idempotent_and_repairs_tampering(small_cnn_export: tuple[bytes, dict, Path]) -> None:
