@@ -290,3 +290,75 @@ def test_server_side_evaluation_on_digits(mk):
     assert rec["eval"]["num_samples"] == 360 and 0.0 <= rec["eval"]["accuracy"] <= 1.0
     assert rec["eval"]["accuracy"] == pytest.approx(base["accuracy"])
     assert rec["eval"]["loss"] == pytest.approx(base["loss"], rel=1e-5)
+
+
+def _scored(loss, acc, n):
+    return {"eval_loss": loss, "eval_accuracy": acc, "eval_samples": float(n)}
+
+
+def test_federated_evaluation_is_recorded_on_the_round_that_made_the_version(mk):
+    env = mk(rounds=3)  # no "eval" in the body: devices hold out 10% and score each version
+    env.engine.start_job(JOB)
+    reports = {1: {"a": _scored(0.5, 1.0, 10), "b": _scored(1.0, 0.0, 30), "c": {}},
+               2: {"a": _scored(0.2, 0.9, 20), "b": _scored(0.4, 0.6, 20), "c": _scored(0.1, 7.0, 20)},
+               3: {"a": {"loss": 1.0}, "b": {}, "c": {}}}
+    for r in (1, 2, 3):
+        env.open_round(r)
+        for cid in "abc":
+            assert env.pub.json_on(topics.task_topic(cid))[-1]["config"]["holdout_fraction"] == 0.1
+            raw, _ = env.update(cid, np.zeros(env.numel, np.float32), 50, reports[r][cid], round_=r)
+            assert env.engine.submit(cid, raw).accepted
+        wait_for(lambda: env.store.get_job(JOB)["current_round"] == r or env.store.get_job(JOB)["status"]
+                 == "finished", what=f"round {r} close")
+    assert env.engine.wait_idle(JOB, 5)
+    recs = {r["round"]: r for r in env.store.get_rounds(JOB)}
+    # version 0 was scored in round 1 (weighted by held-out samples): metrics of round 0
+    fed0 = {m["name"]: m["value"] for m in env.store.list_metrics(JOB) if m["source"] == "federated" and m["round"] == 0}
+    assert fed0["accuracy"] == pytest.approx(0.25) and fed0["loss"] == pytest.approx(0.875)
+    assert fed0["num_samples"] == 40 and fed0["clients"] == 2
+    # round 1's version was scored in round 2; c's impossible accuracy is left out
+    assert recs[1]["federated_eval"] == pytest.approx({"status": "ok", "loss": 0.3, "accuracy": 0.75,
+                                                       "num_samples": 40.0, "clients": 2.0,
+                                                       "version": recs[1]["new_version"], "scored_in_round": 2})
+    assert "eval_accuracy" not in recs[2]["metrics"] and "loss" in recs[3]["metrics"]
+    # nobody scored round 2's version in round 3: failed with a reason, never a silent gap
+    assert recs[2]["federated_eval"]["status"] == "failed"
+    assert "none of the 3 device(s) reported a held-out score" in recs[2]["federated_eval"]["reason"]
+    assert recs[3]["federated_eval"]["status"] == "not_run" and "final version" in recs[3]["federated_eval"]["reason"]
+
+
+def test_no_evaluation_means_no_holdout(mk):
+    env = mk(eval=None)
+    env.engine.start_job(JOB)
+    env.open_round(1)
+    for cid in "abc":
+        assert env.pub.json_on(topics.task_topic(cid))[-1]["config"]["holdout_fraction"] == 0.0
+        assert env.engine.submit(cid, env.update(cid, np.zeros(env.numel, np.float32), 5,
+                                                 _scored(0.1, 0.5, 5))[0]).accepted
+    assert env.engine.wait_idle(JOB, 5)
+    rec = env.store.get_rounds(JOB)[0]
+    assert rec["federated_eval"] is None and rec["eval"] is None
+
+
+def test_evaluation_that_does_not_fit_is_reported_with_its_reason(mk, tmp_path):
+    folder = tmp_path / "holdout"
+    for name in ("cat", "dog"):
+        (folder / name).mkdir(parents=True)
+        for i in range(2):
+            from PIL import Image
+            Image.fromarray(np.full((9, 9, 3), 40 * i, np.uint8)).save(folder / name / f"{i}.png")
+    body = {"name": "t", "model": {"arch": "small_cnn", "image_size": 8},
+            "eval": {"dataset": "imagefolder", "path": str(folder)}}
+    data = initial_model(JOB, normalize_job(body))
+    env = mk(data=data, evaluate=True, eval=body["eval"])
+    (folder / "cow").mkdir()  # the folder changed after the job was created
+    (folder / "dog" / "0.png").rename(folder / "cow" / "0.png")
+    env.engine.start_job(JOB)
+    env.open_round(1)
+    for cid in "abc":
+        assert env.engine.submit(cid, env.update(cid, np.zeros(env.numel, np.float32))[0]).accepted
+    assert env.engine.wait_idle(JOB, 30)
+    rec = env.store.get_rounds(JOB)[0]
+    assert "now has classes ['cat', 'cow', 'dog']" in rec["eval"]["error"]
+    assert "evaluation of version 0 failed" in env.store.get_job(JOB)["error"]
+    assert env.store.get_job(JOB)["status"] == "finished"  # advisory: the job itself went on
