@@ -281,3 +281,51 @@ def test_server_in_process_with_embedded_broker(tmp_path):
     time.sleep(0.2)
     leftover = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
     assert leftover == []
+
+
+def _classes(root, names):
+    from PIL import Image
+
+    for name in names:
+        (root / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(root / name / "0.png")
+    return root
+
+
+def test_photo_jobs_get_photo_defaults_and_carry_preprocessing_in_the_model(http):
+    job = http.post("/api/v1/jobs", json={"name": "cams", "model": {"arch": "mobilenet_v3_small",
+                                                                    "num_classes": 5}}).json
+    cfg = job["config"]
+    assert cfg["model"]["in_channels"] == 3 and cfg["model"]["image_size"] == 32 and cfg["input_scale"] == 255
+    assert cfg["normalization"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    assert cfg["eval"] == {"dataset": None, "holdout_fraction": 0.1}  # devices score every version
+    svc = http.application.extensions["fedsight"]
+    meta = load_model(svc.models.get(job["current_version"]))[1]
+    assert meta["input_scale"] == 255 and meta["class_names"] == ["0", "1", "2", "3", "4"]
+    assert meta["normalization"] == cfg["normalization"] and meta["in_channels"] == 3
+    digits = http.post("/api/v1/jobs", json={"model": {"arch": "small_cnn"}, "eval": {"dataset": "digits"}}).json
+    assert digits["config"]["input_scale"] == 16 and digits["config"]["model"]["in_channels"] == 1
+    assert digits["config"]["normalization"]["mean"] == [0.5] and digits["config"]["eval"]["holdout_fraction"] == 0
+
+
+def test_eval_folder_names_the_classes_or_is_refused(http, tmp_path):
+    folder = _classes(tmp_path / "holdout", ["cat", "dog", "fox"])
+    body = {"model": {"arch": "small_cnn"}, "eval": {"dataset": "imagefolder", "path": str(folder)}}
+    job = http.post("/api/v1/jobs", json=body).json
+    assert job["config"]["class_names"] == ["cat", "dog", "fox"] and job["config"]["model"]["num_classes"] == 3
+    assert job["config"]["eval"]["holdout_fraction"] == 0.0
+    before = len(http.get("/api/v1/jobs").json["jobs"])
+    for bad, fragment in [
+        ({**body, "class_names": ["cat", "dog", "cow"]}, "has classes ['cat', 'dog', 'fox'] but the job's "
+                                                         "class_names are ['cat', 'dog', 'cow']"),
+        ({**body, "class_names": ["dog", "cat", "fox"]}, "same (sorted) order"),
+        ({**body, "model": {"arch": "small_cnn", "num_classes": 5}}, "3 names for num_classes=5"),
+        ({**body, "eval": {"dataset": "imagefolder", "path": str(tmp_path / "missing")}}, "is not a folder"),
+        ({**body, "eval": {"dataset": "imagefolder"}}, "'eval.path' is required"),
+        ({"model": {"arch": "small_cnn", "num_classes": 5}, "eval": {"dataset": "digits"}}, "10 digit classes"),
+        ({**body, "eval": {"holdout_fraction": 0.9}}, "'eval.holdout_fraction' must be <= 0.5"),
+        ({**body, "input_scale": 0}, "'input_scale' must be >="),
+    ]:
+        resp = http.post("/api/v1/jobs", json=bad)
+        assert resp.status_code == 400 and fragment in resp.json["error"], resp.json
+    assert len(http.get("/api/v1/jobs").json["jobs"]) == before  # nothing was created

@@ -116,3 +116,24 @@ def test_concurrent_writers(store):
         t.join()
     assert not errors
     assert len(store.list_updates("j", limit=10_000)) == 200
+
+
+def test_older_databases_gain_the_federated_eval_column(tmp_path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE rounds (job_id TEXT NOT NULL, round INTEGER NOT NULL, attempt INTEGER NOT NULL, "
+                "status TEXT NOT NULL, base_version TEXT NOT NULL, new_version TEXT, codec TEXT NOT NULL, "
+                "selected TEXT NOT NULL, participants TEXT NOT NULL DEFAULT '[]', accepted INTEGER NOT NULL "
+                "DEFAULT 0, rejected INTEGER NOT NULL DEFAULT 0, uplink_bytes INTEGER NOT NULL DEFAULT 0, "
+                "downlink_bytes INTEGER NOT NULL DEFAULT 0, compression_ratio REAL, started_at REAL NOT NULL, "
+                "closed_at REAL, duration_s REAL, metrics TEXT NOT NULL DEFAULT '{}', eval TEXT, reason TEXT, "
+                "PRIMARY KEY (job_id, round, attempt))")
+    old.commit()
+    old.close()
+    store = Store(path)
+    store.open_round("j", 1, 1, "v0", {"name": "dense"}, ["a"])
+    store.update_round("j", 1, 1, federated_eval={"status": "ok", "accuracy": 0.5})
+    assert store.get_round("j", 1, 1)["federated_eval"] == {"status": "ok", "accuracy": 0.5}
+    store.close()
