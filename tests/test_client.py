@@ -85,3 +85,55 @@ def test_job_rounds_use_downlink_patches(server: CoordinatorHandle, tmp_path: Pa
     assert mine[0].download_bytes == full          # round 1: nothing cached, full model
     assert 0 < mine[1].download_bytes < full / 3   # round 2: a patch against the cached version 0
     assert mine[1].update_bytes < full / 10        # 2 % top-k in fp16
+
+
+def test_device_prepares_frames_from_the_job_and_scores_held_out_data(server: CoordinatorHandle,
+                                                                      tmp_path: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    from edge_sdk.preprocess import digits_preprocessing
+
+    digits = load_digits()
+    buffer = SampleBuffer(capacity=300)  # the app passes raw frames only; the job says how to prepare them
+    for img, label in zip(digits.images[:300], digits.target[:300]):
+        buffer.add(img.astype(np.uint8), int(label))
+    client = EdgeClient(server.url, dataset=buffer, cache_dir=tmp_path)
+    client.start()
+    try:
+        wait_for(lambda: client_row(server, client.client_id)["ready"])
+        body = {k: v for k, v in JOB.items() if k != "input_scale"}
+        body["eval"] = {"dataset": "digits", "holdout_fraction": 0.25}  # digits defaults: scale 16, mean 0.5
+        job = requests.post(f"{server.url}/api/v1/jobs", json=body, timeout=10).json()
+        requests.post(f"{server.url}/api/v1/jobs/{job['id']}/start", timeout=10).raise_for_status()
+        wait_for(lambda: requests.get(f"{server.url}/api/v1/jobs/{job['id']}", timeout=5).json()["status"]
+                 == "finished", timeout=60)
+    finally:
+        client.stop()
+    assert buffer.spec == digits_preprocessing(8, 1)
+    held, train = len(buffer.holdout(0.25)), len(buffer.snapshot(0.25))
+    assert held + train == 300 and held > 30
+    mine = [r for r in client.history if r.job_id == job["id"]]
+    assert [r.num_samples for r in mine] == [train, train]  # held-out frames are never trained on
+    assert all(r.metrics["eval_samples"] == held and 0 <= r.metrics["eval_accuracy"] <= 1 for r in mine)
+    rounds = requests.get(f"{server.url}/api/v1/jobs/{job['id']}/rounds", timeout=5).json()["rounds"]
+    first, last = rounds[0]["federated_eval"], rounds[-1]["federated_eval"]
+    assert first["status"] == "ok" and first["num_samples"] == held and first["scored_in_round"] == 2
+    assert first["accuracy"] == pytest.approx(mine[1].metrics["eval_accuracy"])
+    assert last["status"] == "not_run" and "final version" in last["reason"]
+    metrics = requests.get(f"{server.url}/api/v1/jobs/{job['id']}/metrics", timeout=5).json()["metrics"]
+    fed0 = {m["name"]: m["value"] for m in metrics if m["source"] == "federated" and m["round"] == 0}
+    assert fed0["accuracy"] == pytest.approx(mine[0].metrics["eval_accuracy"])  # version 0, scored in round 1
+
+
+def test_buffer_that_does_not_fit_the_job_is_refused_before_anything_is_sent(server: CoordinatorHandle,
+                                                                             tmp_path: Path) -> None:
+    from edge_sdk.preprocess import PreprocessingMismatch
+
+    buffer = SampleBuffer(capacity=8, image_size=16)  # pinned by the app: the job's model takes 8x8
+    buffer.add(np.zeros((12, 12), np.uint8), 1)
+    client = EdgeClient(server.url, dataset=buffer, cache_dir=tmp_path)
+    job = requests.post(f"{server.url}/api/v1/jobs", json=JOB, timeout=10).json()
+    task = {"job_id": job["id"], "round": 1, "base_version": job["current_version"], "config": {}}
+    with pytest.raises(PreprocessingMismatch, match="image_size 16x16 != 8x8"):
+        client.handle_task(task)
+    assert client.history == [] and buffer.spec is None and buffer[0][0].shape == (1, 16, 16)
