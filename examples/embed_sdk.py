@@ -1,7 +1,9 @@
 """A camera app joins FedSight federated fine-tuning: the ~10 lines an app developer writes.
 
-Run a coordinator and a job first (`fedsight coordinator`, `fedsight job create --start ...`), then
-`python examples/embed_sdk.py [COORDINATOR_URL]`. `camera_frames()` stands in for your capture loop.
+Run a coordinator and a job first (`fedsight coordinator`, `fedsight job create --eval digits --start`), then
+`python examples/embed_sdk.py [COORDINATOR_URL]`. `camera_frames()` stands in for your capture loop. The app
+passes raw frames only: the SampleBuffer is configured from the job's model (size, channels, mean/std, pixel
+scale), and a job whose model expects something the buffer was pinned to otherwise is refused with the differences.
 """
 import sys
 import time
@@ -20,8 +22,7 @@ def camera_frames():
 
 
 # --- the app developer's code -----------------------------------------------------------------------
-buffer = SampleBuffer(capacity=512, image_size=8, channels=1,                   # what the job's model takes
-                      normalization={"mean": [0.5], "std": [0.5]}, input_scale=16)
+buffer = SampleBuffer(capacity=512)              # preprocessing comes from the job's model
 client = EdgeClient(sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8080",
                     dataset=buffer, cache_dir="~/.cache/fedsight/camera-app")
 client.start()                                   # online now; selected once the buffer holds frames
