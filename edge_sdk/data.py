@@ -204,14 +204,15 @@ def image_folder(
 def cifar10(
     root: str | Path,
     train: bool = True,
-    image_size: int = 32,
+    image_size: int | None = 32,
     normalization: dict[str, Sequence[float]] | None = None,
 ) -> Dataset:
-    """torchvision CIFAR10 from local files only (``download=False``)."""
+    """torchvision CIFAR10 from local files only (``download=False``); ``image_size=None`` and no
+    ``normalization``: follows the job's model (see :func:`edge_sdk.job_data.fit_to_job`)."""
     from torchvision.datasets import CIFAR10
 
     root = Path(root)
-    spec = folder_preprocessing(image_size, 3, normalization or CIFAR10_NORMALIZATION)
+    spec = folder_preprocessing(image_size or 32, 3, normalization or CIFAR10_NORMALIZATION)
     try:
         dataset = CIFAR10(str(root), train=train, transform=_FilePreprocess(spec), download=False)
     except RuntimeError as exc:
@@ -222,6 +223,7 @@ def cifar10(
             "(FedSight never downloads data at run time)."
         ) from exc
     dataset.preprocessing = spec  # type: ignore[attr-defined]
+    dataset.preprocessing_pinned = image_size is not None or normalization is not None  # type: ignore[attr-defined]
     return dataset
 
 

@@ -52,7 +52,7 @@ def load_partition(spec: tuple[str, Path | None], partition: float | str, num: i
         dataset = data.image_folder(path, image_size, channels=channels or 3)  # no size: follows the job
         labels = np.asarray(dataset.targets)
     else:
-        dataset = data.cifar10(path, train=True, image_size=image_size or 32)
+        dataset = data.cifar10(path, train=True, image_size=image_size)  # no size: follows the job
         labels = np.asarray(dataset.targets)
     try:
         parts = data.dirichlet_partition(labels, num, partition, seed)

@@ -98,7 +98,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     p.add_argument("--partition-index", type=int, default=0, metavar="I", help="this device's shard (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="partition seed, same for all devices (default: 0)")
     p.add_argument("--image-size", type=int,
-                   help="resize images (default: 8 for digits, imagefolder follows the job's model, cifar10 32)")
+                   help="resize images (default: 8 for digits; imagefolder and cifar10 follow the job's model)")
     p.add_argument("--channels", type=int, choices=(1, 3), help="image channels (default: 1 digits, else 3)")
     p.add_argument("--client-id", help="reuse a registered id (with --token); default: register or cached")
     p.add_argument("--token", help="client token from POST /api/v1/clients")
