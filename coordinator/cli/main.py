@@ -30,7 +30,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from coordinator.server import serve  # handles SIGINT/SIGTERM itself: clean shutdown
 
     try:
-        serve(args.host, args.port, Path(args.data_dir), broker=args.broker, broker_port=args.mqtt_port)
+        serve(args.host, args.port, Path(args.data_dir), broker=args.broker, broker_host=args.mqtt_host,
+              broker_port=args.mqtt_port, public_url=args.public_url, advertised_broker_url=args.public_broker)
     except KeyboardInterrupt:
         pass
     return 0
