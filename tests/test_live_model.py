@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -141,3 +143,34 @@ def test_swaps_under_concurrent_inference_and_keeps_the_old_model_on_bad_downloa
     cached = tmp_path / "live" / f"{job_id}.onnx"
     cached.write_bytes(cached.read_bytes()[:-10])
     assert LiveModel("http://127.0.0.9:9", job_id, poll_s=0, cache_dir=tmp_path / "live").version is None
+
+
+def test_camera_app_example_follows_versions_without_torch(server: CoordinatorHandle, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from tests.support.processes import ROOT, child_env
+
+    job_id = requests.post(f"{server.url}/api/v1/jobs", json=JOB, timeout=10).json()["id"]
+    first = server.services.store.get_job(job_id)["current_version"]
+    for i, frame in enumerate(FRAMES):
+        (tmp_path / "frames").mkdir(exist_ok=True)
+        Image.fromarray(frame).save(tmp_path / "frames" / f"{i}.png")
+    app = [str(tmp_path / "frames"), "--coordinator", server.url, "--job", job_id, "--poll", "0.5", "--loop",
+           "--fps", "20", "--max-frames", "240", "--cache-dir", str(tmp_path / "cache")]
+    no_torch = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['camera_app.py', *sys.argv[1:]]; "
+                "runpy.run_path('examples/camera_app.py', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", no_torch, *app], cwd=ROOT, env=child_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines: list[str] = []
+    second = None
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if second is None and f"model {first[:12]} (round 0) is live" in line:
+            second = new_version(server, job_id, 1)
+    assert proc.wait(60) == 0, "".join(lines[-30:])
+    out = "".join(lines)
+    assert second is not None and f"model {second[:12]} (round 1) is live" in out, out[-3000:]
+    frames = [ln for ln in lines if " frame " in ln or ": frame " in ln]
+    assert len(frames) == 240 and all(f"[model {first[:12]}]" in ln or f"[model {second[:12]}]" in ln
+                                      for ln in frames)
