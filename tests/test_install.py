@@ -113,7 +113,7 @@ BLOCK = {sorted(NOT_BASE)!r}
 class Blocker:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCK:
-            raise ImportError(name + " is not part of the base install")
+            raise ModuleNotFoundError(name + " is not part of the base install", name=name)
 sys.meta_path.insert(0, Blocker())
 """
 
@@ -141,3 +141,15 @@ sys.exit(code)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(r"white\.png\s+a\s+0\.\d+", out.stdout), out.stdout
+
+
+def test_commands_that_need_an_extra_say_which_one() -> None:
+    code = BLOCKER + """
+from coordinator.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+    for argv, extra in ((["client"], "edge"), (["coordinator", "--port", "0"], "server"), (["job", "list"], "server")):
+        out = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 2, (argv, out.stderr[-2000:])
+        assert f'pip install "fedsight[{extra}]"' in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -22,7 +22,7 @@ import requests
 from coordinator.cli.main import build_parser
 from tests.support.processes import ROOT, child_env, cli, free_port, stop_process
 
-DOCS = [ROOT / "README.md", ROOT / "docs" / "cli.md"]
+DOCS = [ROOT / "README.md", ROOT / "docs" / "cli.md", ROOT / "examples" / "README.md"]
 DEVICES, ROUNDS, IMAGE_SIZE = 2, 2, 32
 PUBLIC_HOST = "127.0.0.3"
 
@@ -73,7 +73,7 @@ def commands(path: Path, block: Block) -> list[Command]:
             i += 1
         if not re.match(r"\s*(fedsight|pip|bash|python)\b", line):
             continue
-        words = shlex.split(line, comments=True)
+        words = [w for w in shlex.split(line, comments=True) if w != "&"]  # `cmd &`: run in the background
         nxt = lines[i] if i < len(lines) else ""
         usage_error = bool(re.match(r"fedsight[\w ]*: error: argument", nxt))
         chunk: list[str] = []
