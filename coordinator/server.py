@@ -96,6 +96,11 @@ def _stop_waitress(server: Any, thread: threading.Thread) -> None:
     server.task_dispatcher.shutdown(timeout=5)
 
 
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
 def advertised(http_host: str, http_port: int, broker: BrokerAddress, public_url: str | None,
                advertised_broker_url: str | None) -> tuple[str, str]:
     """(HTTP origin, MQTT broker URL) devices are told. Unset ones follow the bind address, or, when bound
@@ -151,6 +156,9 @@ def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fed
         if host in _ANY_HOST and public_url is None:
             log.warning("bound to all interfaces but devices are told %s; pass public_url for remote devices",
                         services.engine.config.public_url)
+        if public_url and _is_loopback(services.broker_url) and not _is_loopback(public_url):
+            log.warning("devices reach this coordinator at %s but are told the broker is %s (loopback); pass "
+                        "advertised_broker_url (--public-broker)", public_url, services.broker_url)
         thread = threading.Thread(target=http.run, name="waitress", daemon=True)
         thread.start()
         if resume:
