@@ -1,5 +1,34 @@
-"""FedSight: federated fine-tuning of vision models on edge devices, with privacy built in."""
+"""FedSight: federated fine-tuning of vision models on edge devices, with privacy built in.
+
+``pip install fedsight`` is the torch-free device runtime (``edge_sdk.inference``, ``edge_sdk.live_model``,
+``fedsight infer``); extras add the rest:
+
+* ``[edge]``   a device that also trains (torch, torchvision, MQTT, HTTP client, scikit-learn digits)
+* ``[server]`` the coordinator, ``fedsight demo``, ONNX export (Flask, waitress, amqtt, onnx, ...)
+* ``[all]``    both; ``[test]`` adds what the test suite itself needs (``bash tests/run.sh`` installs
+  ``.[all,test]``).
+"""
 from setuptools import find_packages, setup
+
+INFERENCE = ["numpy>=1.26", "onnxruntime>=1.18", "pillow>=10"]
+EDGE = [
+    "torch>=2.4",
+    "torchvision>=0.19",
+    "paho-mqtt>=2.0",
+    "requests>=2.31",
+    "scikit-learn>=1.4",  # the bundled digits dataset (demo, simulated devices)
+]
+SERVER = EDGE + [
+    "flask>=3.0",
+    "waitress>=3.0",
+    "amqtt>=0.11",
+    "onnx>=1.16",
+    "onnxscript>=0.1",  # torch.onnx needs it to export
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+    "psutil>=5.9",
+]
+TEST = ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3"]
 
 setup(
     name="fedsight",
@@ -10,27 +39,13 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["edge_sdk", "edge_sdk.*", "coordinator", "coordinator.*",
                                     "converters", "converters.*"]),
-    install_requires=[
-        "numpy>=1.26",
-        "torch>=2.4",
-        "torchvision>=0.19",
-        "paho-mqtt>=2.0",
-        "requests>=2.31",
-        "flask>=3.0",
-        "waitress>=3.0",
-        "amqtt>=0.11",
-        "onnx>=1.16",
-        "onnxruntime>=1.18",
-        "scikit-learn>=1.4",
-        "tqdm>=4.66",
-        "matplotlib>=3.8",
-        "pillow>=10",
-        "psutil>=5.9",
-    ],
+    install_requires=INFERENCE,
     extras_require={
-        # A device that only runs inference needs numpy + onnxruntime (+ pillow for image files).
-        "inference": ["numpy>=1.26", "onnxruntime>=1.18", "pillow>=10"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "onnxscript>=0.1"],
+        "inference": [],  # the base install; kept so `pip install "fedsight[inference]"` still works
+        "edge": EDGE,
+        "server": SERVER,
+        "all": sorted(set(EDGE + SERVER)),
+        "test": TEST,
     },
     entry_points={"console_scripts": ["fedsight=coordinator.cli.main:main"]},
 )

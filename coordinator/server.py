@@ -4,6 +4,11 @@
 broker, database). ``start(...)`` does the same start-up but returns a :class:`CoordinatorHandle` at once,
 for tests and for ``fedsight demo``; ``handle.stop()`` is the same clean shutdown. Jobs that were running
 stay 'running' in the store across a stop and are resumed by the next start.
+
+Bind addresses (where sockets listen) and advertised addresses (what devices are told) are separate: a server
+binds ``0.0.0.0`` and advertises ``http://cams.example:8080`` / ``mqtt://cams.example:1883``. Devices get the
+broker URL from ``GET /api/v1/health``; tasks carry paths, which each device resolves against the coordinator
+URL it was configured with, so the HTTP origin is only advertised, never baked into messages.
 """
 from __future__ import annotations
 
@@ -13,9 +18,11 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from waitress.server import create_server
 
+from edge_sdk.coordinator_origin import CoordinatorOrigin
 from edge_sdk.transport import BrokerAddress
 
 from coordinator.api.app import create_app
@@ -51,6 +58,11 @@ class CoordinatorHandle:
         return self.services.store
 
     @property
+    def public_url(self) -> str:
+        """The HTTP origin advertised to devices (``url`` is where this machine reaches the server)."""
+        return str(self.services.engine.config.public_url)
+
+    @property
     def port(self) -> int:
         return int(self.url.rsplit(":", 1)[1])
 
@@ -84,6 +96,29 @@ def _stop_waitress(server: Any, thread: threading.Thread) -> None:
     server.task_dispatcher.shutdown(timeout=5)
 
 
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+def advertised(http_host: str, http_port: int, broker: BrokerAddress, public_url: str | None,
+               advertised_broker_url: str | None) -> tuple[str, str]:
+    """(HTTP origin, MQTT broker URL) devices are told. Unset ones follow the bind address, or, when bound
+    to every interface, the public URL's host (else loopback)."""
+    if public_url:
+        public = CoordinatorOrigin(public_url).base_url  # ValueError (UnsafeUrlError) names the problem
+    else:
+        public = f"http://{'127.0.0.1' if http_host in _ANY_HOST else http_host}:{http_port}"
+    if advertised_broker_url:
+        broker_url = BrokerAddress.parse(advertised_broker_url).url()
+    elif broker.host in _ANY_HOST:
+        name = urlsplit(public).hostname if public_url else None
+        broker_url = f"mqtt://{name or '127.0.0.1'}:{broker.port}"
+    else:
+        broker_url = broker.url()
+    return public, broker_url
+
+
 def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fedsight-data",
           broker: str = "embedded", *, broker_host: str = "127.0.0.1", broker_port: int = 1883,
           public_url: str | None = None, advertised_broker_url: str | None = None, threads: int = 8,
@@ -92,33 +127,38 @@ def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fed
 
     ``broker``: ``"embedded"`` (amqtt on ``broker_host:broker_port``; port 0 picks a free one) or
     ``"mqtt://HOST:PORT"`` of an external broker. ``port=0`` picks a free HTTP port. ``public_url`` /
-    ``advertised_broker_url``: the addresses devices should use, when they differ from the bind addresses.
+    ``advertised_broker_url``: the addresses devices should use, when they differ from the bind addresses
+    (see :func:`advertised`).
     """
+    if public_url:
+        CoordinatorOrigin(public_url)  # fail before anything starts
+    if advertised_broker_url:
+        BrokerAddress.parse(advertised_broker_url)
     embedded: EmbeddedBroker | None = None
     if broker == "embedded":
         embedded = EmbeddedBroker(broker_host, broker_port).start()
-        address = BrokerAddress(broker_host, embedded.port)
+        address = BrokerAddress(broker_host, embedded.port)  # the bridge itself connects over loopback
+        bridge_address = BrokerAddress("127.0.0.1" if broker_host in _ANY_HOST else broker_host, embedded.port)
     else:
-        address = BrokerAddress.parse(broker)
+        address = bridge_address = BrokerAddress.parse(broker)
     services: Services | None = None
     bridge: MqttBridge | None = None
     try:
         services = build_services(data_dir, engine_config=engine_config, evaluate=evaluate)
-        bridge = MqttBridge(services.engine, address)
+        bridge = MqttBridge(services.engine, bridge_address)
         bridge.start()
         app = create_app({"services": services})
         http = create_server(app, host=host, port=port, threads=threads, ident="fedsight")
         bound = int(http.effective_port)
         url_host = "127.0.0.1" if host in _ANY_HOST else host
-        services.engine.config.public_url = (public_url or f"http://{url_host}:{bound}").rstrip("/")
-        if advertised_broker_url:
-            services.broker_url = advertised_broker_url
-        else:
-            b_host = "127.0.0.1" if address.host in _ANY_HOST else address.host
-            services.broker_url = f"mqtt://{b_host}:{address.port}"
+        services.engine.config.public_url, services.broker_url = advertised(host, bound, address, public_url,
+                                                                            advertised_broker_url)
         if host in _ANY_HOST and public_url is None:
             log.warning("bound to all interfaces but devices are told %s; pass public_url for remote devices",
                         services.engine.config.public_url)
+        if public_url and _is_loopback(services.broker_url) and not _is_loopback(public_url):
+            log.warning("devices reach this coordinator at %s but are told the broker is %s (loopback); pass "
+                        "advertised_broker_url (--public-broker)", public_url, services.broker_url)
         thread = threading.Thread(target=http.run, name="waitress", daemon=True)
         thread.start()
         if resume:
@@ -134,7 +174,8 @@ def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fed
             embedded.stop()
         raise
     url = f"http://{url_host}:{bound}"
-    log.info("coordinator REST on %s (data in %s), MQTT %s", url, Path(data_dir).resolve(), services.broker_url)
+    log.info("coordinator REST on %s (data in %s), MQTT on %s; devices are told %s and %s", url,
+             Path(data_dir).resolve(), address.url(), services.engine.config.public_url, services.broker_url)
     return CoordinatorHandle(services, url, services.broker_url or "", bridge, embedded, http, thread)
 
 

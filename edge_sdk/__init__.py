@@ -17,6 +17,7 @@ _EXPORTS = {
     "LocalTrainer": "edge_sdk.trainer",
     "build_model": "edge_sdk.models",
     "OnnxClassifier": "edge_sdk.inference",
+    "LiveModel": "edge_sdk.live_model",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from . import params
+from .coordinator_origin import CoordinatorOrigin, UnsafeUrlError, check_version
 from .error_feedback import ResidualStore
 from .job_data import fit_to_job, split_for_job
 from .model_cache import ModelCache
@@ -80,8 +81,9 @@ class EdgeClient:
                  broker_url: str | None = None, cache_dir: str | Path = "~/.cache/fedsight",
                  jobs: list[str] | None = None, trainer: LocalTrainer | None = None,
                  callbacks: ClientCallbacks | None = None, request_timeout: float = 30.0) -> None:
-        self.base_url = coordinator_url.rstrip("/")
-        self.api = f"{self.base_url}/api/v1"
+        self.origin = CoordinatorOrigin(coordinator_url)  # every URL this device requests is built from it
+        self.base_url = self.origin.base_url
+        self.api = self.origin.api
         self.dataset = dataset
         self._model_arg = model
         self._model: nn.Module | None = None
@@ -94,7 +96,7 @@ class EdgeClient:
         self._http = requests.Session()
         self.client_id, self.token = self._credentials(client_id, token, name)
         self._http.headers["Authorization"] = f"Bearer {self.token}"
-        self.models = ModelCache(self.cache_dir / "models", self._http)
+        self.models = ModelCache(self.cache_dir / "models", self._http, origin=self.origin)
         self.residuals = ResidualStore(self.cache_dir / "residual")
         self.broker_url = broker_url or self._discover_broker()
         self.history: list[RoundReport] = []
@@ -266,17 +268,23 @@ class EdgeClient:
     def handle_task(self, task: dict[str, Any]) -> RoundReport | None:
         """Run one training task end to end and publish the update (also callable directly in tests)."""
         job_id, rnd = str(task["job_id"]), int(task["round"])
+        try:  # tasks carry paths on the configured coordinator; anything else never gets our token
+            if not topics.valid_id(job_id):
+                raise UnsafeUrlError(f"invalid job id {job_id[:80]!r}")
+            version = check_version(task.get("base_version"))
+            url = self.origin.url(task.get("model_path") or task.get("model_url")
+                                  or f"/api/v1/jobs/{job_id}/models/{version}")
+            patch_url = self.origin.url(f"/api/v1/jobs/{job_id}/models/{version}/delta")
+        except UnsafeUrlError as exc:
+            log.error("refusing task for job %s round %d: %s", job_id[:80], rnd, exc)
+            return None
         if self.callbacks.on_round_start:
             self.callbacks.on_round_start(task)
         config = dict(task.get("config") or {})
         if not self._has_data():
             log.warning("no local samples yet; skipping job %s round %d", job_id, rnd)
             return None
-        url = task.get("model_url") or f"{self.api}/jobs/{job_id}/models/{task['base_version']}"
-        if url.startswith("/"):
-            url = self.base_url + url
-        version = str(task["base_version"])
-        fetched = self.models.get(url, version, patch_url=f"{self.api}/jobs/{job_id}/models/{version}/delta")
+        fetched = self.models.get(url, version, patch_url=patch_url)
         arrays, meta = load_model(fetched.data)
         model = self._model_for(meta)
         params.load_arrays(model, arrays)

@@ -2,6 +2,8 @@
 
 A version *is* the sha256 of its bytes, so a cached file is checked once on arrival and never refetched.
 Interrupted downloads resume with an HTTP Range request, which matters on a flaky cellular link.
+The session carries the device's bearer token, so every URL is checked against the configured coordinator
+origin first and redirects are not followed (a redirect elsewhere is an error, not a detour).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import requests
 
+from .coordinator_origin import CoordinatorOrigin, check_version
 from .protocol.errors import ProtocolError
 from .protocol.modelfile import sha256_hex
 from .protocol.patch import apply_patch
@@ -33,20 +36,28 @@ class Fetched:
 class ModelCache:
     """A per-device cache of global model files keyed by version (sha256)."""
 
-    def __init__(self, directory: Path, session: requests.Session, keep: int = 4, timeout: float = 60.0) -> None:
+    def __init__(self, directory: Path, session: requests.Session, keep: int = 4, timeout: float = 60.0,
+                 origin: CoordinatorOrigin | None = None) -> None:
         self.directory = Path(directory)
+        self.origin = origin  # when set, no request leaves for any other origin
         self.directory.mkdir(parents=True, exist_ok=True)
         self._http = session
         self._keep = keep
         self._timeout = timeout
 
     def path(self, version: str) -> Path:
-        return self.directory / f"{version}.fsm"
+        return self.directory / f"{check_version(version)}.fsm"
+
+    def _checked(self, url: str) -> str:
+        return url if self.origin is None else self.origin.check(url)
 
     def get(self, url: str, version: str, patch_url: str | None = None) -> Fetched:
         """The bytes of ``version``: from the cache, else as a patch against the newest cached version
         (``patch_url?from=<cached>``), else in full from ``url`` (resuming a partial download)."""
         final = self.path(version)
+        self._checked(url)
+        if patch_url is not None:
+            self._checked(patch_url)
         if final.exists():
             data = final.read_bytes()
             if sha256_hex(data) == version:
@@ -64,7 +75,8 @@ class ModelCache:
         if base is None:
             return None
         try:
-            resp = self._http.get(patch_url, params={"from": base}, timeout=self._timeout)
+            resp = self._http.get(self._checked(patch_url), params={"from": base}, timeout=self._timeout,
+                                  allow_redirects=False)
             if resp.status_code != 200:
                 log.debug("no patch %s -> %s (HTTP %d); full download", base[:12], version[:12], resp.status_code)
                 return None
@@ -85,7 +97,8 @@ class ModelCache:
             have = part.stat().st_size if part.exists() else 0
             headers = {"Range": f"bytes={have}-"} if have else {}
             try:
-                with self._http.get(url, headers=headers, stream=True, timeout=self._timeout) as resp:
+                with self._http.get(self._checked(url), headers=headers, stream=True, timeout=self._timeout,
+                                    allow_redirects=False) as resp:
                     if resp.status_code == 416:  # our partial file is already complete (or bogus)
                         pass
                     elif resp.status_code not in (200, 206):
@@ -119,7 +132,7 @@ class ModelCache:
 
     def latest_cached(self) -> str | None:
         files = sorted(self.directory.glob("*.fsm"), key=lambda p: p.stat().st_mtime, reverse=True)
-        return files[0].stem if files else None
+        return next((f.stem for f in files if len(f.stem) == 64), None)
 
     def _prune(self) -> None:
         files = sorted(self.directory.glob("*.fsm"), key=lambda p: p.stat().st_mtime, reverse=True)

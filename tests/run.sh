@@ -10,5 +10,5 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
 fi
 PIP="python3 -m pip install -q --disable-pip-version-check"
 python3 -c "import torch, torchvision" 2>/dev/null || $PIP torch==2.14.1 torchvision==0.29.1
-$PIP -e '.[test]'
+$PIP -e '.[all,test]'   # base = torch-free inference; all = edge training + server; test = pytest & co
 exec python3 -m pytest "$@"

@@ -100,7 +100,7 @@ def test_two_rounds_tasks_events_records(mk):
             task = env.pub.json_on(topics.task_topic(cid))[-1]
             assert task["type"] == "train" and (task["job_id"], task["round"], task["attempt"]) == (JOB, r, 1)
             assert task["base_version"] == versions[-1] and task["deadline_s"] == 10.0
-            assert task["model_url"] == f"http://h:1/api/v1/jobs/{JOB}/models/{versions[-1]}"
+            assert task["model_path"] == f"/api/v1/jobs/{JOB}/models/{versions[-1]}" and "model_url" not in task
             assert {k: task["config"][k] for k in ("epochs", "batch_size", "lr", "mu", "freeze_backbone")} == {
                 "epochs": 2, "batch_size": 16, "lr": 0.1, "mu": 0.0, "freeze_backbone": False}
             assert task["config"]["codec"]["name"] == "dense" and isinstance(task["config"]["seed"], int)

@@ -70,6 +70,8 @@ def test_importing_inference_does_not_import_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch imported by edge_sdk.inference'\n"
         "from edge_sdk import OnnxClassifier\n"
         "assert 'torch' not in sys.modules, 'torch imported by the edge_sdk package'\n"
+        "from edge_sdk import LiveModel\n"
+        "assert 'torch' not in sys.modules, 'torch imported by edge_sdk.live_model'\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)

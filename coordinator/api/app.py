@@ -120,6 +120,7 @@ def health() -> Any:
 
     svc = _svc()
     return jsonify(status="ok", version=__version__, api=API_VERSION, broker_url=svc.broker_url,
+                   public_url=svc.engine.config.public_url,
                    jobs_running=sum(1 for j in svc.store.list_jobs("running") if svc.engine.is_running(j["id"])))
 
 
@@ -292,6 +293,13 @@ def get_onnx(job_id: str) -> Any:
                      download_name=f"{job['id']}-{path.stem[:12]}.onnx", max_age=None)
     resp.headers["X-Model-Version"] = path.stem
     return resp
+
+
+@api.get("/jobs/<job_id>/onnx/report")
+def get_onnx_report(job_id: str) -> Any:
+    """The export's report (onnx_sha256, parity, metadata), so a device can verify the file before using it."""
+    report = _export(_job(job_id), request.args.get("version"))
+    return jsonify({k: v for k, v in report.items() if k not in ("path", "report_path")})
 
 
 @api.post("/jobs/<job_id>/export")

@@ -30,7 +30,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from coordinator.server import serve  # handles SIGINT/SIGTERM itself: clean shutdown
 
     try:
-        serve(args.host, args.port, Path(args.data_dir), broker=args.broker, broker_port=args.mqtt_port)
+        serve(args.host, args.port, Path(args.data_dir), broker=args.broker, broker_host=args.mqtt_host,
+              broker_port=args.mqtt_port, public_url=args.public_url, advertised_broker_url=args.public_broker)
     except KeyboardInterrupt:
         pass
     return 0
@@ -307,6 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
                                     "export": cmd_export, "infer": cmd_infer, "demo": cmd_demo})
 
 
+# What each command needs beyond the torch-free base install (setup.py extras).
+EXTRA_FOR = {"client": "edge", "coordinator": "server", "demo": "server", "job": "server", "export": "server"}
+
+
+def _missing_extra(exc: BaseException, command: str) -> CliError | None:
+    """A package left out of a slim install is a setup step, not a bug: name the extra to install."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name or command not in EXTRA_FOR:
+        return None
+    extra = EXTRA_FOR[command]
+    return CliError(f"`fedsight {command}` needs {exc.name.split('.')[0]!r}, which this install lacks",
+                    f'pip install "fedsight[{extra}]" (from a checkout: pip install ".[{extra}]")')
+
+
 def _user_error(exc: BaseException) -> CliError | None:
     """Library exceptions that mean 'fix your input or setup' become CliError; anything else is a bug."""
     if isinstance(exc, CliError):
@@ -339,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("fedsight: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the one place that decides traceback vs one-liner
-        err = _user_error(exc)
+        err = _missing_extra(exc, args.command) or _user_error(exc)
         if args.verbose or err is None:
             if err is None and not args.verbose:
                 print(f"fedsight: unexpected {type(exc).__name__}: {exc} (a bug? rerun with -v for the traceback)",

@@ -49,6 +49,18 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _public_url(text: str) -> str:
+    from edge_sdk.coordinator_origin import CoordinatorOrigin
+
+    return CoordinatorOrigin(text).base_url
+
+
+def _public_broker(text: str) -> str:
+    if text == "embedded":
+        raise ValueError("give the URL devices should use, mqtt://HOST:PORT")
+    return spec_text.parse_broker(text)
+
+
 def _formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
@@ -74,14 +86,21 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("coordinator", parents=[common], formatter_class=_formatter, help="run the coordinator",
-                       epilog="example:\n  fedsight coordinator --port 8080 --data-dir ./fedsight-data "
-                              "--broker embedded")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
+                       epilog="examples:\n  fedsight coordinator --port 8080 --data-dir ./fedsight-data\n"
+                              "  fedsight coordinator --host 0.0.0.0 --mqtt-host 0.0.0.0 "
+                              "--public-url http://cams.example:8080   # devices on other hosts")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address, e.g. 0.0.0.0 (default: %(default)s)")
     p.add_argument("--port", type=int, default=8080, help="HTTP port (default: %(default)s)")
     p.add_argument("--data-dir", default="./fedsight-data", help="state, models, exports (default: %(default)s)")
     p.add_argument("--broker", default="embedded", type=_typed(spec_text.parse_broker, "broker"),
                    help="'embedded' (built-in MQTT broker) or mqtt://HOST:PORT (default: %(default)s)")
+    p.add_argument("--mqtt-host", default="127.0.0.1", help="embedded broker bind address (default: %(default)s)")
     p.add_argument("--mqtt-port", type=int, default=1883, help="embedded broker port (default: %(default)s)")
+    p.add_argument("--public-url", type=_typed(_public_url, "url"), metavar="URL",
+                   help="HTTP origin devices use, e.g. http://cams.example:8080 (default: the bind address)")
+    p.add_argument("--public-broker", type=_typed(_public_broker, "broker"), metavar="mqtt://HOST:PORT",
+                   help="MQTT broker URL devices are told (default: --broker, or the embedded broker at "
+                        "--public-url's host)")
     p.set_defaults(func=commands["coordinator"])
 
     p = sub.add_parser("client", parents=[common, rest], formatter_class=_formatter,

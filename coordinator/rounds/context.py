@@ -19,7 +19,7 @@ from coordinator.storage.store import Store
 
 @dataclass
 class EngineConfig:
-    public_url: str = "http://127.0.0.1:8080"  # base URL devices use for model downloads
+    public_url: str = "http://127.0.0.1:8080"  # the HTTP origin advertised to devices (GET /health)
     max_message_bytes: int = HARD_MAX_UPDATE_BYTES  # hard cap checked before any parsing
     max_attempts: int = 5  # consecutive failed attempts of one round before the job fails (0 = never)
     selection_grace_s: float = 5.0  # with >= min_clients but < K online, wait this long for more
@@ -45,4 +45,4 @@ class RunnerContext:
     send_task: Callable[[str, dict[str, Any]], None]
     send_event: Callable[[str, dict[str, Any]], None]
     eligible_clients: Callable[[str], list[str]]
-    model_url: Callable[[str, str], str]
+    model_path: Callable[[str, str], str]  # (job_id, version) -> '/api/v1/jobs/<id>/models/<v>'

@@ -149,7 +149,7 @@ class RoundEngine:
         return RunnerContext(store=self.store, models=self.models, config=self.config, presence=self.presence,
                              evaluator=self.evaluator, exports=self.exports, send_task=self.send_task,
                              send_event=self.send_event, eligible_clients=self.eligible_clients,
-                             model_url=self.model_url)
+                             model_path=self.model_path)
 
     def _runner_done(self, runner: JobRunner) -> None:
         with self._lock:
@@ -169,8 +169,10 @@ class RoundEngine:
 
     # ------------------------------------------------------------------------------------ outbound
 
-    def model_url(self, job_id: str, version: str) -> str:
-        return f"{self.config.public_url.rstrip('/')}/api/v1/jobs/{job_id}/models/{version}"
+    @staticmethod
+    def model_path(job_id: str, version: str) -> str:
+        """Where devices download a version, relative to the coordinator URL they were configured with."""
+        return f"/api/v1/jobs/{job_id}/models/{version}"
 
     def _publish_json(self, topic: str, obj: dict[str, Any]) -> None:
         try:

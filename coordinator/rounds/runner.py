@@ -148,10 +148,10 @@ class JobRunner:
                         accumulator=strategy.begin(vec), deadline=time.time() + cfg["round_timeout_s"])
         eng.store.open_round(self.job_id, round_, attempt, base_version, task_cfg["codec"], selected)
         self.current = rnd
-        model_url = eng.model_url(self.job_id, base_version)
+        model_path = eng.model_path(self.job_id, base_version)
         for cid in selected:
             eng.send_task(cid, {"type": "train", "job_id": self.job_id, "round": round_, "attempt": attempt,
-                                "base_version": base_version, "model_url": model_url, "config": task_cfg,
+                                "base_version": base_version, "model_path": model_path, "config": task_cfg,
                                 "deadline_s": cfg["round_timeout_s"]})
         eng.send_event(self.job_id, {"type": "round_started", "job_id": self.job_id, "round": round_,
                                      "attempt": attempt, "selected": selected, "base_version": base_version})
@@ -208,7 +208,7 @@ class JobRunner:
                                      "attempt": rnd.attempt, "status": "closed", "accepted": rnd.accepted,
                                      "version": version})
         eng.send_event(self.job_id, {"type": "model_updated", "job_id": self.job_id, "round": rnd.round,
-                                     "version": version, "model_url": eng.model_url(self.job_id, version),
+                                     "version": version, "model_path": eng.model_path(self.job_id, version),
                                      "eval": evaluation})
         log.info("job %s round %d closed: %d accepted, %d rejected, version %s%s", self.job_id, rnd.round,
                  rnd.accepted, rnd.rejected, version[:12],
@@ -270,7 +270,7 @@ class JobRunner:
         eng.store.update_job(self.job_id, status="finished")
         eng.send_event(self.job_id, {"type": "job_finished", "job_id": self.job_id, "round": job["current_round"],
                                      "version": job["current_version"],
-                                     "model_url": eng.model_url(self.job_id, job["current_version"])})
+                                     "model_path": eng.model_path(self.job_id, job["current_version"])})
         log.info("job %s finished after %d rounds, final version %s", self.job_id, job["current_round"],
                  job["current_version"][:12])
         if eng.exports is not None and eng.config.export_onnx:
