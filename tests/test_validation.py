@@ -20,6 +20,10 @@ from edge_sdk.protocol.wire import UpdateHeader, encode_update
 JOB = "job-t"
 DENSE = {"name": "dense", "dtype": "float32"}
 
+# exact weighted FedAvg (no clipping) so aggregates can be checked by hand; limits are tested in
+# tests/test_limits.py
+PLAIN_FEDAVG = {"weighting": "num_samples", "max_num_samples": 2**53, "clip": {"mode": "none"}}
+
 
 class Env:
     """A job with a 4160-parameter model, clients a/b/c online (all selected), d registered but offline."""
@@ -36,7 +40,7 @@ class Env:
         data = dump_model(arrays, {"job_id": JOB, "round": 0})
         self.version = self.svc.models.put(data)
         body = {"name": "t", "model": {"arch": "small_cnn"}, "rounds": 1, "clients_per_round": 3, "min_clients": 2,
-                "round_timeout_s": 10.0, **job}
+                "round_timeout_s": 10.0, "limits": PLAIN_FEDAVG, **job}
         self.store.create_job(JOB, "t", normalize_job(body), self.version, len(data))
         self.global_vec, self.sizes = flatten(arrays), layout_sizes(arrays)
         self.numel = self.global_vec.size

@@ -12,6 +12,7 @@ from edge_sdk.protocol import codecs
 from edge_sdk.protocol.errors import ProtocolError
 from edge_sdk.protocol.modelfile import dump_model
 
+from coordinator.rounds.limits import normalize_limits
 from coordinator.rounds.strategy import make_strategy
 
 DEFAULT_MAX_UPDATE_BYTES = 64 << 20
@@ -69,7 +70,8 @@ def _default_normalization(channels: int, eval_dataset: str | None) -> dict[str,
 def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Validate a job body and return the full config with every default filled in."""
     top = {"name", "model", "rounds", "clients_per_round", "min_clients", "round_timeout_s", "train", "codec",
-           "eval", "seed", "class_names", "normalization", "max_update_bytes", "strategy"}
+           "eval", "seed", "class_names", "normalization", "max_update_bytes", "strategy",
+           "limits"}
     body = _object(body, top, "")
     name = _get(body, "name", str, "job", "")
     if not 1 <= len(name) <= 200:
@@ -127,12 +129,16 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
         strategy = make_strategy(body.get("strategy")).spec()
     except ValueError as exc:
         raise JobSpecError(f"'strategy': {exc}") from None
+    try:
+        limits = normalize_limits(body.get("limits"))
+    except ValueError as exc:
+        raise JobSpecError(str(exc)) from None
     return {"name": name, "model": {"arch": arch, "num_classes": num_classes, "in_channels": channels,
                                     "image_size": image_size, "weights": weights},
             "rounds": rounds, "clients_per_round": k, "min_clients": min_clients, "round_timeout_s": timeout,
             "train": train_cfg, "codec": codec, "eval": eval_cfg, "seed": seed, "class_names": class_names,
             "normalization": {"mean": [float(v) for v in norm["mean"]], "std": [float(v) for v in norm["std"]]},
-            "max_update_bytes": max_bytes, "strategy": strategy}
+            "max_update_bytes": max_bytes, "strategy": strategy, "limits": limits}
 
 
 def model_meta(job_id: str, config: dict[str, Any], round_: int, **extra: Any) -> dict[str, Any]:

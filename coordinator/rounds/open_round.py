@@ -49,14 +49,15 @@ class OpenRound:
 
     def add(self, client_id: str, decoded: DecodedLike, num_samples: int, nbytes: int,
             metrics: dict[str, float]) -> None:
-        """Fold an already-validated update in; caller holds ``cond``."""
-        self.accumulator.add(decoded, num_samples)
+        """Fold an already-validated update in; caller holds ``cond``. Metrics get the capped weight the
+        update got, so an inflated ``num_samples`` cannot dominate the reported loss either."""
+        weight = self.accumulator.add(decoded, num_samples)
         self.accepted_clients[client_id] = nbytes
         self.uplink_bytes += nbytes
         for key, value in metrics.items():
             if np.isfinite(value):
-                self._metric_sums[key] = self._metric_sums.get(key, 0.0) + num_samples * float(value)
-                self._metric_weights[key] = self._metric_weights.get(key, 0.0) + num_samples
+                self._metric_sums[key] = self._metric_sums.get(key, 0.0) + weight * float(value)
+                self._metric_weights[key] = self._metric_weights.get(key, 0.0) + weight
         self.cond.notify_all()
 
     def count_rejected(self, nbytes: int) -> None:
