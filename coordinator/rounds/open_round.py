@@ -32,8 +32,11 @@ class OpenRound:
     started_at: float = field(default_factory=time.time)
     closed: bool = False
     accepted_clients: dict[str, int] = field(default_factory=dict)  # client -> raw message bytes
-    rejected: int = 0
-    uplink_bytes: int = 0
+    rejected: int = 0  # authenticated senders' rejected updates (each also stored as an ``updates`` row)
+    uplink_bytes: int = 0  # accepted updates only: what compression ratios are computed from
+    rejected_bytes: int = 0
+    junk: int = 0  # unauthenticated messages (rate-limited, oversize, malformed, bad credentials): counted only
+    junk_bytes: int = 0
     _metric_sums: dict[str, float] = field(default_factory=dict)
     _metric_weights: dict[str, float] = field(default_factory=dict)
     cond: threading.Condition = field(default_factory=threading.Condition)
@@ -60,10 +63,19 @@ class OpenRound:
                 self._metric_weights[key] = self._metric_weights.get(key, 0.0) + weight
         self.cond.notify_all()
 
-    def count_rejected(self, nbytes: int) -> None:
+    def count_rejected(self, nbytes: int, junk: bool = False) -> None:
         with self.cond:
-            self.rejected += 1
-            self.uplink_bytes += nbytes
+            if junk:
+                self.junk += 1
+                self.junk_bytes += nbytes
+            else:
+                self.rejected += 1
+                self.rejected_bytes += nbytes
+
+    def traffic(self) -> dict[str, int]:
+        """The round's byte and message counters, as stored on its record."""
+        return {"uplink_bytes": self.uplink_bytes, "rejected_bytes": self.rejected_bytes, "junk": self.junk,
+                "junk_bytes": self.junk_bytes}
 
     def wait(self, stop: threading.Event, poll_s: float = 0.25) -> None:
         """Block until every selected client was accepted, the deadline passes or ``stop`` is set."""

@@ -166,7 +166,7 @@ class JobRunner:
         eng, cfg = self.ctx, job["config"]
         now = time.time()
         common = {"participants": sorted(rnd.accepted_clients), "accepted": rnd.accepted,
-                  "rejected": rnd.rejected, "uplink_bytes": rnd.uplink_bytes,
+                  "rejected": rnd.rejected, **rnd.traffic(),
                   "compression_ratio": rnd.compression_ratio(), "closed_at": now,
                   "duration_s": now - rnd.started_at, "metrics": _finite(rnd.metrics())}
         key = (self.job_id, rnd.round, rnd.attempt)

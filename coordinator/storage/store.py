@@ -34,6 +34,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     rejected INTEGER NOT NULL DEFAULT 0, uplink_bytes INTEGER NOT NULL DEFAULT 0,
     downlink_bytes INTEGER NOT NULL DEFAULT 0, compression_ratio REAL, started_at REAL NOT NULL,
     closed_at REAL, duration_s REAL, metrics TEXT NOT NULL DEFAULT '{}', eval TEXT, reason TEXT,
+    rejected_bytes INTEGER NOT NULL DEFAULT 0, junk INTEGER NOT NULL DEFAULT 0,
+    junk_bytes INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, round, attempt));
 CREATE TABLE IF NOT EXISTS clients (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, token_sha256 TEXT NOT NULL, created_at REAL NOT NULL,
@@ -50,9 +52,14 @@ CREATE TABLE IF NOT EXISTS metrics (
 CREATE INDEX IF NOT EXISTS metrics_job ON metrics (job_id, round);
 """
 
+# table -> [(column, declaration)] for databases created by an earlier version
+_ADDED_COLUMNS = {"rounds": [("rejected_bytes", "INTEGER NOT NULL DEFAULT 0"), ("junk", "INTEGER NOT NULL DEFAULT 0"),
+                             ("junk_bytes", "INTEGER NOT NULL DEFAULT 0")]}
+
 _JSON_COLUMNS = {"config", "codec", "selected", "participants", "metrics", "eval"}
 _JOB_FIELDS = {"name", "status", "current_round", "current_version", "error"}
-_ROUND_FIELDS = {"status", "new_version", "participants", "accepted", "rejected", "uplink_bytes",
+_ROUND_FIELDS = {"status", "new_version", "participants", "accepted", "rejected", "uplink_bytes", "rejected_bytes",
+                 "junk", "junk_bytes",
                  "compression_ratio", "closed_at", "duration_s", "metrics", "eval", "reason", "selected"}
 
 
@@ -81,9 +88,18 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        self._add_missing_columns()
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     # ----------------------------------------------------------------------------------------- plumbing
+
+    def _add_missing_columns(self) -> None:
+        """Columns added after a table was first created (CREATE TABLE IF NOT EXISTS leaves old files as is)."""
+        for table, columns in _ADDED_COLUMNS.items():
+            have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})").fetchall()}
+            for name, decl in columns:
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
