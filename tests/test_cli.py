@@ -112,14 +112,17 @@ def test_job_body_sends_only_what_was_given() -> None:
 
 def test_rounds_table_formats_each_round() -> None:
     rounds = [{"round": 1, "status": "closed", "accepted": 5, "rejected": 1, "uplink_bytes": 25_000,
+               "rejected_bytes": 5_000, "junk": 562, "junk_bytes": 67_000_000,
                "downlink_bytes": 3_000_000, "compression_ratio": 40.0, "eval": {"accuracy": 0.875}, "duration_s": 1.25},
               {"round": 2, "status": "open", "accepted": 0, "rejected": 0, "uplink_bytes": 0,
                "compression_ratio": None, "eval": None, "duration_s": None}]
     lines = cli.format_table(*cli.rounds_table(rounds)).splitlines()
-    assert lines[0].split() == ["round", "status", "acc/rej", "uplink", "downlink", "compression", "accuracy",
-                                "time"]
-    assert lines[2].split() == ["1", "closed", "5/1", "25", "KB", "3", "MB", "40.0x", "87.5%", "1.2s"]
-    assert lines[3].split() == ["2", "open", "0/0", "0", "B", "0", "B", "-", "-", "0.0s"]
+    assert lines[0].split() == ["round", "status", "acc/rej/junk", "uplink", "refused", "downlink", "compression",
+                                "accuracy", "time"]
+    # uplink is accepted updates only; rejected + junk bytes are shown apart
+    assert lines[2].split() == ["1", "closed", "5/1/562", "25", "KB", "67.0", "MB", "3", "MB", "40.0x", "87.5%",
+                                "1.2s"]
+    assert lines[3].split() == ["2", "open", "0/0/0", "0", "B", "-", "0", "B", "-", "-", "0.0s"]
 
 
 # ------------------------------------------------------------------------------------- user errors

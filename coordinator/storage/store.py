@@ -231,6 +231,13 @@ class Store:
         row = self._one("SELECT MAX(attempt) AS a FROM rounds WHERE job_id = ? AND round = ?", (job_id, round_))
         return int(row["a"] or 0) + 1 if row else 1
 
+    def job_traffic(self, job_id: str) -> dict[str, int]:
+        """Totals over the job's round records: accepted uplink, rejected and junk bytes, junk messages."""
+        row = self._one("SELECT COALESCE(SUM(uplink_bytes), 0) AS uplink_bytes, COALESCE(SUM(rejected_bytes), 0)"
+                        " AS rejected_bytes, COALESCE(SUM(rejected), 0) AS rejected, COALESCE(SUM(junk), 0) AS junk,"
+                        " COALESCE(SUM(junk_bytes), 0) AS junk_bytes FROM rounds WHERE job_id = ?", (job_id,))
+        return {k: int(v) for k, v in (row or {}).items()}
+
     def abort_open_rounds(self, job_id: str | None = None, reason: str = "coordinator stopped") -> int:
         """Mark rounds left 'open' (by a stop or a crash) as aborted; returns how many."""
         where, args = ("AND job_id = ?", (job_id,)) if job_id else ("", ())
