@@ -120,7 +120,7 @@ def test_rounds_table_formats_each_round() -> None:
     assert lines[0].split() == ["round", "status", "acc/rej/junk", "uplink", "refused", "downlink", "compression",
                                 "accuracy", "time"]
     # uplink is accepted updates only; rejected + junk bytes are shown apart
-    assert lines[2].split() == ["1", "closed", "5/1/562", "25", "KB", "67.0", "MB", "3", "MB", "40.0x", "87.5%",
+    assert lines[2].split() == ["1", "closed", "5/1/562", "25", "KB", "67", "MB", "3", "MB", "40.0x", "87.5%",
                                 "1.2s"]
     assert lines[3].split() == ["2", "open", "0/0/0", "0", "B", "-", "0", "B", "-", "-", "0.0s"]
 
