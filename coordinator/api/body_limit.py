@@ -3,43 +3,29 @@
 Why: Flask's ``MAX_CONTENT_LENGTH`` is checked when the app reads the body, and a WSGI server may have
 buffered the whole body by then (waitress accepts up to 1 GiB by default; the server also sets waitress's
 ``max_request_body_size``). Here a declared ``Content-Length`` over the limit gets a 413 at once, and a body
-without a length (chunked) is read through a counter that stops at the limit.
+without a length (chunked) is read up to the limit and no further (413 if there is more).
 """
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable, Iterable
 from typing import Any
-
-from werkzeug.exceptions import RequestEntityTooLarge
 
 StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
-class _CappedInput:
-    """``wsgi.input`` for a body of unknown length: raises 413 once more than ``limit`` bytes were read."""
-
-    def __init__(self, stream: Any, limit: int) -> None:
-        self._stream = stream
-        self._left = limit
-
-    def _take(self, data: bytes) -> bytes:
-        self._left -= len(data)
-        if self._left < 0:
-            raise RequestEntityTooLarge("request body too large")
-        return data
-
-    def read(self, size: int = -1) -> bytes:
-        want = self._left + 1 if size is None or size < 0 else min(size, self._left + 1)
-        return self._take(self._stream.read(want))
-
-    def readline(self, size: int = -1) -> bytes:
-        want = self._left + 1 if size is None or size < 0 else min(size, self._left + 1)
-        return self._take(self._stream.readline(want))
-
-    def __iter__(self) -> Any:
-        return iter(self.readline, b"")
+def _read_at_most(stream: Any, limit: int) -> bytes:
+    """Read until EOF or ``limit`` bytes, whichever comes first (the limit is small: a JSON body)."""
+    parts, left = [], limit
+    while left > 0:
+        chunk = stream.read(min(left, 65536))
+        if not chunk:
+            break
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
 
 
 class BodyLimit:
@@ -60,8 +46,12 @@ class BodyLimit:
                 return self._refuse(start_response, 413, f"request body of {declared} bytes is over the "
                                                          f"{self.max_bytes}-byte limit")
         elif "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-            environ["wsgi.input"] = _CappedInput(environ["wsgi.input"], self.max_bytes)
-            environ["wsgi.input_terminated"] = True
+            body = _read_at_most(environ["wsgi.input"], self.max_bytes + 1)
+            if len(body) > self.max_bytes:
+                return self._refuse(start_response, 413, f"request body is over the {self.max_bytes}-byte limit")
+            environ["wsgi.input"] = io.BytesIO(body)  # now of known length, so the app reads it as usual
+            environ["CONTENT_LENGTH"] = str(len(body))
+            environ.pop("HTTP_TRANSFER_ENCODING", None)
         return self.app(environ, start_response)
 
     @staticmethod
