@@ -248,3 +248,18 @@ def test_mosquitto_fixture_has_a_max_packet_size(tmp_path):
             c.loop_stop()
     finally:
         broker.stop()
+
+
+def test_broker_tables_iterate_over_snapshots():
+    from coordinator.mqtt.broker import EmbeddedBroker
+    from coordinator.mqtt.broker_tables import TABLES, SnapshotDict
+
+    d = SnapshotDict({"a": 1, "b": 2})
+    for key in d:  # amqtt adds/removes subscriptions while its loops await: no RuntimeError
+        d[key + "x"] = 0
+        d.pop("b", None)
+    for _k, _v in d.items():
+        d.clear()
+    assert d == {}
+    with EmbeddedBroker(port=0) as broker:
+        assert all(isinstance(getattr(broker._broker, t), SnapshotDict) for t in TABLES)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from coordinator.mqtt import packet_limit
+from coordinator.mqtt.broker_tables import snapshot_tables
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class EmbeddedBroker:
         if limit is not None:
             packet_limit.set_limit(loop, limit if callable(limit) else (lambda: int(limit)))
         self._broker = Broker(self._config(port), loop=loop)
+        snapshot_tables(self._broker)  # amqtt iterates these across awaits; see broker_tables.py
         await self._broker.start()
 
     def stop(self, timeout: float = 10.0) -> None:
