@@ -27,6 +27,7 @@ import logging
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,15 @@ from benchmarks.report import write_section  # noqa: E402
 from coordinator.rounds.jobspec import normalize_job  # noqa: E402
 from coordinator.rounds.limits import UpdateLimits  # noqa: E402
 from coordinator.rounds.strategy import make_strategy  # noqa: E402
+from converters.spec_text import parse_codec  # noqa: E402
 from edge_sdk.data import dirichlet_partition, load_digits_split  # noqa: E402
+from edge_sdk.error_feedback import ResidualStore  # noqa: E402
 from edge_sdk.models import build_model  # noqa: E402
 from edge_sdk.params import load_arrays, state_to_arrays  # noqa: E402
-from edge_sdk.protocol.modelfile import flatten, unflatten  # noqa: E402
+from edge_sdk.protocol import codecs  # noqa: E402
+from edge_sdk.protocol.modelfile import flatten, layout_sizes, unflatten  # noqa: E402
 from edge_sdk.trainer import LocalTrainer  # noqa: E402
+from edge_sdk.update import encode_delta, statistics_mask  # noqa: E402
 
 log = logging.getLogger("benchmarks.robustness")
 RESULTS = ROOT / "benchmarks" / "results" / "robustness.json"
@@ -96,8 +101,9 @@ def malicious_update(attack: str, honest: np.ndarray, global_vec: np.ndarray, rn
 
 
 def simulate(defence: str, attack: str, seed: int, clients: int, rounds: int, alpha: float,
-             malicious_fraction: float) -> dict[str, Any]:
+             malicious_fraction: float, codec: str = "dense") -> dict[str, Any]:
     cfg = job_config(defence, clients, rounds)
+    spec = codecs.validate_spec(parse_codec(codec)) if codec != "dense" else None
     strategy = make_strategy(cfg["strategy"], UpdateLimits.from_config(cfg["limits"]))
     train, test = load_digits_split(seed=0)
     parts = dirichlet_partition(train.tensors[1].numpy(), clients, alpha, seed=seed)
@@ -108,6 +114,9 @@ def simulate(defence: str, attack: str, seed: int, clients: int, rounds: int, al
     global_vec = flatten(arrays)
     trainer = LocalTrainer("cpu", cpu_threads=1)
     rng = np.random.default_rng(seed + 1000)
+    sizes, stats = layout_sizes(arrays), statistics_mask(arrays)
+    scratch = tempfile.TemporaryDirectory(prefix="robustness-")
+    residuals = [ResidualStore(Path(scratch.name) / str(c)) for c in range(clients)]
     curve = []
     for r in range(1, rounds + 1):
         acc = strategy.begin(global_vec)
@@ -119,7 +128,12 @@ def simulate(defence: str, attack: str, seed: int, clients: int, rounds: int, al
             if c in bad:
                 delta, claimed = malicious_update(attack, delta, global_vec, rng)
                 n = claimed or n
-            acc.add(Dense(delta), n)
+                acc.add(Dense(delta), n)  # an attacker skips the codec: any finite vector passes validation
+            elif spec is not None:  # what a device does: error feedback, then the codec (edge_sdk.update)
+                _, sent = encode_delta(spec, delta, sizes, residuals[c], "robustness", stats)
+                acc.add(sent, n)
+            else:
+                acc.add(Dense(delta), n)
         new_vec = acc.finalize()
         if not np.isfinite(new_vec).all():  # the engine refuses to publish this; the round is lost
             curve.append(curve[-1] if curve else 0.0)
@@ -127,6 +141,7 @@ def simulate(defence: str, attack: str, seed: int, clients: int, rounds: int, al
         global_vec = new_vec
         load_arrays(model, unflatten(global_vec, arrays))
         curve.append(accuracy(model, test))
+    scratch.cleanup()
     return {"defence": defence, "attack": attack, "seed": seed, "final_accuracy": curve[-1], "curve": curve,
             "clip_bound": strategy.limits.bound.state()}
 
@@ -162,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--malicious", type=float, default=0.2)
+    ap.add_argument("--codec", default="dense", help="honest devices' codec, e.g. topk:0.01:int8 (default dense)")
     ap.add_argument("--defences", nargs="+", default=list(DEFENCES), choices=list(DEFENCES))
     ap.add_argument("--no-write", action="store_true", help="print only; leave results and BENCHMARKS.md alone")
     args = ap.parse_args(argv)
@@ -173,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         for attack in ATTACKS:
             for seed in args.seeds:
                 t0 = time.perf_counter()
-                run = simulate(defence, attack, seed, args.clients, args.rounds, args.alpha, args.malicious)
+                run = simulate(defence, attack, seed, args.clients, args.rounds, args.alpha, args.malicious,
+                               args.codec)
                 run["wall_s"] = round(time.perf_counter() - t0, 2)
                 runs.append(run)
                 log.info("%-12s %-9s seed %d: %.3f (%.1fs, clip %s)", defence, attack, seed, run["final_accuracy"],
