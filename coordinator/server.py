@@ -25,9 +25,11 @@ from waitress.server import create_server
 from edge_sdk.coordinator_origin import CoordinatorOrigin
 from edge_sdk.transport import BrokerAddress
 
-from coordinator.api.app import create_app
+from coordinator.api.app import MAX_JSON_BYTES, create_app
 from coordinator.mqtt.bridge import MqttBridge
 from coordinator.mqtt.broker import EmbeddedBroker
+from coordinator.mqtt.packet_limit import MQTT_OVERHEAD_BYTES
+from coordinator.rounds.jobspec import DEFAULT_MAX_UPDATE_BYTES
 from coordinator.rounds.engine import EngineConfig
 from coordinator.services import Services, build_services
 
@@ -87,6 +89,12 @@ class CoordinatorHandle:
         self.stop()
 
 
+def _packet_limit(engine_ref: list[Any]) -> int:
+    """Broker max packet size: the largest update the engine accepts now, plus MQTT framing."""
+    limit = engine_ref[0].update_size_limit() if engine_ref else DEFAULT_MAX_UPDATE_BYTES
+    return int(limit) + MQTT_OVERHEAD_BYTES
+
+
 def _stop_waitress(server: Any, thread: threading.Thread) -> None:
     from waitress import wasyncore
 
@@ -135,8 +143,9 @@ def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fed
     if advertised_broker_url:
         BrokerAddress.parse(advertised_broker_url)
     embedded: EmbeddedBroker | None = None
+    engine_ref: list[Any] = []  # the broker starts before the engine exists; its packet limit follows the engine
     if broker == "embedded":
-        embedded = EmbeddedBroker(broker_host, broker_port).start()
+        embedded = EmbeddedBroker(broker_host, broker_port, max_packet_bytes=lambda: _packet_limit(engine_ref)).start()
         address = BrokerAddress(broker_host, embedded.port)  # the bridge itself connects over loopback
         bridge_address = BrokerAddress("127.0.0.1" if broker_host in _ANY_HOST else broker_host, embedded.port)
     else:
@@ -145,10 +154,12 @@ def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fed
     bridge: MqttBridge | None = None
     try:
         services = build_services(data_dir, engine_config=engine_config, evaluate=evaluate)
+        engine_ref.append(services.engine)
         bridge = MqttBridge(services.engine, bridge_address)
         bridge.start()
         app = create_app({"services": services})
-        http = create_server(app, host=host, port=port, threads=threads, ident="fedsight")
+        http = create_server(app, host=host, port=port, threads=threads, ident="fedsight",
+                             max_request_body_size=MAX_JSON_BYTES)  # waitress refuses bigger bodies unread
         bound = int(http.effective_port)
         url_host = "127.0.0.1" if host in _ANY_HOST else host
         services.engine.config.public_url, services.broker_url = advertised(host, bound, address, public_url,

@@ -129,18 +129,18 @@ def test_job_body_evaluation_and_preprocessing_flags(tmp_path: Path) -> None:
 
 def test_rounds_table_formats_each_round() -> None:
     rounds = [{"round": 1, "status": "closed", "accepted": 5, "rejected": 1, "uplink_bytes": 25_000,
+               "rejected_bytes": 5_000, "junk": 562, "junk_bytes": 67_000_000,
                "downlink_bytes": 3_000_000, "compression_ratio": 40.0, "eval": {"accuracy": 0.875}, "duration_s": 1.25},
               {"round": 2, "status": "open", "accepted": 0, "rejected": 0, "uplink_bytes": 0,
                "compression_ratio": None, "eval": None, "duration_s": None}]
     rounds[0]["federated_eval"] = {"status": "ok", "accuracy": 0.8125, "num_samples": 40.0}
     lines = cli.format_table(*cli.rounds_table(rounds)).splitlines()
-    assert lines[0].split() == ["round", "status", "acc/rej", "uplink", "downlink", "compression", "accuracy",
-                                "device", "acc", "time"]
-    assert lines[2].split() == ["1", "closed", "5/1", "25", "KB", "3", "MB", "40.0x", "87.5%", "81.2%", "1.2s"]
-    assert lines[3].split() == ["2", "open", "0/0", "0", "B", "0", "B", "-", "-", "-", "0.0s"]
-    assert cli.eval_notes(rounds) == []
-
-
+    assert lines[0].split() == ["round", "status", "acc/rej/junk", "uplink", "refused", "downlink", "compression",
+                                "accuracy", "device", "acc", "time"]
+    # uplink is accepted updates only; rejected + junk bytes are shown apart
+    assert lines[2].split() == ["1", "closed", "5/1/562", "25", "KB", "67", "MB", "3", "MB", "40.0x", "87.5%",
+                                "81.2%", "1.2s"]
+    assert lines[3].split() == ["2", "open", "0/0/0", "0", "B", "-", "0", "B", "-", "-", "-", "0.0s"]
 def test_failed_evaluations_show_their_reason_not_a_dash() -> None:
     rounds = [{"round": 1, "status": "closed", "eval": {"error": "the digits set has 10 classes but the model has 5"},
                "federated_eval": {"status": "failed", "reason": "none of the 3 device(s) reported a held-out score"}},

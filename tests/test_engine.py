@@ -27,6 +27,10 @@ def wait_for(pred, timeout=5.0, what="condition"):
         assert time.time() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
 
+# exact weighted FedAvg (no clipping) so aggregates can be checked by hand; limits are tested in
+# tests/test_limits.py
+PLAIN_FEDAVG = {"weighting": "num_samples", "max_num_samples": 2**53, "clip": {"mode": "none"}}
+
 
 class Env:
     def __init__(self, tmp_path, clients="abc", online="abc", arrays=None, data=None, engine_cfg=None,
@@ -37,7 +41,8 @@ class Env:
         self.pub = MemoryPublisher()
         self.engine.publisher = self.pub
         body = {"name": "t", "model": {"arch": "small_cnn", "in_channels": 1, "image_size": 8}, "rounds": 1,
-                "clients_per_round": 3, "min_clients": 2, "round_timeout_s": 10.0, **job}
+                "clients_per_round": 3, "min_clients": 2, "round_timeout_s": 10.0,
+                "limits": PLAIN_FEDAVG, **job}
         self.config = normalize_job(body)
         if data is None:
             rng = np.random.default_rng(0)

@@ -20,12 +20,17 @@ from edge_sdk.protocol.wire import UpdateHeader, encode_update
 JOB = "job-t"
 DENSE = {"name": "dense", "dtype": "float32"}
 
+# exact weighted FedAvg (no clipping) so aggregates can be checked by hand; limits are tested in
+# tests/test_limits.py
+PLAIN_FEDAVG = {"weighting": "num_samples", "max_num_samples": 2**53, "clip": {"mode": "none"}}
+
 
 class Env:
     """A job with a 4160-parameter model, clients a/b/c online (all selected), d registered but offline."""
 
     def __init__(self, tmp_path, **job):
-        cfg = EngineConfig(selection_grace_s=0.0, poll_s=0.02, export_onnx=False, wait_log_s=1e9)
+        cfg = EngineConfig(selection_grace_s=0.0, poll_s=0.02, export_onnx=False, wait_log_s=1e9,
+                           update_rate_per_s=0.0)  # rate limits: tests/test_flood.py
         self.svc = build_services(tmp_path, evaluate=False, engine_config=cfg)
         self.engine, self.store = self.svc.engine, self.svc.store
         self.pub = MemoryPublisher()
@@ -36,7 +41,7 @@ class Env:
         data = dump_model(arrays, {"job_id": JOB, "round": 0})
         self.version = self.svc.models.put(data)
         body = {"name": "t", "model": {"arch": "small_cnn"}, "rounds": 1, "clients_per_round": 3, "min_clients": 2,
-                "round_timeout_s": 10.0, **job}
+                "round_timeout_s": 10.0, "limits": PLAIN_FEDAVG, **job}
         self.store.create_job(JOB, "t", normalize_job(body), self.version, len(data))
         self.global_vec, self.sizes = flatten(arrays), layout_sizes(arrays)
         self.numel = self.global_vec.size
@@ -131,14 +136,22 @@ def test_every_rejection_reason_and_round_still_completes(env):
 
     rows = env.store.list_updates(JOB, status="rejected")
     stored_codes = [r["reason"].split(":")[0] for r in rows]
+    junk = [(cid, raw, code) for cid, raw, code in cases if code in V.UNAUTHENTICATED]
+    assert len(junk) == 6
     for _, _, code in cases:
-        if code != V.WRONG_JOB:  # filed under the job it named
+        if code in V.UNAUTHENTICATED:  # unauthenticated junk is counted, never stored
+            assert code not in stored_codes
+        elif code != V.WRONG_JOB:  # filed under the job it named
             assert code in stored_codes
     assert any(r["job_id"] == "job-other" for r in env.store.list_updates("job-other"))
     (r1,) = env.store.get_rounds(JOB)
     assert r1["status"] == "closed" and r1["accepted"] == 3 and sorted(r1["participants"]) == ["a", "b", "c"]
     # counted against this round: all but the wrong-job one and the two naming another round
-    assert r1["rejected"] == len(cases) - 3
+    assert r1["rejected"] == len(cases) - 3 - len(junk)
+    assert r1["junk"] == len(junk) and r1["junk_bytes"] == sum(len(raw) for _, raw, _ in junk)
+    accepted_bytes = sum(r["bytes"] for r in env.store.list_updates(JOB, status="accepted"))
+    assert r1["uplink_bytes"] == accepted_bytes  # accepted updates only
+    assert r1["rejected_bytes"] == sum(r["bytes"] for r in rows if r["round"] == 1 and r["job_id"] == JOB)
     assert env.store.list_updates(JOB, status="accepted")[0]["metrics"] == {"loss": 1.0}
 
 

@@ -22,6 +22,7 @@ from werkzeug.exceptions import HTTPException
 from edge_sdk.protocol import topics
 from edge_sdk.protocol.patch import make_patch
 
+from coordinator.api.body_limit import BodyLimit
 from coordinator.rounds.engine import JobStateError
 from coordinator.storage.exports import ExportFailed
 from coordinator.rounds.jobspec import JobSpecError, initial_model, normalize_job
@@ -95,7 +96,8 @@ def _job_view(job: dict[str, Any]) -> dict[str, Any]:
     rnd = _svc().engine.current_round(job["id"])
     view["open_round"] = None if rnd is None else {
         "round": rnd.round, "attempt": rnd.attempt, "selected": sorted(rnd.selected), "accepted": rnd.accepted,
-        "rejected": rnd.rejected, "deadline": rnd.deadline}
+        "rejected": rnd.rejected, "deadline": rnd.deadline, **rnd.traffic()}
+    view["traffic"] = _svc().store.job_traffic(job["id"])
     return view
 
 
@@ -381,6 +383,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
                              broker_url=config.pop("broker_url", None), evaluate=config.pop("evaluate", True))
     app = Flask("fedsight-coordinator")
     app.config["MAX_CONTENT_LENGTH"] = MAX_JSON_BYTES
+    app.wsgi_app = BodyLimit(app.wsgi_app, MAX_JSON_BYTES)  # type: ignore[method-assign]
     app.config["JSON_SORT_KEYS"] = False
     app.config.update({k: v for k, v in config.items() if k.isupper()})
     app.extensions["fedsight"] = svc

@@ -20,6 +20,7 @@ ACCURACY_COLOR = "#1f77b4"
 ONNX_COLOR = "#2ca02c"
 SENT_COLOR = "#ff7f0e"
 DENSE_COLOR = "#d62728"
+REJECTED_COLOR = "#7f7f7f"
 
 
 def human_bytes(n: float, _pos: Any = None) -> str:
@@ -46,7 +47,8 @@ def plot_rounds(rounds: Sequence[Mapping[str, Any]], out_path: str | Path, *, ti
     """Write the two-panel PNG and return its path.
 
     ``rounds``: one mapping per round with ``round``, ``accuracy`` (0..1 or None), ``uplink_bytes`` and
-    optionally ``dense_bytes`` (dense-fp32 equivalent of that round's uplink). ``onnx_accuracy`` adds a
+    optionally ``dense_bytes`` (dense-fp32 equivalent of that round's accepted uplink) and ``rejected_bytes``
+    (rejected and junk traffic, drawn apart so it never counts as compressed uplink). ``onnx_accuracy`` adds a
     marker at the last round for the exported model's accuracy.
     """
     if not rounds:
@@ -73,7 +75,11 @@ def plot_rounds(rounds: Sequence[Mapping[str, Any]], out_path: str | Path, *, ti
         ax_acc.legend(loc="lower right", fontsize=9)
 
     bx, sent = _series(rounds, "uplink_bytes")
-    ax_bytes.bar(bx, sent, width=0.6, color=SENT_COLOR, label="sent (compressed updates)")
+    ax_bytes.bar(bx, sent, width=0.6, color=SENT_COLOR, label="accepted updates (compressed)")
+    rx, refused = _series(rounds, "rejected_bytes")
+    if any(v > 0 for v in refused):  # kept apart: rejected traffic says nothing about compression
+        ax_bytes.scatter(rx, [v if v > 0 else float("nan") for v in refused], marker="x", color=REJECTED_COLOR,
+                         zorder=3, label=f"rejected ({human_bytes(sum(refused))} in total)")
     dx, dense = _series(rounds, "dense_bytes")
     if dx:
         ax_bytes.plot(dx, dense, linestyle="--", color=DENSE_COLOR, linewidth=2,
@@ -85,7 +91,7 @@ def plot_rounds(rounds: Sequence[Mapping[str, Any]], out_path: str | Path, *, ti
                                fontsize=10)
     else:
         ax_bytes.set_title(f"uplink per round ({human_bytes(sum(sent))} in total)", fontsize=10)
-    positive = [v for v in sent + dense if v > 0]
+    positive = [v for v in sent + dense + refused if v > 0]
     if positive:
         ax_bytes.set_yscale("log")
         ax_bytes.set_ylim(min(positive) / 3, max(positive) * 3)  # bars visible, reference line not at the rim

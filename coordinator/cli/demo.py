@@ -141,16 +141,20 @@ def _check_devices(procs: list[subprocess.Popen], logs: Path) -> None:
 
 
 def _round_rows(rows: list[dict[str, Any]], numel: int) -> list[dict[str, Any]]:
-    """One record per round: the closed attempt's accuracy, all attempts' uplink traffic."""
+    """One record per round: the closed attempt's accuracy, all attempts' traffic. ``uplink_bytes`` counts
+    accepted updates only (so the compression shown compares like with like); rejected and junk bytes are
+    kept apart in ``rejected_bytes``."""
     out: dict[int, dict[str, Any]] = {}
     for r in sorted(rows, key=lambda r: (r["round"], r["attempt"])):
         rec = out.setdefault(r["round"], {"round": r["round"], "accuracy": None, "uplink_bytes": 0,
-                                          "dense_bytes": 0, "accepted": 0, "rejected": 0, "closed": False})
-        messages = int(r.get("accepted") or 0) + int(r.get("rejected") or 0)
+                                          "dense_bytes": 0, "rejected_bytes": 0, "accepted": 0, "rejected": 0,
+                                          "junk": 0, "closed": False})
         rec["uplink_bytes"] += int(r.get("uplink_bytes") or 0)
-        rec["dense_bytes"] += 4 * numel * messages  # what dense fp32 updates would have cost
+        rec["dense_bytes"] += 4 * numel * int(r.get("accepted") or 0)  # what dense fp32 updates would have cost
+        rec["rejected_bytes"] += int(r.get("rejected_bytes") or 0) + int(r.get("junk_bytes") or 0)
         rec["accepted"] += int(r.get("accepted") or 0)
         rec["rejected"] += int(r.get("rejected") or 0)
+        rec["junk"] += int(r.get("junk") or 0)
         if r.get("status") == "closed":
             rec["closed"] = True
             rec["accuracy"] = (r.get("eval") or {}).get("accuracy")
@@ -302,14 +306,18 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = log.info,
             "onnx_max_abs_diff": report.get("max_abs_diff"), "onnx_path": str(onnx_path),
             "onnx_bytes": len(onnx_bytes), "chart_path": str(chart), "uplink_bytes_total": sent,
             "dense_fp32_bytes_total": dense, "uplink_reduction": dense / sent if sent else None,
+            "rejected_bytes_total": sum(r["rejected_bytes"] for r in rounds),
             "train_wall_time_s": round(train_s, 2), "wall_time_s": round(time.monotonic() - started, 2),
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         say(f"final accuracy on {scores['test_samples']} held-out digits: PyTorch {scores['pytorch_accuracy']:.2%}"
               f", ONNX (onnxruntime) {scores['onnx_accuracy']:.2%} (agreement {scores['prediction_agreement']:.2%}, "
               f"max |logit diff| {report.get('max_abs_diff', float('nan')):.1e})")
-        say(f"uplink: {human_bytes(sent)} sent vs {human_bytes(dense)} as dense fp32 "
-              f"({summary['uplink_reduction'] or 0:.1f}x less); wall time {summary['wall_time_s']:.1f}s")
+        refused = summary["rejected_bytes_total"]
+        say(f"uplink: {human_bytes(sent)} in accepted updates vs {human_bytes(dense)} as dense fp32 "
+              f"({summary['uplink_reduction'] or 0:.1f}x less)"
+              + (f"; {human_bytes(refused)} rejected" if refused else "")
+              + f"; wall time {summary['wall_time_s']:.1f}s")
         say(f"wrote {chart}, {out / 'summary.json'}, {onnx_path}")
         return summary
     except BaseException as exc:  # every way out leaves a summary that says why

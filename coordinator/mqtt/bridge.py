@@ -8,8 +8,8 @@ The broker address is a parameter (embedded amqtt, Mosquitto, anything MQTT 3.1.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 
 from edge_sdk.protocol import topics
@@ -22,20 +22,61 @@ log = logging.getLogger(__name__)
 COORDINATOR_CLIENT_ID = "fedsight-coordinator"
 TransportFactory = Callable[..., MqttTransport]
 _STOP = ("", b"")
+DEFAULT_QUEUE_BYTES = 128 << 20
+
+
+class ByteBoundedQueue:
+    """FIFO bounded by the total bytes it holds, not by a count of items.
+
+    A count bound lets 32 queued messages of 256 MiB each hold 8 GiB. Here ``put`` blocks while the queued
+    bytes plus the new message would exceed ``max_bytes``; one message is always admitted into an empty
+    queue, so a single message larger than the budget still gets through (alone).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: deque[tuple[str, bytes]] = deque()
+        self._cond = threading.Condition()
+
+    def put(self, item: tuple[str, bytes]) -> None:
+        size = len(item[1])
+        with self._cond:
+            while self._items and self.bytes + size > self.max_bytes:
+                self._cond.wait()
+            self._items.append(item)
+            self.bytes += size
+            self._cond.notify_all()
+
+    def get(self) -> tuple[str, bytes]:
+        with self._cond:
+            while not self._items:
+                self._cond.wait()
+            item = self._items.popleft()
+            self.bytes -= len(item[1])
+            self._cond.notify_all()
+            return item
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)
 
 
 class MqttBridge:
     """Connects a RoundEngine to a broker and serves as the engine's publisher.
 
-    Updates are handed from paho's network thread to one worker thread through a bounded queue: the
-    network thread stays free to PUBACK promptly (amqtt drops a QoS 1 delivery not acked within 5 s) while
-    a full queue still pushes back on the broker instead of buffering without limit.
+    Updates are handed from paho's network thread to one worker thread through a queue bounded in bytes
+    (``max_queue_bytes``): the network thread stays free to PUBACK promptly (amqtt drops a QoS 1 delivery
+    not acked within 5 s) while a full queue still pushes back on the broker instead of buffering without
+    limit. Rate-limited and oversize messages are refused on the network thread (``engine.screen``: a
+    lookup, no parsing) and never take queue space.
     """
 
     def __init__(self, engine: RoundEngine, broker: str | BrokerAddress, client_id: str = COORDINATOR_CLIENT_ID,
-                 transport_factory: TransportFactory = MqttTransport, queue_size: int = 32) -> None:
+                 transport_factory: TransportFactory = MqttTransport,
+                 max_queue_bytes: int = DEFAULT_QUEUE_BYTES) -> None:
         self.engine = engine
-        self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=queue_size)
+        self._queue = ByteBoundedQueue(max_queue_bytes)
         self._worker = threading.Thread(target=self._work, name="update-worker", daemon=True)
         self.address = broker if isinstance(broker, BrokerAddress) else BrokerAddress.parse(broker)
         self.transport = transport_factory(self.address, client_id, self._on_message,
@@ -67,7 +108,7 @@ class MqttBridge:
             item = self._queue.get()
             if item is _STOP:
                 return
-            self.engine.submit(*item)  # never raises
+            self.engine.submit(*item, screened=True)  # never raises
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> bool:
         return self.transport.publish(topic, payload, qos=qos, retain=retain)
@@ -82,4 +123,5 @@ class MqttBridge:
         if kind == topics.STATUS:
             self.engine.on_status(client_id, payload)
         elif kind == topics.UPDATE:
-            self._queue.put((client_id, payload))
+            if self.engine.screen(client_id, len(payload)) is None:
+                self._queue.put((client_id, payload))

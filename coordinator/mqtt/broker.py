@@ -2,8 +2,8 @@
 
 For demos and single-machine deployments, so nothing but Python is needed; production deployments point
 the coordinator at Mosquitto instead. amqtt has no configurable maximum packet size (it reads whatever
-the MQTT remaining-length field announces, up to the protocol's 256 MB), so 10-20 MB updates pass as is;
-we only trim the default plugin set: the per-packet logger and the $SYS publisher cost time on large
+the MQTT remaining-length field announces, up to the protocol's 256 MB); ``max_packet_bytes`` adds one
+(``coordinator.mqtt.packet_limit``), which the server points at the running jobs' update limit. We also trim the default plugin set: the per-packet logger and the $SYS publisher cost time on large
 payloads and are of no use here.
 """
 from __future__ import annotations
@@ -13,7 +13,11 @@ import logging
 import socket
 import threading
 from concurrent.futures import Future
+from collections.abc import Callable
 from typing import Any
+
+from coordinator.mqtt import packet_limit
+from coordinator.mqtt.broker_tables import snapshot_tables
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +27,11 @@ MQTT_MAX_PACKET_BYTES = 268_435_455  # protocol limit of the remaining-length fi
 class EmbeddedBroker:
     """``EmbeddedBroker(port=0).start()`` -> listening on ``self.port``; ``stop()`` shuts it down cleanly."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 1883, allow_anonymous: bool = True) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 1883, allow_anonymous: bool = True,
+                 max_packet_bytes: int | Callable[[], int] | None = None) -> None:
         self.host = host
+        # an int, or a callable read per packet (bytes after the fixed header); None: the protocol's 256 MB
+        self.max_packet_bytes = max_packet_bytes
         self.port = port
         self.allow_anonymous = allow_anonymous
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -78,7 +85,12 @@ class EmbeddedBroker:
     async def _start(self, port: int) -> None:
         from amqtt.broker import Broker
 
-        self._broker = Broker(self._config(port), loop=asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        limit = self.max_packet_bytes
+        if limit is not None:
+            packet_limit.set_limit(loop, limit if callable(limit) else (lambda: int(limit)))
+        self._broker = Broker(self._config(port), loop=loop)
+        snapshot_tables(self._broker)  # amqtt iterates these across awaits; see broker_tables.py
         await self._broker.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -93,6 +105,7 @@ class EmbeddedBroker:
                 log.warning("embedded broker shutdown was not clean: %s", exc)
             loop.call_soon_threadsafe(_cancel_all_and_stop, loop)
         self._thread.join(timeout)
+        packet_limit.set_limit(loop, None)
         self._thread = None
         self._broker = None
         log.info("embedded MQTT broker stopped")

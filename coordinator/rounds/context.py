@@ -26,6 +26,10 @@ class EngineConfig:
     wait_log_s: float = 30.0
     poll_s: float = 0.25
     export_onnx: bool = True
+    # per device (topic client id) token bucket for update messages (0 = off): a device sends one update per job
+    # and round, so this only bites a flood; generous enough for sub-second rounds of tiny models
+    update_rate_per_s: float = 5.0
+    update_burst: int = 50  # messages a device may send back to back before the rate applies
 
 
 class Evaluates(Protocol):

@@ -18,6 +18,8 @@ from edge_sdk.protocol.wire import UpdateHeader
 from coordinator.rounds import validation
 from coordinator.storage.exports import OnnxExports
 from coordinator.rounds.context import EngineConfig, RunnerContext
+from coordinator.rounds.jobspec import DEFAULT_MAX_UPDATE_BYTES
+from coordinator.rounds.rate_limit import RateLimiter
 from coordinator.storage.model_store import ModelStore
 from coordinator.mqtt.presence import Presence
 from coordinator.rounds.open_round import OpenRound
@@ -86,6 +88,8 @@ class RoundEngine:
         self.exports = exports
         self._runners: dict[str, JobRunner] = {}
         self._lock = threading.RLock()
+        self.rate_limiter = RateLimiter(self.config.update_rate_per_s, self.config.update_burst)
+        self.unfiled_junk = {"messages": 0, "bytes": 0}  # junk no open round could be charged with
 
     # ------------------------------------------------------------------------------------------- jobs
 
@@ -214,15 +218,46 @@ class RoundEngine:
         limit = max((r.max_update_bytes for r in rounds), default=self.config.max_message_bytes)
         return min(limit, self.config.max_message_bytes)
 
+    def update_size_limit(self) -> int:
+        """Largest update the open rounds accept (the default job limit between rounds): what the broker's
+        maximum packet size follows, so an oversize publish is cut off at the broker."""
+        with self._lock:
+            rounds = [r.current for r in self._runners.values() if r.current is not None]
+        limit = max((r.max_update_bytes for r in rounds), default=DEFAULT_MAX_UPDATE_BYTES)
+        return min(limit, self.config.max_message_bytes)
+
     def _round_of_client(self, client_id: str) -> OpenRound | None:
         """The open round that selected this client: where to file a message we cannot even parse."""
         with self._lock:
             rounds = [r.current for r in self._runners.values() if r.current is not None]
         return next((r for r in rounds if client_id in r.selected), None)
 
-    def submit(self, topic_client_id: str, raw: bytes) -> Verdict:
-        """Validate, aggregate, record and ack one update message. Never raises."""
+    def screen(self, topic_client_id: str, nbytes: int) -> Verdict | None:
+        """Checks that cost nothing but a lookup, made before a message is queued or parsed: the sender's
+        rate and the size limit. A refusal is counted as junk and acked (a rate-limit refusal once per burst,
+        so a flood does not buy a flood of acks); None means go ahead."""
+        admitted, first, wait_s = self.rate_limiter.allow(topic_client_id)
+        if admitted:
+            limit = self._message_limit()
+            if nbytes <= limit:
+                return None
+            return self._refuse(topic_client_id, None, nbytes,
+                                self._rejected(validation.OVERSIZE, f"{validation.OVERSIZE}: {nbytes} bytes > limit "
+                                                                    f"{limit}", None))
+        reason = (f"{validation.RATE_LIMITED}: more than {self.rate_limiter.burst} updates in a burst or "
+                  f"{self.rate_limiter.rate:g}/s sustained; retry in {wait_s:.1f}s")
+        return self._refuse(topic_client_id, None, nbytes, self._rejected(validation.RATE_LIMITED, reason, None),
+                            ack=first)
+
+    def submit(self, topic_client_id: str, raw: bytes, screened: bool = False) -> Verdict:
+        """Validate, aggregate, record and ack one update message. Never raises.
+
+        ``screened``: :meth:`screen` already admitted this message (the MQTT bridge screens before queueing)."""
         nbytes = len(raw)
+        if not screened:
+            refused = self.screen(topic_client_id, nbytes)
+            if refused is not None:
+                return refused
         header: UpdateHeader | None = None
         rnd: OpenRound | None = None
         try:
@@ -236,13 +271,29 @@ class RoundEngine:
             verdict = self._rejected(validation.INTERNAL_ERROR, f"{validation.INTERNAL_ERROR}: {type(exc).__name__}",
                                      header)
         if not verdict.accepted:
-            rnd = self._file_rejection(topic_client_id, header, nbytes)
-            log.info("rejected update from %s (%d bytes): %s", topic_client_id, nbytes, verdict.reason)
+            return self._refuse(topic_client_id, header, nbytes, verdict)
         self._record(topic_client_id, verdict, header, rnd, nbytes)
+        self._ack(topic_client_id, verdict)
+        return verdict
+
+    def _ack(self, client_id: str, verdict: Verdict) -> None:
         ack = {"job": verdict.job_id, "round": verdict.round, "status": verdict.status, "reason": verdict.reason}
         if verdict.code:
             ack["code"] = verdict.code
-        self._publish_json(topics.ack_topic(topic_client_id), ack)
+        self._publish_json(topics.ack_topic(client_id), ack)
+
+    def _refuse(self, client_id: str, header: UpdateHeader | None, nbytes: int, verdict: Verdict,
+                ack: bool = True) -> Verdict:
+        """File a rejection: junk (unauthenticated) is only counted, an authenticated sender's is stored."""
+        junk = verdict.code in validation.UNAUTHENTICATED
+        rnd = self._file_rejection(client_id, header, nbytes, junk)
+        if junk:
+            log.debug("junk on %s's update topic (%d bytes): %s", client_id, nbytes, verdict.reason)
+        else:
+            log.info("rejected update from %s (%d bytes): %s", client_id, nbytes, verdict.reason)
+            self._record(client_id, verdict, header, rnd, nbytes)
+        if ack:
+            self._ack(client_id, verdict)
         return verdict
 
     @staticmethod
@@ -265,18 +316,23 @@ class RoundEngine:
             rnd.add(header.client_id, decoded, header.num_samples, nbytes, header.metrics)
         return rnd
 
-    def _file_rejection(self, client_id: str, header: UpdateHeader | None, nbytes: int) -> OpenRound | None:
-        """Count a rejected message against the round it was meant for (uplink bytes, rejected count)."""
-        rnd: OpenRound | None
+    def _file_rejection(self, client_id: str, header: UpdateHeader | None, nbytes: int,
+                        junk: bool = False) -> OpenRound | None:
+        """Count a rejected message against the round it was meant for (rejected or junk count and bytes)."""
+        rnd: OpenRound | None = None
         if header is not None:
             rnd = self.current_round(header.job_id)
-            if rnd is None or rnd.round != header.round:
-                return None
-        else:
+            if rnd is not None and rnd.round != header.round:
+                rnd = None
+        if rnd is None and (header is None or junk):
             rnd = self._round_of_client(client_id)
-            if rnd is None:
-                return None
-        rnd.count_rejected(nbytes)
+        if rnd is None:
+            if junk:
+                with self._lock:
+                    self.unfiled_junk["messages"] += 1
+                    self.unfiled_junk["bytes"] += nbytes
+            return None
+        rnd.count_rejected(nbytes, junk)
         return rnd
 
     def _record(self, client_id: str, verdict: Verdict, header: UpdateHeader | None, rnd: OpenRound | None,

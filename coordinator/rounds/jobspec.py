@@ -19,6 +19,7 @@ from edge_sdk.protocol.errors import ProtocolError
 from edge_sdk.preprocess import DIGITS_INPUT_SCALE, DIGITS_NORMALIZATION, IMAGENET_NORMALIZATION
 from edge_sdk.protocol.modelfile import dump_model
 
+from coordinator.rounds.limits import normalize_limits
 from coordinator.rounds.strategy import make_strategy
 
 DEFAULT_MAX_UPDATE_BYTES = 64 << 20
@@ -138,7 +139,8 @@ def _normalization(body: dict[str, Any], channels: int, digits: bool) -> dict[st
 def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Validate a job body and return the full config with every default filled in."""
     top = {"name", "model", "rounds", "clients_per_round", "min_clients", "round_timeout_s", "train", "codec",
-           "eval", "seed", "class_names", "normalization", "input_scale", "max_update_bytes", "strategy"}
+           "eval", "seed", "class_names", "normalization", "input_scale", "max_update_bytes", "strategy",
+           "limits"}
     body = _object(body, top, "")
     name = _get(body, "name", str, "job", "")
     if not 1 <= len(name) <= 200:
@@ -187,12 +189,16 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
         strategy = make_strategy(body.get("strategy")).spec()
     except ValueError as exc:
         raise JobSpecError(f"'strategy': {exc}") from None
+    try:
+        limits = normalize_limits(body.get("limits"))
+    except ValueError as exc:
+        raise JobSpecError(str(exc)) from None
     return {"name": name, "model": {"arch": arch, "num_classes": num_classes, "in_channels": channels,
                                     "image_size": image_size, "weights": weights},
             "rounds": rounds, "clients_per_round": k, "min_clients": min_clients, "round_timeout_s": timeout,
             "train": train_cfg, "codec": codec, "eval": eval_cfg, "seed": seed, "class_names": class_names,
             "normalization": _normalization(body, channels, digits), "input_scale": input_scale,
-            "max_update_bytes": max_bytes, "strategy": strategy}
+            "max_update_bytes": max_bytes, "strategy": strategy, "limits": limits}
 
 
 def job_input_scale(config: dict[str, Any]) -> float:

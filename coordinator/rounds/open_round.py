@@ -35,8 +35,11 @@ class OpenRound:
     started_at: float = field(default_factory=time.time)
     closed: bool = False
     accepted_clients: dict[str, int] = field(default_factory=dict)  # client -> raw message bytes
-    rejected: int = 0
-    uplink_bytes: int = 0
+    rejected: int = 0  # authenticated senders' rejected updates (each also stored as an ``updates`` row)
+    uplink_bytes: int = 0  # accepted updates only: what compression ratios are computed from
+    rejected_bytes: int = 0
+    junk: int = 0  # unauthenticated messages (rate-limited, oversize, malformed, bad credentials): counted only
+    junk_bytes: int = 0
     _metric_sums: dict[str, float] = field(default_factory=dict)
     _metric_weights: dict[str, float] = field(default_factory=dict)
     _scored: list[tuple[float, float, float]] = field(default_factory=list)  # (loss, accuracy, weight)
@@ -53,8 +56,9 @@ class OpenRound:
 
     def add(self, client_id: str, decoded: DecodedLike, num_samples: int, nbytes: int,
             metrics: dict[str, float]) -> None:
-        """Fold an already-validated update in; caller holds ``cond``."""
-        self.accumulator.add(decoded, num_samples)
+        """Fold an already-validated update in; caller holds ``cond``. Metrics get the capped weight the
+        update got, so an inflated ``num_samples`` cannot dominate the reported loss either."""
+        weight = self.accumulator.add(decoded, num_samples)
         self.accepted_clients[client_id] = nbytes
         self.uplink_bytes += nbytes
         self._add_score(metrics, num_samples)
@@ -62,8 +66,8 @@ class OpenRound:
             if key in FEDERATED_KEYS:
                 continue
             if np.isfinite(value):
-                self._metric_sums[key] = self._metric_sums.get(key, 0.0) + num_samples * float(value)
-                self._metric_weights[key] = self._metric_weights.get(key, 0.0) + num_samples
+                self._metric_sums[key] = self._metric_sums.get(key, 0.0) + weight * float(value)
+                self._metric_weights[key] = self._metric_weights.get(key, 0.0) + weight
         self.cond.notify_all()
 
     def _add_score(self, metrics: dict[str, float], num_samples: int) -> None:
@@ -83,10 +87,19 @@ class OpenRound:
                 "accuracy": sum(a * w for _, a, w in self._scored) / total,
                 "num_samples": total, "clients": float(len(self._scored))}
 
-    def count_rejected(self, nbytes: int) -> None:
+    def count_rejected(self, nbytes: int, junk: bool = False) -> None:
         with self.cond:
-            self.rejected += 1
-            self.uplink_bytes += nbytes
+            if junk:
+                self.junk += 1
+                self.junk_bytes += nbytes
+            else:
+                self.rejected += 1
+                self.rejected_bytes += nbytes
+
+    def traffic(self) -> dict[str, int]:
+        """The round's byte and message counters, as stored on its record."""
+        return {"uplink_bytes": self.uplink_bytes, "rejected_bytes": self.rejected_bytes, "junk": self.junk,
+                "junk_bytes": self.junk_bytes}
 
     def wait(self, stop: threading.Event, poll_s: float = 0.25) -> None:
         """Block until every selected client was accepted, the deadline passes or ``stop`` is set."""

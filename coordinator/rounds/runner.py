@@ -20,6 +20,7 @@ from edge_sdk.protocol.modelfile import dump_model, flatten, layout_sizes, load_
 
 from coordinator.rounds.context import RunnerContext
 from coordinator.rounds.jobspec import holdout_fraction, model_meta
+from coordinator.rounds.limits import UpdateLimits
 from coordinator.rounds.open_round import OpenRound
 from coordinator.rounds.strategy import Strategy, make_strategy, round_seed
 
@@ -64,7 +65,7 @@ class JobRunner:
         try:
             job = self._job()
             cfg = job["config"]
-            strategy = make_strategy(cfg.get("strategy"))
+            strategy = make_strategy(cfg.get("strategy"), UpdateLimits.from_config(cfg.get("limits")))
             self._baseline_eval(job)
             failures = 0
             while job["current_round"] < cfg["rounds"] and not self.stop_event.is_set():
@@ -166,7 +167,7 @@ class JobRunner:
         eng, cfg = self.ctx, job["config"]
         now = time.time()
         common = {"participants": sorted(rnd.accepted_clients), "accepted": rnd.accepted,
-                  "rejected": rnd.rejected, "uplink_bytes": rnd.uplink_bytes,
+                  "rejected": rnd.rejected, **rnd.traffic(),
                   "compression_ratio": rnd.compression_ratio(), "closed_at": now,
                   "duration_s": now - rnd.started_at, "metrics": _finite(rnd.metrics())}
         key = (self.job_id, rnd.round, rnd.attempt)

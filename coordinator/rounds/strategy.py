@@ -9,6 +9,10 @@ O(model), because it is scattered straight into the running sum (indices are uni
 
 Server-side optimisers (FedAdam, FedYogi; Reddi et al. 2021, "Adaptive Federated Optimization") treat the
 weighted mean delta as a pseudo-gradient; their moment state lives in the strategy object, one per job.
+
+Every strategy applies the job's :class:`~coordinator.rounds.limits.UpdateLimits` as an update is folded in
+(capped or uniform weight, L2 clipping). The Byzantine-robust strategies (``trimmed_mean``, ``median``) need
+every coordinate's values at once, so they hold a bounded buffer of updates instead (see ``robust.py``).
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
+
+from coordinator.rounds.limits import UpdateLimits
 
 
 class DecodedLike(Protocol):
@@ -29,35 +35,46 @@ class DecodedLike(Protocol):
 class Accumulator:
     """Running ``sum_i n_i * delta_i`` and ``sum_i n_i`` for one round; holds no reference to any update."""
 
-    def __init__(self, global_vec: np.ndarray, finish: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
-                 ) -> None:
+    def __init__(self, global_vec: np.ndarray, finish: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+                 limits: UpdateLimits | None = None) -> None:
         self.global_vec = global_vec
         self.numel = int(global_vec.size)
         self._sum = np.zeros(self.numel, dtype=np.float64)
         self.total_weight = 0.0
         self.count = 0
         self._finish = finish
+        self.limits = limits or UpdateLimits()
+        self.clipper = self.limits.clipper()
 
-    def add(self, decoded: DecodedLike, num_samples: int) -> None:
-        """Fold one update in. Validates shapes first so a bad update leaves the sum untouched."""
-        if num_samples <= 0:
-            raise ValueError(f"num_samples must be positive, got {num_samples}")
+    def _check(self, decoded: DecodedLike) -> None:
+        """Shape checks, before anything is changed, so a bad update leaves the round untouched."""
         values = np.asarray(decoded.values)
-        w = np.float64(num_samples)  # a float64 scalar promotes the product: no float32 overflow
         if decoded.indices is None:
             if values.shape != (self.numel,):
                 raise ValueError(f"dense update has {values.size} values, model has {self.numel}")
-            self._sum += values * w
-        else:
-            idx = np.asarray(decoded.indices)
-            if idx.shape != values.shape or idx.ndim != 1:
-                raise ValueError("sparse update: indices and values differ in length")
-            if idx.size:
-                if idx[0] < 0 or idx[-1] >= self.numel or (idx.size > 1 and not np.all(idx[1:] > idx[:-1])):
-                    raise ValueError("sparse update: indices must be sorted, unique and within the model")
-                self._sum[idx] += values * w
-        self.total_weight += float(w)
+            return
+        idx = np.asarray(decoded.indices)
+        if idx.shape != values.shape or idx.ndim != 1:
+            raise ValueError("sparse update: indices and values differ in length")
+        if idx.size and (idx[0] < 0 or idx[-1] >= self.numel or (idx.size > 1 and not np.all(idx[1:] > idx[:-1]))):
+            raise ValueError("sparse update: indices must be sorted, unique and within the model")
+
+    def add(self, decoded: DecodedLike, num_samples: int) -> float:
+        """Fold one update in (weighted and clipped per the job's limits); returns the weight it got."""
+        w = self.limits.weight(num_samples)
+        self._check(decoded)
+        self._fold(self.clipper.clip(decoded), w)
+        self.total_weight += w
         self.count += 1
+        return w
+
+    def _fold(self, decoded: DecodedLike, weight: float) -> None:
+        values = np.asarray(decoded.values)
+        w = np.float64(weight)  # a float64 scalar promotes the product: no float32 overflow
+        if decoded.indices is None:
+            self._sum += values * w
+        elif values.size:
+            self._sum[np.asarray(decoded.indices)] += values * w
 
     def mean_delta(self) -> np.ndarray:
         if self.count == 0:
@@ -65,8 +82,9 @@ class Accumulator:
         return self._sum / self.total_weight
 
     def finalize(self) -> np.ndarray:
-        """The new global vector (float32)."""
+        """The new global vector (float32); adapts the clip bound to this round's update norms."""
         delta = self.mean_delta()
+        self.clipper.end_round()
         if self._finish is not None:
             return self._finish(self.global_vec, delta)
         return to_float32(self.global_vec.astype(np.float64) + delta)
@@ -84,7 +102,8 @@ class Strategy:
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, float]] = {}
 
-    def __init__(self, **params: Any) -> None:
+    def __init__(self, limits: UpdateLimits | None = None, **params: Any) -> None:
+        self.limits = limits or UpdateLimits()
         unknown = set(params) - set(self.defaults)
         if unknown:
             raise ValueError(f"strategy {self.name!r} has no parameter(s) {sorted(unknown)}; "
@@ -114,7 +133,7 @@ class Strategy:
         return float(train.get("mu", 0.0))
 
     def begin(self, global_vec: np.ndarray) -> Accumulator:
-        return Accumulator(np.asarray(global_vec, dtype=np.float32), self._step)
+        return Accumulator(np.asarray(global_vec, dtype=np.float32), self._step, self.limits)
 
     def _step(self, global_vec: np.ndarray, delta: np.ndarray) -> np.ndarray:
         """Apply the round's weighted mean delta; server optimisers override this."""
@@ -149,8 +168,8 @@ class FedAdam(Strategy):
     name = "fedadam"
     defaults = {"eta": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
 
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
+    def __init__(self, limits: UpdateLimits | None = None, **params: Any) -> None:
+        super().__init__(limits, **params)
         self.m: np.ndarray | None = None
         self.v: np.ndarray | None = None
 
@@ -189,10 +208,13 @@ def register(cls: type[Strategy]) -> type[Strategy]:
     return cls
 
 
-def make_strategy(spec: dict[str, Any] | str | None) -> Strategy:
-    """``{"name": "fedadam", "eta": 0.01}`` / ``"fedavg"`` / None (FedAvg) -> Strategy; ValueError if bad."""
+def make_strategy(spec: dict[str, Any] | str | None, limits: UpdateLimits | None = None) -> Strategy:
+    """``{"name": "fedadam", "eta": 0.01}`` / ``"fedavg"`` / None (FedAvg) -> Strategy; ValueError if bad.
+
+    ``limits``: the job's weighting and clipping (none: plain FedAvg weighting, no clipping)."""
+    _load_plugins()
     if spec is None:
-        return FedAvg()
+        return FedAvg(limits)
     if isinstance(spec, str):
         spec = {"name": spec}
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
@@ -201,4 +223,9 @@ def make_strategy(spec: dict[str, Any] | str | None) -> Strategy:
     cls = STRATEGIES.get(spec["name"])
     if cls is None:
         raise ValueError(f"unknown strategy {spec['name']!r}; valid: {', '.join(sorted(STRATEGIES))}")
-    return cls(**params)
+    return cls(limits, **params)
+
+
+def _load_plugins() -> None:
+    """The robust strategies register themselves on import; robust.py imports this module, not vice versa."""
+    import coordinator.rounds.robust  # noqa: F401

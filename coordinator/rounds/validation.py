@@ -36,10 +36,16 @@ WRONG_NUMEL = "wrong_numel"
 BAD_PAYLOAD = "bad_payload"
 NON_FINITE = "non_finite"
 INTERNAL_ERROR = "internal_error"
+RATE_LIMITED = "rate_limited"
 
 REASON_CODES = (OVERSIZE, MALFORMED, TRUNCATED, UNKNOWN_CLIENT, BAD_TOKEN, CLIENT_MISMATCH, WRONG_JOB,
                 STALE_ROUND, NOT_SELECTED, OLD_BASE_VERSION, DUPLICATE, WRONG_CODEC, WRONG_NUMEL, BAD_PAYLOAD,
-                NON_FINITE, INTERNAL_ERROR)
+                NON_FINITE, INTERNAL_ERROR, RATE_LIMITED)
+
+# Rejections decided before the sender is authenticated: counted per round as junk (messages, bytes) but
+# not stored as ``updates`` rows, so a flood of garbage costs the coordinator no database growth.
+UNAUTHENTICATED = frozenset({OVERSIZE, MALFORMED, TRUNCATED, UNKNOWN_CLIENT, BAD_TOKEN, CLIENT_MISMATCH,
+                             RATE_LIMITED})
 
 # Keys of a codec spec that only change how a device *encodes* (its residual, its rounding noise); a
 # device may choose them freely, everything else must match the round's codec exactly.
@@ -148,6 +154,8 @@ def decode_payload(header: UpdateHeader, payload: bytes, rnd: RoundView) -> code
     except ProtocolError as exc:
         # the value decoder already refuses NaN/Inf (quant.dequantize); keep that distinct from garbage
         raise Rejected(NON_FINITE if "non-finite" in exc.reason else BAD_PAYLOAD, exc.reason) from None
+    except (ValueError, IndexError, OverflowError, RecursionError) as exc:  # a decoder that missed a case
+        raise Rejected(BAD_PAYLOAD, f"payload could not be decoded ({type(exc).__name__})") from None
     values = np.asarray(decoded.values)
     expected = rnd.numel if decoded.indices is None else np.asarray(decoded.indices).size
     if values.ndim != 1 or values.size != expected:

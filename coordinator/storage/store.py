@@ -34,7 +34,9 @@ CREATE TABLE IF NOT EXISTS rounds (
     rejected INTEGER NOT NULL DEFAULT 0, uplink_bytes INTEGER NOT NULL DEFAULT 0,
     downlink_bytes INTEGER NOT NULL DEFAULT 0, compression_ratio REAL, started_at REAL NOT NULL,
     closed_at REAL, duration_s REAL, metrics TEXT NOT NULL DEFAULT '{}', eval TEXT, reason TEXT,
-    federated_eval TEXT, PRIMARY KEY (job_id, round, attempt));
+    federated_eval TEXT, rejected_bytes INTEGER NOT NULL DEFAULT 0, junk INTEGER NOT NULL DEFAULT 0,
+    junk_bytes INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (job_id, round, attempt));
 CREATE TABLE IF NOT EXISTS clients (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, token_sha256 TEXT NOT NULL, created_at REAL NOT NULL,
     last_seen REAL, state TEXT NOT NULL DEFAULT 'unknown');
@@ -50,13 +52,15 @@ CREATE TABLE IF NOT EXISTS metrics (
 CREATE INDEX IF NOT EXISTS metrics_job ON metrics (job_id, round);
 """
 
+# table -> [(column, declaration)] for databases created by an earlier version
+_ADDED_COLUMNS = {"rounds": [("federated_eval", "TEXT"), ("rejected_bytes", "INTEGER NOT NULL DEFAULT 0"),
+                             ("junk", "INTEGER NOT NULL DEFAULT 0"), ("junk_bytes", "INTEGER NOT NULL DEFAULT 0")]}
+
 _JSON_COLUMNS = {"config", "codec", "selected", "participants", "metrics", "eval", "federated_eval"}
 _JOB_FIELDS = {"name", "status", "current_round", "current_version", "error"}
-_ROUND_FIELDS = {"status", "new_version", "participants", "accepted", "rejected", "uplink_bytes",
-                 "compression_ratio", "closed_at", "duration_s", "metrics", "eval", "reason", "selected",
-                 "federated_eval"}
-# columns added after a release: (table, column, type) added in place to older databases
-_ADDED_COLUMNS = (("rounds", "federated_eval", "TEXT"),)
+_ROUND_FIELDS = {"status", "new_version", "participants", "accepted", "rejected", "uplink_bytes", "rejected_bytes",
+                 "junk", "junk_bytes", "compression_ratio", "closed_at", "duration_s", "metrics", "eval", "reason",
+                 "selected", "federated_eval"}
 
 
 def _row(cur: sqlite3.Cursor, raw: tuple[Any, ...]) -> dict[str, Any]:
@@ -84,12 +88,18 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
-        for table, column, kind in _ADDED_COLUMNS:
-            if column not in {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})").fetchall()}:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        self._add_missing_columns()
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     # ----------------------------------------------------------------------------------------- plumbing
+
+    def _add_missing_columns(self) -> None:
+        """Columns added after a table was first created (CREATE TABLE IF NOT EXISTS leaves old files as is)."""
+        for table, columns in _ADDED_COLUMNS.items():
+            have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})").fetchall()}
+            for name, decl in columns:
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -220,6 +230,13 @@ class Store:
     def next_attempt(self, job_id: str, round_: int) -> int:
         row = self._one("SELECT MAX(attempt) AS a FROM rounds WHERE job_id = ? AND round = ?", (job_id, round_))
         return int(row["a"] or 0) + 1 if row else 1
+
+    def job_traffic(self, job_id: str) -> dict[str, int]:
+        """Totals over the job's round records: accepted uplink, rejected and junk bytes, junk messages."""
+        row = self._one("SELECT COALESCE(SUM(uplink_bytes), 0) AS uplink_bytes, COALESCE(SUM(rejected_bytes), 0)"
+                        " AS rejected_bytes, COALESCE(SUM(rejected), 0) AS rejected, COALESCE(SUM(junk), 0) AS junk,"
+                        " COALESCE(SUM(junk_bytes), 0) AS junk_bytes FROM rounds WHERE job_id = ?", (job_id,))
+        return {k: int(v) for k, v in (row or {}).items()}
 
     def abort_open_rounds(self, job_id: str | None = None, reason: str = "coordinator stopped") -> int:
         """Mark rounds left 'open' (by a stop or a crash) as aborted; returns how many."""

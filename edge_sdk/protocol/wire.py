@@ -61,7 +61,8 @@ def _metrics(raw: Any) -> dict[str, float]:
         raise ProtocolError("header field 'metrics' must be an object of numbers")
     out: dict[str, float] = {}
     for key, value in raw.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                or isinstance(value, int) and abs(value) > 2**1023 or not math.isfinite(value)):
             raise ProtocolError(f"metric {key!r} is not a finite number")
         out[str(key)] = float(value)
     return out
@@ -87,10 +88,21 @@ def decode_update(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[Upda
         raise ProtocolError(f"header length {head_len} does not fit the message")
     try:
         raw = json.loads(bytes(data[start : start + head_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"header is not valid JSON: {exc}") from None
+    except RecursionError:  # e.g. 30k nested '[': the parser recurses once per level
+        raise ProtocolError("header JSON is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer past Python's digit limit
+        raise ProtocolError(f"header is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(raw, dict):
         raise ProtocolError("header must be a JSON object")
+    try:
+        return _header(raw, data, start + head_len, size - _CRC.size)
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # any field a decoder chokes on
+        raise ProtocolError(f"invalid header: {type(exc).__name__}") from None
+
+
+def _header(raw: dict[str, Any], data: bytes, payload_start: int, payload_end: int) -> tuple[UpdateHeader, bytes]:
     header = UpdateHeader(
         job_id=_require(raw, "job_id", str),
         round=_require(raw, "round", int),
@@ -106,4 +118,4 @@ def decode_update(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[Upda
         raise ProtocolError(f"num_samples must be positive, got {header.num_samples}")
     if header.numel <= 0 or header.round < 0:
         raise ProtocolError("numel must be positive and round non-negative")
-    return header, bytes(data[start + head_len : size - _CRC.size])
+    return header, bytes(data[payload_start:payload_end])

@@ -12,6 +12,7 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parents[2]
+MOSQUITTO_MAX_PACKET_SIZE = (64 << 20) + 64 * 1024  # default job max_update_bytes + MQTT framing
 
 
 def free_port() -> int:
@@ -43,7 +44,7 @@ def mosquitto_binary() -> str:
 class Mosquitto:
     """A private Mosquitto broker on a free loopback port with a generated config."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, max_packet_size: int = MOSQUITTO_MAX_PACKET_SIZE) -> None:
         self.port = free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         workdir.chmod(0o755)
@@ -53,6 +54,7 @@ class Mosquitto:
             "allow_anonymous true\n"
             "persistence false\n"
             "max_queued_messages 10000\n"
+            f"max_packet_size {max_packet_size}\n"  # as docs/mqtt.md tells deployments: the job limit + framing
             "log_dest stderr\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
         )

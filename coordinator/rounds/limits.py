@@ -1,0 +1,95 @@
+"""Per-job limits on what one device can do to the model: a cap on its claimed sample count, the weighting
+rule, and server-side L2 clipping of its update.
+
+Why: ``num_samples`` is the device's own claim and the FedAvg weight; unchecked, one device reporting 1e15
+samples replaces the global model with its own. The cap bounds the claim, ``"uniform"`` ignores it, and
+clipping bounds the update's magnitude, so a device's influence on a round is at most ``weight share x C``.
+
+Job body field ``"limits"`` (all optional)::
+
+    {"max_num_samples": 10000, "weighting": "num_samples" | "uniform",
+     "clip": {"mode": "adaptive" | "fixed" | "none", "bound": 1.0, "quantile": 0.5, "lr": 0.5}}
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from coordinator.rounds.clipping import CLIP_MODES, ClipBound, RoundClipper, make_bound
+
+WEIGHTINGS = ("num_samples", "uniform")
+DEFAULT_MAX_NUM_SAMPLES = 10_000
+DEFAULT_WEIGHTING = "uniform"
+DEFAULT_CLIP = {"mode": "adaptive", "bound": 1.0, "quantile": 0.5, "lr": 0.5}
+
+
+def _number(value: Any, where: str, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"'{where}' must be a finite number, got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"'{where}' must be in [{lo}, {hi}], got {value}")
+    return float(value)
+
+
+def normalize_limits(body: Any) -> dict[str, Any]:
+    """Validate the job's ``limits`` object and fill in defaults; ValueError names the bad field."""
+    body = {} if body is None else body
+    if not isinstance(body, dict):
+        raise ValueError("'limits' must be an object")
+    unknown = sorted(set(body) - {"max_num_samples", "weighting", "clip"})
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown} in 'limits'; allowed: clip, max_num_samples, weighting")
+    cap = body.get("max_num_samples", DEFAULT_MAX_NUM_SAMPLES)
+    if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= 2**53:
+        raise ValueError(f"'limits.max_num_samples' must be an integer in [1, 2**53], got {cap!r}")
+    weighting = body.get("weighting", DEFAULT_WEIGHTING)
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"'limits.weighting' must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+    clip_in = body.get("clip", DEFAULT_CLIP)
+    if not isinstance(clip_in, dict):
+        raise ValueError("'limits.clip' must be an object")
+    unknown = sorted(set(clip_in) - {"mode", "bound", "quantile", "lr"})
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown} in 'limits.clip'; allowed: bound, lr, mode, quantile")
+    mode = clip_in.get("mode", DEFAULT_CLIP["mode"])
+    if mode not in CLIP_MODES:
+        raise ValueError(f"'limits.clip.mode' must be one of {', '.join(CLIP_MODES)}, got {mode!r}")
+    clip: dict[str, Any] = {"mode": mode}
+    if mode in ("fixed", "adaptive"):
+        clip["bound"] = _number(clip_in.get("bound", DEFAULT_CLIP["bound"]), "limits.clip.bound", 1e-6, 1e6)
+    if mode == "adaptive":
+        clip["quantile"] = _number(clip_in.get("quantile", DEFAULT_CLIP["quantile"]), "limits.clip.quantile",
+                                   0.0, 1.0)
+        clip["lr"] = _number(clip_in.get("lr", DEFAULT_CLIP["lr"]), "limits.clip.lr", 0.0, 10.0)
+    return {"max_num_samples": cap, "weighting": weighting, "clip": clip}
+
+
+@dataclass
+class UpdateLimits:
+    """The job's limits as objects; the clip bound is state that lives across the job's rounds."""
+
+    max_num_samples: int | None = None
+    weighting: str = "num_samples"
+    bound: ClipBound = field(default_factory=ClipBound)
+
+    @classmethod
+    def from_config(cls, limits: dict[str, Any] | None) -> UpdateLimits:
+        """From a stored job config's ``limits`` (None: the defaults, so jobs created before limits existed
+        are protected too)."""
+        norm = normalize_limits(limits)
+        return cls(norm["max_num_samples"], norm["weighting"], make_bound(norm["clip"]))
+
+    def weight(self, num_samples: int) -> float:
+        """The aggregation weight of an update whose device claims ``num_samples``."""
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        if self.weighting == "uniform":
+            return 1.0
+        return float(min(num_samples, self.max_num_samples) if self.max_num_samples else num_samples)
+
+    def clipper(self) -> RoundClipper:
+        return RoundClipper(self.bound)
+
+
+NO_LIMITS = UpdateLimits()  # plain FedAvg semantics; what a Strategy uses when given none
