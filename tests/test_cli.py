@@ -147,7 +147,7 @@ def test_failed_evaluations_show_their_reason_not_a_dash() -> None:
               {"round": 2, "status": "closed", "eval": None,
                "federated_eval": {"status": "pending", "reason": "devices score this version in round 3"}}]
     _, rows = cli.rounds_table(rounds)
-    assert rows[0][6:8] == ["failed", "failed"] and rows[1][6:8] == ["-", "pending"]
+    assert rows[0][7:9] == ["failed", "failed"] and rows[1][7:9] == ["-", "pending"]
     notes = cli.eval_notes(rounds)
     assert notes == ["round 1: server evaluation failed: the digits set has 10 classes but the model has 5",
                      "round 1: device evaluation failed: none of the 3 device(s) reported a held-out score"]

@@ -83,7 +83,7 @@ def test_devices_use_only_the_advertised_addresses(remote: tuple[str, int, Path]
             assert time.monotonic() < deadline, f"devices not online: {[d.poll() for d in devices]}"
             time.sleep(0.3)
         out = subprocess.run(cli("job", "create", "--coordinator", url, "--rounds", "2", "--clients-per-round", "2",
-                                 "--min-clients", "2", "--eval", "none", "--start"),
+                                 "--min-clients", "2", "--eval", "digits", "--start"),
                              capture_output=True, text=True, env=child_env(), cwd=ROOT, timeout=60)
         assert out.returncode == 0, out.stderr
         job_id = out.stdout.strip()
