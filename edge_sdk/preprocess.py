@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from .frames import frame_to_chw
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32).reshape(3, 1, 1)
 DIGITS_INPUT_SCALE = 16.0  # sklearn's 8x8 digits store pixels as 0..16
@@ -132,12 +131,47 @@ def _resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     return mat.astype(np.float32)
 
 
+@lru_cache(maxsize=64)
+def _taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The non-zero band of :func:`_resize_matrix` as (out, K) source indices and weights: a camera frame
+    shrunk 720 -> 224 needs ~8 taps per output pixel, not all 720 a dense matrix product would multiply."""
+    mat = _resize_matrix(in_size, out_size)
+    nz = mat != 0
+    any_nz = nz.any(axis=1)
+    lo = np.where(any_nz, nz.argmax(axis=1), 0)
+    hi = np.where(any_nz, in_size - nz[:, ::-1].argmax(axis=1), 0)
+    k = max(int((hi - lo).max()), 1)
+    idx = np.minimum(lo[:, None] + np.arange(k), in_size - 1)
+    weights = np.take_along_axis(mat, idx, axis=1) * (np.arange(k) < (hi - lo)[:, None])
+    return idx, weights.astype(np.float32)
+
+
+def _resize_axis(x: np.ndarray, out_size: int, axis: int) -> np.ndarray:
+    """Resample axis 0 (rows) or 1 (columns) of an HxWxC array: gather each output's K source rows/columns
+    (uint8 stays uint8 until the weighted sum, which accumulates in float32)."""
+    idx, w = _taps(x.shape[axis], out_size)
+    gathered = np.take(x, idx, axis=axis)  # (out, K, W, C) or (H, out, K, C)
+    spec = "ok,okwc->owc" if axis == 0 else "ok,hokc->hoc"
+    return np.einsum(spec, w, gathered, dtype=np.float32, casting="unsafe")
+
+
+def _resize_hwc(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Antialiased bilinear resize of an HxWxC array (any real dtype) to float32, cheaper axis order first."""
+    h, w = x.shape[:2]
+    oh, ow = size
+    if (h, w) == (oh, ow):
+        return x.astype(np.float32, copy=False)
+    kh, kw = _taps(h, oh)[1].shape[1], _taps(w, ow)[1].shape[1]
+    if oh * kh * w + oh * ow * kw <= h * ow * kw + oh * ow * kh:
+        return _resize_axis(_resize_axis(x, oh, 0), ow, 1)
+    return _resize_axis(_resize_axis(x, ow, 1), oh, 0)
+
+
 def resize_chw(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a CHW float32 array (see :func:`_resize_matrix`)."""
-    h, w = x.shape[-2:]
-    if (h, w) == tuple(size):
+    """Antialiased bilinear resize of a CHW float32 array (same weights as :func:`_resize_matrix`)."""
+    if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return _resize_matrix(h, size[0]) @ x @ _resize_matrix(w, size[1]).T
+    return np.ascontiguousarray(_resize_hwc(x.transpose(1, 2, 0), size).transpose(2, 0, 1))
 
 
 def adapt_channels(x: np.ndarray, channels: int) -> np.ndarray:
@@ -165,15 +199,43 @@ def load_image(source: str | Path | Any) -> np.ndarray:
     return np.asarray(source.convert("RGB"))
 
 
+def _adapt_hwc(x: np.ndarray, channels: int) -> np.ndarray:
+    """:func:`adapt_channels` on an HxWxC array (uint8 stays uint8 unless luma needs floats)."""
+    c = x.shape[2]
+    if c == channels:
+        return x
+    if c == 1:
+        return np.repeat(x, channels, axis=2)
+    if c in (3, 4) and channels == 1:
+        return (x[:, :, :3].astype(np.float32) @ _LUMA.reshape(3, 1))
+    if c == 4 and channels == 3:
+        return x[:, :, :3]
+    return adapt_channels(x.transpose(2, 0, 1), channels)  # raises the readable error
+
+
 def preprocess(image: Any, spec: Preprocessing) -> np.ndarray:
-    """One raw frame (HxW / HxWxC array of any size, file path or PIL image) -> CxHxW float32 for the model."""
+    """One raw frame (HxW / HxWxC array of any size, file path or PIL image) -> CxHxW float32 for the model.
+
+    Every step is linear up to the normalisation, so they run in the cheapest order: shrink channels, resize
+    (on the raw pixels), then scale and normalise the small result."""
     if isinstance(image, (str, Path)) or hasattr(image, "convert"):
         image = load_image(image)
-    x = adapt_channels(frame_to_chw(image, spec.input_scale), spec.channels)
-    x = resize_chw(x, spec.image_size)
-    mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
-    std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
-    return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3:
+        raise ValueError(f"frames must be HxW or HxWxC, got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ValueError(f"frames must hold integer or float pixels, got {arr.dtype}")
+    scale = spec.input_scale if np.issubdtype(arr.dtype, np.integer) else 1.0
+    grow = arr.shape[2] < spec.channels  # repeat grey after resizing: less work
+    x = arr if grow else _adapt_hwc(arr, spec.channels)
+    x = _resize_hwc(x, spec.image_size)
+    if grow:
+        x = _adapt_hwc(x, spec.channels)
+    mean = np.asarray(spec.mean, dtype=np.float32) * np.float32(scale)
+    inv = np.float32(1.0) / (np.asarray(spec.std, dtype=np.float32) * np.float32(scale))
+    return np.ascontiguousarray(((x - mean) * inv).transpose(2, 0, 1), dtype=np.float32)
 
 
 def digits_preprocessing(image_size: int = 8, channels: int = 1) -> Preprocessing:

@@ -144,3 +144,25 @@ def test_image_folder_without_a_size_follows_the_job(tmp_path: Path) -> None:
     pinned = image_folder(folder, 16)
     with pytest.raises(PreprocessingMismatch, match="image_size 16x16 != 32x32"):
         fit_to_job(pinned, PHOTO)
+
+
+@pytest.mark.parametrize("shape, dtype, channels, size", [
+    ((48, 64, 3), np.uint8, 3, (32, 32)), ((20, 30), np.uint8, 3, (24, 24)), ((40, 40, 4), np.uint8, 3, (16, 16)),
+    ((33, 50, 3), np.uint8, 1, (8, 8)), ((30, 20, 3), np.float32, 3, (12, 16)), ((400, 300, 3), np.uint16, 3, (7, 7)),
+])
+def test_preprocess_matches_a_torch_reference(shape, dtype, channels, size) -> None:
+    """Raw / scale -> channels -> torch antialiased bilinear resize -> normalise, computed with torch ops."""
+    import torch.nn.functional as F
+
+    from edge_sdk.data import adapt_channels, normalize
+
+    rng = np.random.default_rng(0)
+    scale = 1023.0 if dtype == np.uint16 else 255.0
+    frame = rng.random(shape).astype(dtype) if dtype == np.float32 else rng.integers(0, scale + 1, shape).astype(dtype)
+    norm = {"mean": [0.3] * channels, "std": [0.2] * channels}
+    spec = Preprocessing.create(size, channels, norm, scale)
+    hwc = frame if frame.ndim == 3 else frame[:, :, None]
+    x = torch.from_numpy(hwc.astype(np.float32)).permute(2, 0, 1) / (1.0 if dtype == np.float32 else scale)
+    x = F.interpolate(adapt_channels(x, channels)[None], size=size, mode="bilinear", align_corners=False,
+                      antialias=True)[0]
+    np.testing.assert_allclose(preprocess(frame, spec), normalize(x, norm).numpy(), atol=2e-4)
