@@ -249,7 +249,10 @@ class LiveModel:
                 return
             self._wake.clear()
             wanted, self._wanted = self._wanted, None
-            self.update((wanted or None) if woke else None)
+            try:
+                self.update((wanted or None) if woke else None)
+            except Exception:  # noqa: BLE001 - e.g. an on_swap hook that raised: the worker must keep going
+                log.exception("job %s: live model update failed unexpectedly", self.job_id)
 
     # ------------------------------------------------------------------------------------------ HTTP
     def _get(self, path: str, limit: int) -> bytes:

@@ -137,7 +137,7 @@ def test_client_refuses_tasks_pointing_elsewhere(server: CoordinatorHandle, tmp_
                                                  foreign: tuple[type, str], one_torch_thread: None,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     handler, foreign_url = foreign
-    job = requests.post(f"{server.url}/api/v1/jobs", json=JOB, timeout=10).json()
+    job = requests.post(f"{server.url}/api/v1/jobs", json=JOB, timeout=120).json()
     version = job["current_version"]
     data = torch.utils.data.TensorDataset(torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,)))
     client = EdgeClient(server.url, dataset=data, cache_dir=tmp_path)

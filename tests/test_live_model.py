@@ -52,7 +52,7 @@ def expected_probs(handle: CoordinatorHandle, job_id: str, version: str) -> np.n
 
 def test_swaps_under_concurrent_inference_and_keeps_the_old_model_on_bad_downloads(
         server: CoordinatorHandle, tmp_path: Path) -> None:
-    job_id = requests.post(f"{server.url}/api/v1/jobs", json=JOB, timeout=10).json()["id"]
+    job_id = requests.post(f"{server.url}/api/v1/jobs", json=JOB, timeout=120).json()["id"]
     live = LiveModel(server.url, job_id, poll_s=0, cache_dir=tmp_path / "live")
     with pytest.raises(NoModelYet):
         live.predict(FRAMES)
@@ -150,7 +150,7 @@ def test_camera_app_example_follows_versions_without_torch(server: CoordinatorHa
 
     from tests.support.processes import ROOT, child_env
 
-    job_id = requests.post(f"{server.url}/api/v1/jobs", json=JOB, timeout=10).json()["id"]
+    job_id = requests.post(f"{server.url}/api/v1/jobs", json=JOB, timeout=120).json()["id"]
     first = server.services.store.get_job(job_id)["current_version"]
     for i, frame in enumerate(FRAMES):
         (tmp_path / "frames").mkdir(exist_ok=True)
@@ -174,3 +174,39 @@ def test_camera_app_example_follows_versions_without_torch(server: CoordinatorHa
     frames = [ln for ln in lines if " frame " in ln or ": frame " in ln]
     assert len(frames) == 240 and all(f"[model {first[:12]}]" in ln or f"[model {second[:12]}]" in ln
                                       for ln in frames)
+
+
+def test_camera_app_that_trains_swaps_on_job_events(server: CoordinatorHandle, tmp_path: Path) -> None:
+    """--train: the app's own EdgeClient trains round 1, and its model_updated event (not polling) swaps."""
+    import signal
+
+    from PIL import Image
+
+    from tests.support.processes import ROOT, child_env
+
+    for i, frame in enumerate(FRAMES):
+        folder = tmp_path / "frames" / str(i % 3)  # sub-folder = label, as in imagefolder
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(frame).save(folder / f"{i}.png")
+    body = {**JOB, "rounds": 1, "round_timeout_s": 60, "train": {"epochs": 1, "batch_size": 4}}
+    job_id = requests.post(f"{server.url}/api/v1/jobs", json=body, timeout=120).json()["id"]
+    assert requests.post(f"{server.url}/api/v1/jobs/{job_id}/start", timeout=60).ok
+    proc = subprocess.Popen([sys.executable, "examples/camera_app.py", str(tmp_path / "frames"), "--train",
+                             "--coordinator", server.url, "--job", job_id, "--poll", "1000", "--loop", "--fps", "20",
+                             "--cache-dir", str(tmp_path / "cache")], cwd=ROOT, env=child_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines: list[str] = []
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "(round 1) is live" in line:
+                break
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    out = "".join(lines)
+    final = server.services.store.get_job(job_id)
+    assert final["status"] == "finished" and final["current_round"] == 1, out[-3000:]
+    assert f"model {final['current_version'][:12]} (round 1) is live" in out, out[-3000:]
+    assert "(round 0) is live" in out and "round 1: " in out  # it classified on v0, then trained round 1
