@@ -189,7 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--codec", default="dense", help="honest devices' codec, e.g. topk:0.01:int8 (default dense)")
     ap.add_argument("--defences", nargs="+", default=list(DEFENCES), choices=list(DEFENCES))
     ap.add_argument("--no-write", action="store_true", help="print only; leave results and BENCHMARKS.md alone")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the BENCHMARKS.md section from the JSON")
     args = ap.parse_args(argv)
+    if args.report_only:
+        saved = json.loads(RESULTS.read_text())
+        cfg = argparse.Namespace(**{"codec": "dense", **saved["config"]})
+        write_section("robustness", "Robustness to malicious devices", saved.get("command", "python benchmarks/"
+                      "robustness.py"), report_lines(saved["table"], cfg))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("edge_sdk").setLevel(logging.WARNING)
     torch.set_num_threads(1)
@@ -208,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/robustness.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     if not args.no_write and set(args.defences) == set(DEFENCES):
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps({"config": vars(args), "table": table, "runs": runs}, indent=2) + "\n")
+        RESULTS.write_text(json.dumps({"command": command.strip(), "config": vars(args), "table": table,
+                                       "runs": runs}, indent=2) + "\n")
         write_section("robustness", "Robustness to malicious devices", command.strip(), report_lines(table, args))
     print(json.dumps(table, indent=2))
     return 0
