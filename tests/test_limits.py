@@ -134,6 +134,31 @@ def test_adaptive_bound_ignores_a_minority_of_huge_updates():
     assert bound.bound < 2.0  # tracks the honest norms, not the attackers'
 
 
+def test_per_update_steps_correct_a_bad_starting_bound_within_a_round():
+    """The default steps after every update, so a starting bound 100x off is corrected within the first round
+    instead of clipping honest updates to nothing for many rounds; it still settles at the median."""
+    up = AdaptiveBound(0.01, quantile=0.5, lr=0.5, step="update")
+    clipper = RoundClipper(up)
+    for _ in range(40):
+        clipper.clip(Upd([1.0]))  # every update above the bound: it grows after each one
+    assert up.bound > 0.5
+    down = AdaptiveBound(100.0, quantile=0.5, lr=0.5, step="update")
+    clipper = RoundClipper(down)
+    for _ in range(40):
+        clipper.clip(Upd([1.0]))  # every update under it: it shrinks after each one
+    assert down.bound < 2.0
+    before = down.bound
+    clipper.end_round()  # per-update mode takes no extra per-round step
+    assert down.bound == before
+    rng = np.random.default_rng(5)
+    settle = AdaptiveBound(1.0, quantile=0.5, lr=0.1, step="update")
+    clipper = RoundClipper(settle)
+    for norm in rng.uniform(1.0, 3.0, size=3000):
+        clipper.clip(Upd([norm]))
+    assert 1.7 < settle.bound < 2.3
+    assert normalize_limits(None)["clip"]["step"] == "update"
+
+
 def test_accumulator_adapts_the_bound_once_per_finalized_round():
     limits = plain(bound=AdaptiveBound(1.0, quantile=0.5, lr=0.5))
     s = FedAvg(limits)

@@ -73,12 +73,21 @@ class ClipBound:
 
 @dataclass
 class AdaptiveBound(ClipBound):
-    """Geometric quantile tracking (Andrew et al. 2021); ``bound`` is the current value."""
+    """Geometric quantile tracking (Andrew et al. 2021); ``bound`` is the current value.
+
+    ``step="round"`` is the paper's rule, one step per round from the round's unclipped fraction (what DP needs,
+    with a noised fraction). ``step="update"`` applies the same rule after every update with ``b`` in {0, 1}:
+    a streaming aggregator cannot know the round's quantile before clipping, and a starting bound far from the
+    real norms (they differ by orders of magnitude between models, codecs and error feedback) would otherwise
+    take many rounds to correct, clipping honest updates to nothing meanwhile. A minority still cannot drag
+    it: the bound settles where a ``quantile`` fraction of updates is below it.
+    """
 
     quantile: float = 0.5
     lr: float = 0.5
     min_bound: float = 1e-6
     max_bound: float = 1e6
+    step: str = "round"
 
     def update(self, unclipped_fraction: float) -> float:
         """One round's step from the fraction of updates with norm <= bound (exact, or noised by DP)."""
@@ -87,7 +96,7 @@ class AdaptiveBound(ClipBound):
         return self.bound
 
     def state(self) -> dict[str, Any]:
-        return {"mode": "adaptive", "bound": self.bound, "quantile": self.quantile, "lr": self.lr}
+        return {"mode": "adaptive", "bound": self.bound, "quantile": self.quantile, "lr": self.lr, "step": self.step}
 
 
 def make_bound(spec: dict[str, Any] | None) -> ClipBound:
@@ -99,7 +108,8 @@ def make_bound(spec: dict[str, Any] | None) -> ClipBound:
     if mode == "fixed":
         return ClipBound(float(spec["bound"]))
     if mode == "adaptive":
-        return AdaptiveBound(float(spec["bound"]), quantile=float(spec["quantile"]), lr=float(spec["lr"]))
+        return AdaptiveBound(float(spec["bound"]), quantile=float(spec["quantile"]), lr=float(spec["lr"]),
+                             step=str(spec.get("step", "round")))
     raise ValueError(f"unknown clip mode {mode!r}; valid: {', '.join(CLIP_MODES)}")
 
 
@@ -116,16 +126,19 @@ class RoundClipper:
         if not self.bound.active:
             return decoded
         clipped, norm = clip_update(decoded, self.bound.bound)
+        under = norm <= self.bound.bound
         self.seen += 1
-        self.unclipped += int(norm <= self.bound.bound)
+        self.unclipped += int(under)
         self.max_norm = max(self.max_norm, norm)
+        if isinstance(self.bound, AdaptiveBound) and self.bound.step == "update":
+            self.bound.update(1.0 if under else 0.0)
         return clipped
 
     def unclipped_fraction(self) -> float | None:
         return self.unclipped / self.seen if self.seen else None
 
     def end_round(self) -> None:
-        """Adapt the bound to this round's norms (no-op for a fixed bound or an empty round)."""
+        """Adapt the bound to this round's norms (no-op for a fixed bound, per-update steps or an empty round)."""
         frac = self.unclipped_fraction()
-        if frac is not None:
+        if frac is not None and not (isinstance(self.bound, AdaptiveBound) and self.bound.step == "update"):
             self.bound.update(frac)

@@ -8,7 +8,8 @@ clipping bounds the update's magnitude, so a device's influence on a round is at
 Job body field ``"limits"`` (all optional)::
 
     {"max_num_samples": 10000, "weighting": "num_samples" | "uniform",
-     "clip": {"mode": "adaptive" | "fixed" | "none", "bound": 1.0, "quantile": 0.5, "lr": 0.5}}
+     "clip": {"mode": "adaptive" | "fixed" | "none", "bound": 1.0, "quantile": 0.5, "lr": 0.5,
+              "step": "update" | "round"}}
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from coordinator.rounds.clipping import CLIP_MODES, ClipBound, RoundClipper, mak
 WEIGHTINGS = ("num_samples", "uniform")
 DEFAULT_MAX_NUM_SAMPLES = 10_000
 DEFAULT_WEIGHTING = "uniform"
-DEFAULT_CLIP = {"mode": "adaptive", "bound": 1.0, "quantile": 0.5, "lr": 0.5}
+DEFAULT_CLIP = {"mode": "adaptive", "bound": 10.0, "quantile": 0.5, "lr": 0.5, "step": "update"}
+CLIP_STEPS = ("update", "round")
 
 
 def _number(value: Any, where: str, lo: float, hi: float) -> float:
@@ -49,9 +51,9 @@ def normalize_limits(body: Any) -> dict[str, Any]:
     clip_in = body.get("clip", DEFAULT_CLIP)
     if not isinstance(clip_in, dict):
         raise ValueError("'limits.clip' must be an object")
-    unknown = sorted(set(clip_in) - {"mode", "bound", "quantile", "lr"})
+    unknown = sorted(set(clip_in) - {"mode", "bound", "quantile", "lr", "step"})
     if unknown:
-        raise ValueError(f"unknown field(s) {unknown} in 'limits.clip'; allowed: bound, lr, mode, quantile")
+        raise ValueError(f"unknown field(s) {unknown} in 'limits.clip'; allowed: bound, lr, mode, quantile, step")
     mode = clip_in.get("mode", DEFAULT_CLIP["mode"])
     if mode not in CLIP_MODES:
         raise ValueError(f"'limits.clip.mode' must be one of {', '.join(CLIP_MODES)}, got {mode!r}")
@@ -62,6 +64,9 @@ def normalize_limits(body: Any) -> dict[str, Any]:
         clip["quantile"] = _number(clip_in.get("quantile", DEFAULT_CLIP["quantile"]), "limits.clip.quantile",
                                    0.0, 1.0)
         clip["lr"] = _number(clip_in.get("lr", DEFAULT_CLIP["lr"]), "limits.clip.lr", 0.0, 10.0)
+        clip["step"] = clip_in.get("step", DEFAULT_CLIP["step"])
+        if clip["step"] not in CLIP_STEPS:
+            raise ValueError(f"'limits.clip.step' must be one of {', '.join(CLIP_STEPS)}, got {clip['step']!r}")
     return {"max_num_samples": cap, "weighting": weighting, "clip": clip}
 
 
