@@ -87,12 +87,15 @@ def _stop_waitress(server: Any, thread: threading.Thread) -> None:
 def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fedsight-data",
           broker: str = "embedded", *, broker_host: str = "127.0.0.1", broker_port: int = 1883,
           public_url: str | None = None, advertised_broker_url: str | None = None, threads: int = 8,
-          evaluate: bool = True, engine_config: EngineConfig | None = None, resume: bool = True) -> CoordinatorHandle:
+          evaluate: bool = True, engine_config: EngineConfig | None = None, resume: bool = True,
+          weights_dir: Path | str | None = None) -> CoordinatorHandle:
     """Start everything in background threads and return once the REST API and MQTT bridge are up.
 
     ``broker``: ``"embedded"`` (amqtt on ``broker_host:broker_port``; port 0 picks a free one) or
     ``"mqtt://HOST:PORT"`` of an external broker. ``port=0`` picks a free HTTP port. ``public_url`` /
     ``advertised_broker_url``: the addresses devices should use, when they differ from the bind addresses.
+    ``weights_dir``: the only directory job specs may name server-side ``model.weights`` files in (None: none).
+    The operator token and enrollment secret are created on first start in ``data_dir`` (mode 0600).
     """
     embedded: EmbeddedBroker | None = None
     if broker == "embedded":
@@ -103,7 +106,7 @@ def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fed
     services: Services | None = None
     bridge: MqttBridge | None = None
     try:
-        services = build_services(data_dir, engine_config=engine_config, evaluate=evaluate)
+        services = build_services(data_dir, engine_config=engine_config, evaluate=evaluate, weights_dir=weights_dir)
         bridge = MqttBridge(services.engine, address)
         bridge.start()
         app = create_app({"services": services})

@@ -1,14 +1,16 @@
 """EdgeClient: what a camera app embeds to take part in federated jobs.
 
-The client registers with the coordinator once (credentials are kept in its cache directory), stays
-connected to the MQTT broker, and for every training task it is given: fetches the global model (cached,
-sha256-verified), fine-tunes on local data, and publishes only the encoded model delta. Images never
-leave the device.
+The client enrolls with the coordinator once, showing the fleet's enrollment secret (credentials, kept
+0600 in its cache directory: id, REST token, device key, MQTT account), stays connected to the MQTT broker,
+and for every training task it is given: fetches the global model (cached, sha256-verified, only from the
+configured coordinator), fine-tunes on local data, and publishes only the encoded model delta, signed
+with its device key. Images never leave the device; neither does any secret after enrollment.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -23,7 +25,7 @@ from torch.utils.data import Dataset
 
 from . import params
 from .error_feedback import ResidualStore
-from .model_cache import ModelCache
+from .model_cache import ModelCache, is_version, resolve_url
 from .models import build_model
 from .protocol import codecs, topics
 from .protocol.errors import ProtocolError
@@ -36,6 +38,36 @@ from .transport import MqttTransport
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPDATE_BYTES = 64 << 20
+ENROLL_SECRET_ENV = "FEDSIGHT_ENROLL_SECRET"
+
+
+def check_task(task: Any, base_url: str) -> dict[str, Any]:
+    """A task as received, refused (ProtocolError) unless every field the device acts on is well formed.
+
+    ``base_version`` names a cache file and ``job_id`` a residual file, so both are checked before use;
+    ``model_url`` must be a path or a URL on the configured coordinator (``base_url``)."""
+    if not isinstance(task, dict) or task.get("type", "train") != "train":
+        raise ProtocolError("task is not a JSON object of type 'train'")
+    job_id = task.get("job_id")
+    if not isinstance(job_id, str) or not topics.valid_id(job_id):
+        raise ProtocolError(f"task has an invalid job_id {str(job_id)[:80]!r}")
+    for key, low in (("round", 0), ("attempt", 1)):
+        value = task.get(key, low)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ProtocolError(f"task field {key!r} must be an integer >= {low}")
+    if not is_version(task.get("base_version")):
+        raise ProtocolError(f"task base_version {str(task.get('base_version'))[:80]!r} is not a sha256 hex digest")
+    url = task.get("model_url")
+    if url is not None:
+        if not isinstance(url, str):
+            raise ProtocolError("task model_url must be a string")
+        try:
+            resolve_url(url, base_url)
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
+    if not isinstance(task.get("config", {}), dict):
+        raise ProtocolError("task config must be an object")
+    return task
 
 
 @dataclass
@@ -73,7 +105,8 @@ class EdgeClient:
     """
 
     def __init__(self, coordinator_url: str, dataset: Dataset, model: str | nn.Module | None = None, *,
-                 client_id: str | None = None, token: str | None = None, name: str | None = None,
+                 client_id: str | None = None, token: str | None = None, device_key: str | None = None,
+                 enroll_secret: str | None = None, name: str | None = None,
                  broker_url: str | None = None, cache_dir: str | Path = "~/.cache/fedsight",
                  jobs: list[str] | None = None, trainer: LocalTrainer | None = None,
                  callbacks: ClientCallbacks | None = None, request_timeout: float = 30.0) -> None:
@@ -89,9 +122,12 @@ class EdgeClient:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._timeout = request_timeout
         self._http = requests.Session()
-        self.client_id, self.token = self._credentials(client_id, token, name)
+        creds = self._credentials(client_id, token, device_key, enroll_secret, name)
+        self.client_id, self.token = str(creds["client_id"]), str(creds["token"])
+        self._device_key = bytes.fromhex(str(creds["device_key"]))
+        mqtt_user, mqtt_password = creds.get("mqtt_username"), creds.get("mqtt_password")
         self._http.headers["Authorization"] = f"Bearer {self.token}"
-        self.models = ModelCache(self.cache_dir / "models", self._http)
+        self.models = ModelCache(self.cache_dir / "models", self._http, base_url=self.base_url)
         self.residuals = ResidualStore(self.cache_dir / "residual")
         self.broker_url = broker_url or self._discover_broker()
         self.history: list[RoundReport] = []
@@ -100,10 +136,11 @@ class EdgeClient:
         self._finished_jobs: list[str] = []
         self._worker: threading.Thread | None = None
         self._transport = MqttTransport(
-            self.broker_url, f"fedsight-{self.client_id}", self._on_message,
+            self.broker_url, mqtt_user or topics.device_mqtt_id(self.client_id), self._on_message,
             subscriptions=[topics.task_topic(self.client_id), topics.ack_topic(self.client_id),
                            topics.JOB_EVENTS_WILDCARD],
-            will=(topics.status_topic(self.client_id), self._status("offline")))
+            will=(topics.status_topic(self.client_id), self._status("offline")),
+            username=mqtt_user, password=mqtt_password)
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -146,23 +183,38 @@ class EdgeClient:
             self.stop()
 
     # ----------------------------------------------------------------- setup helpers
-    def _credentials(self, client_id: str | None, token: str | None, name: str | None) -> tuple[str, str]:
-        """Use given credentials, else the saved ones, else register with the coordinator."""
+    def _credentials(self, client_id: str | None, token: str | None, device_key: str | None,
+                     enroll_secret: str | None, name: str | None) -> dict[str, Any]:
+        """Use given credentials, else the saved ones, else enroll with the coordinator (needs the secret,
+        ``enroll_secret`` or $FEDSIGHT_ENROLL_SECRET)."""
         if client_id and token:
-            return client_id, token
+            if not device_key:
+                raise ValueError("client_id and token need the device_key from the same registration "
+                                 "(updates are signed with it)")
+            return {"client_id": client_id, "token": token, "device_key": device_key}
         saved = self.cache_dir / "credentials.json"
         if saved.exists():
             creds = json.loads(saved.read_text())
-            if creds.get("coordinator") == self.base_url and (client_id is None or creds["client_id"] == client_id):
-                return creds["client_id"], creds["token"]
-        resp = self._http.post(f"{self.api}/clients", json={"name": name or client_id or "device"},
-                               timeout=self._timeout)
+            if (creds.get("coordinator") == self.base_url and creds.get("device_key")
+                    and (client_id is None or creds["client_id"] == client_id)):
+                return dict(creds)
+        secret = enroll_secret or os.environ.get(ENROLL_SECRET_ENV)
+        if not secret:
+            raise RuntimeError(f"registration with {self.base_url} needs the fleet's enrollment secret: pass "
+                               f"enroll_secret= or set ${ENROLL_SECRET_ENV} (the coordinator wrote it to "
+                               "<data-dir>/enroll-secret)")
+        resp = self._http.post(f"{self.api}/clients", json={"name": name or client_id or "device",
+                                                            "enroll_secret": secret}, timeout=self._timeout)
         if resp.status_code != 201:
             raise RuntimeError(f"registration with {self.base_url} failed: HTTP {resp.status_code} {resp.text[:200]}")
         body = resp.json()
-        saved.write_text(json.dumps({"coordinator": self.base_url, **body}))
-        saved.chmod(0o600)
-        return body["client_id"], body["token"]
+        creds = {"coordinator": self.base_url, **body}
+        tmp = saved.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(creds, fh)
+        os.replace(tmp, saved)
+        return creds
 
     def _discover_broker(self) -> str:
         try:
@@ -190,6 +242,11 @@ class EdgeClient:
         _, kind = topics.parse_client_topic(topic)
         message = json.loads(payload)
         if kind == topics.TASK:
+            try:
+                check_task(message, self.base_url)
+            except ProtocolError as exc:
+                log.warning("ignoring a task that fails validation: %s", exc)
+                return
             if self.jobs is None or message.get("job_id") in self.jobs:
                 self._tasks.put(message)
         elif kind == topics.ACK:
@@ -252,6 +309,7 @@ class EdgeClient:
 
     def handle_task(self, task: dict[str, Any]) -> RoundReport | None:
         """Run one training task end to end and publish the update (also callable directly in tests)."""
+        check_task(task, self.base_url)
         job_id, rnd = str(task["job_id"]), int(task["round"])
         if self.callbacks.on_round_start:
             self.callbacks.on_round_start(task)
@@ -259,10 +317,8 @@ class EdgeClient:
         if not self._has_data():
             log.warning("no local samples yet; skipping job %s round %d", job_id, rnd)
             return None
-        url = task.get("model_url") or f"{self.api}/jobs/{job_id}/models/{task['base_version']}"
-        if url.startswith("/"):
-            url = self.base_url + url
         version = str(task["base_version"])
+        url = resolve_url(task.get("model_url") or f"{self.api}/jobs/{job_id}/models/{version}", self.base_url)
         fetched = self.models.get(url, version, patch_url=f"{self.api}/jobs/{job_id}/models/{version}/delta")
         arrays, meta = load_model(fetched.data)
         model = self._model_for(meta)
@@ -282,8 +338,8 @@ class EdgeClient:
         header = UpdateHeader(job_id=job_id, round=rnd, client_id=self.client_id,
                               base_version=str(task["base_version"]), codec=spec,
                               num_samples=int(result.num_samples), numel=int(global_vec.size),
-                              metrics=metrics, token=self.token)
-        message = encode_update(header, payload)
+                              metrics=metrics, attempt=int(task.get("attempt", 1)))
+        message = encode_update(header, payload, self._device_key)
         encode_time = time.perf_counter() - t0
         limit = int(config.get("max_update_bytes", DEFAULT_MAX_UPDATE_BYTES))
         if len(message) > limit:  # brokers drop oversize packets silently; say so here instead

@@ -2,13 +2,17 @@
 
 A version *is* the sha256 of its bytes, so a cached file is checked once on arrival and never refetched.
 Interrupted downloads resume with an HTTP Range request, which matters on a flaky cellular link.
+Every URL must have the configured coordinator's origin: the session carries the device's bearer token,
+and a task naming another host must not make the device hand it over (or fetch from there).
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urljoin, urlsplit
 
 import requests
 
@@ -23,6 +27,45 @@ class ModelDownloadError(RuntimeError):
     """The coordinator could not deliver a verified model version."""
 
 
+class UntrustedUrl(ModelDownloadError):
+    """A model URL that points anywhere but the configured coordinator."""
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_VERSION_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def is_version(value: object) -> bool:
+    """A model version is a lowercase sha256 hex digest (it also names cache files, so nothing else)."""
+    return isinstance(value, str) and bool(_VERSION_RE.match(value))
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    """``(scheme, host, port)`` of an absolute http(s) URL; ValueError otherwise."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        raise ValueError(f"not an absolute http(s) URL: {url[:200]!r}")
+    return scheme, parts.hostname.lower(), parts.port or _DEFAULT_PORTS[scheme]
+
+
+def resolve_url(url: str, base_url: str) -> str:
+    """A path (``/api/v1/...``) joined to ``base_url``, or an absolute URL with exactly ``base_url``'s origin.
+
+    Anything else (another host, port or scheme, ``//host/...``, userinfo tricks) raises UntrustedUrl."""
+    if url.startswith("/") and not url.startswith("//"):
+        full = urljoin(base_url.rstrip("/") + "/", url)
+    else:
+        full = url
+    try:
+        same = origin(full) == origin(base_url) and urlsplit(full).username is None
+    except ValueError:
+        same = False
+    if not same:
+        raise UntrustedUrl(f"refusing model URL {url[:200]!r}: not on the configured coordinator {base_url}")
+    return full
+
+
 @dataclass
 class Fetched:
     data: bytes
@@ -33,19 +76,27 @@ class Fetched:
 class ModelCache:
     """A per-device cache of global model files keyed by version (sha256)."""
 
-    def __init__(self, directory: Path, session: requests.Session, keep: int = 4, timeout: float = 60.0) -> None:
+    def __init__(self, directory: Path, session: requests.Session, keep: int = 4, timeout: float = 60.0,
+                 base_url: str | None = None) -> None:
+        """``base_url``: the coordinator; when given, every URL is checked against its origin."""
         self.directory = Path(directory)
+        self.base_url = base_url
         self.directory.mkdir(parents=True, exist_ok=True)
         self._http = session
         self._keep = keep
         self._timeout = timeout
 
     def path(self, version: str) -> Path:
+        if not is_version(version):
+            raise ModelDownloadError(f"model version {str(version)[:80]!r} is not a sha256 hex digest")
         return self.directory / f"{version}.fsm"
 
     def get(self, url: str, version: str, patch_url: str | None = None) -> Fetched:
         """The bytes of ``version``: from the cache, else as a patch against the newest cached version
         (``patch_url?from=<cached>``), else in full from ``url`` (resuming a partial download)."""
+        if self.base_url is not None:
+            url = resolve_url(url, self.base_url)
+            patch_url = None if patch_url is None else resolve_url(patch_url, self.base_url)
         final = self.path(version)
         if final.exists():
             data = final.read_bytes()

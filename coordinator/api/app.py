@@ -1,8 +1,10 @@
 """REST API under ``/api/v1`` (Flask app factory). Every error is JSON ``{"error": "<readable reason>"}``.
 
-Operator endpoints (jobs, clients, exports) are unauthenticated: bind the coordinator to loopback or put it
-behind an authenticating proxy. Model *downloads* require a registered device's bearer token, because a
-global model is the federation's product and devices are the ones fetching it.
+Default deny: every endpoint needs ``Authorization: Bearer <operator token>`` unless it is listed in
+``PUBLIC_ENDPOINTS`` (health; registration, which checks the enrollment secret itself) or
+``DEVICE_ENDPOINTS``, where a device's own bearer token also works, but only for itself: its own client
+record and update records, and the models of jobs that selected it. An endpoint added later is therefore
+operator-only until someone decides otherwise.
 """
 from __future__ import annotations
 
@@ -10,18 +12,19 @@ import io
 import json
 import logging
 import secrets
-import sqlite3
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Flask, current_app, jsonify, request, send_file
+from flask import Blueprint, Flask, current_app, g, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException
 
 from edge_sdk.protocol import topics
 from edge_sdk.protocol.patch import make_patch
 
+from coordinator.auth.paths import PathRefused, confine
+from coordinator.auth.rate_limit import retry_after
 from coordinator.rounds.engine import JobStateError
 from coordinator.storage.exports import ExportFailed
 from coordinator.rounds.jobspec import JobSpecError, initial_model, normalize_job
@@ -99,17 +102,62 @@ def _job_view(job: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
-def _require_client() -> dict[str, Any]:
-    auth = request.headers.get("Authorization", "")
-    scheme, _, token = auth.partition(" ")
-    challenge = {"WWW-Authenticate": 'Bearer realm="fedsight"'}
-    if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "model downloads need 'Authorization: Bearer <client token>' (POST /api/v1/clients)",
-                       challenge)
-    client = _svc().store.client_by_token_hash(hash_token(token.strip()))
-    if client is None:
-        raise ApiError(401, "unknown client token", challenge)
-    return client
+# --------------------------------------------------------------------------------------------------- auth
+
+PUBLIC_ENDPOINTS = frozenset({"api.health", "api.register_client"})
+DEVICE_ENDPOINTS = frozenset({"api.current_model", "api.get_model", "api.model_delta", "api.get_client",
+                              "api.client_updates"})
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="fedsight"'}
+
+
+def _bearer() -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+def _is_operator() -> bool:
+    return g.get("operator", False)
+
+
+def _device_id() -> str | None:
+    return g.get("device")
+
+
+@api.before_request
+def _authenticate() -> None:
+    """Who is calling (operator, a device, or nobody), and may they call this endpoint at all."""
+    token = _bearer()
+    svc = _svc()
+    g.operator = token is not None and svc.credentials.is_operator(token)
+    if token is not None and not g.operator:
+        client = svc.store.client_by_token_hash(hash_token(token))
+        g.device = client["id"] if client else None
+    endpoint = request.endpoint
+    if endpoint is None or endpoint in PUBLIC_ENDPOINTS or g.operator:
+        return
+    if token is None:
+        raise ApiError(401, "authentication required: send 'Authorization: Bearer <token>' (operator token from "
+                            "$FEDSIGHT_TOKEN or <data-dir>/operator-token; devices use their registration token)",
+                       _CHALLENGE)
+    if _device_id() is None:
+        raise ApiError(401, "unknown or revoked token", _CHALLENGE)
+    if endpoint not in DEVICE_ENDPOINTS:
+        log.warning("device %s refused operator endpoint %s %s", _device_id(), request.method, request.path)
+        raise ApiError(403, "this endpoint needs the operator token; device tokens cannot use it")
+
+
+def _require_member(job: dict[str, Any]) -> None:
+    """A device may fetch the models of a job only once the job has selected it."""
+    device = _device_id()
+    if not _is_operator() and (device is None or not _svc().store.client_in_job(device, job["id"])):
+        raise ApiError(403, f"client {device!r} is not taking part in job {job['id']}")
+
+
+def _require_self_or_operator(client_id: str) -> None:
+    if not _is_operator() and _device_id() != client_id:
+        raise ApiError(403, "a device may read only its own records")
 
 
 # ------------------------------------------------------------------------------------------------ health
@@ -131,9 +179,11 @@ def create_job() -> Any:
     body = _body(None)  # normalize_job names unknown fields itself, with their path
     try:
         config = normalize_job(body)
+        if config["model"]["weights"] is not None:
+            config["model"]["weights"] = str(confine(config["model"]["weights"], svc.weights_dir))
         job_id = f"job-{secrets.token_hex(4)}"
         data = initial_model(job_id, config)
-    except JobSpecError as exc:
+    except (JobSpecError, PathRefused) as exc:
         raise ApiError(400, str(exc)) from None
     version = svc.models.put(data)
     job = svc.store.create_job(job_id, config["name"], config, version, len(data))
@@ -221,7 +271,7 @@ def _send_model(job: dict[str, Any], version: str, immutable: bool) -> Any:
 @api.get("/jobs/<job_id>/model")
 def current_model(job_id: str) -> Any:
     job = _job(job_id)
-    _require_client()
+    _require_member(job)
     return _send_model(job, job["current_version"], immutable=False)
 
 
@@ -234,7 +284,7 @@ def list_models(job_id: str) -> Any:
 @api.get("/jobs/<job_id>/models/<version>")
 def get_model(job_id: str, version: str) -> Any:
     job = _job(job_id)
-    _require_client()
+    _require_member(job)
     return _send_model(job, version, immutable=True)
 
 
@@ -247,7 +297,7 @@ def _patch(models: ModelStore, old: str, new: str) -> bytes | None:
 @api.get("/jobs/<job_id>/models/<version>/delta")
 def model_delta(job_id: str, version: str) -> Any:
     job = _job(job_id)
-    _require_client()
+    _require_member(job)
     svc = _svc()
     base = request.args.get("from", "")
     for v in (base, version):
@@ -316,21 +366,44 @@ def _client_view(row: Mapping[str, Any]) -> dict[str, Any]:
 
 @api.post("/clients")
 def register_client() -> Any:
-    body = _body({"name", "client_id"}, required=False)
+    """Enroll a device: needs the enrollment secret (or the operator token); the coordinator picks the id."""
+    svc = _svc()
+    if not _is_operator():
+        wait = svc.enroll_limiter.acquire(request.remote_addr or "unknown")
+        if wait:
+            log.warning("registration from %s refused: rate limit", request.remote_addr)
+            raise ApiError(429, f"too many registrations from this address; retry in {retry_after(wait)} s",
+                           {"Retry-After": retry_after(wait)})
+    body = _body({"name", "enroll_secret", "client_id"}, required=False)
+    if "client_id" in body:
+        raise ApiError(400, "'client_id' cannot be chosen: the coordinator assigns device ids")
+    secret = body.get("enroll_secret")
+    if not _is_operator() and not (isinstance(secret, str) and svc.credentials.enroll_ok(secret)):
+        log.warning("registration from %s refused: %s enrollment secret", request.remote_addr,
+                    "missing" if secret is None else "wrong")
+        raise ApiError(403, "registration needs the fleet's enrollment secret in 'enroll_secret' (the coordinator "
+                            "wrote it to <data-dir>/enroll-secret)")
     name = body.get("name", "")
-    client_id = body.get("client_id") or f"c-{secrets.token_hex(6)}"
     if not isinstance(name, str) or len(name) > 200:
         raise ApiError(400, "'name' must be a string of at most 200 characters")
-    if not isinstance(client_id, str) or not topics.valid_id(client_id):
-        raise ApiError(400, "'client_id' must be 1-64 letters, digits, '_', '-' or '.'")
+    client_id = f"c-{secrets.token_hex(6)}"
     token = secrets.token_urlsafe(32)
-    try:
-        _svc().store.create_client(client_id, name or client_id, hash_token(token))
-    except sqlite3.IntegrityError:
-        raise ApiError(409, f"client id {client_id!r} is already registered") from None
-    log.info("registered client %s", client_id)
-    resp = jsonify(client_id=client_id, token=token, name=name or client_id)
+    svc.store.create_client(client_id, name or client_id, hash_token(token))
+    creds = {"client_id": client_id, "token": token, "name": name or client_id,
+             "device_key": svc.credentials.device_key(client_id).hex()}
+    if svc.accounts is not None:
+        password = secrets.token_urlsafe(24)
+        try:
+            svc.accounts.add_device(client_id, password)
+        except Exception as exc:  # noqa: BLE001 - the broker's failure: undo the registration, say why
+            svc.store.revoke_client(client_id)
+            log.exception("broker account for %s could not be created", client_id)
+            raise ApiError(503, f"could not create the device's broker account: {exc}") from None
+        creds.update(mqtt_username=topics.device_mqtt_id(client_id), mqtt_password=password)
+    log.info("registered client %s from %s", client_id, request.remote_addr)
+    resp = jsonify(creds)
     resp.status_code = 201
+    resp.headers["Cache-Control"] = "no-store"
     return resp
 
 
@@ -341,10 +414,34 @@ def list_clients() -> Any:
 
 @api.get("/clients/<client_id>")
 def get_client(client_id: str) -> Any:
+    _require_self_or_operator(client_id)
     row = _svc().store.get_client(client_id)
     if row is None:
         raise ApiError(404, f"unknown client {client_id[:80]!r}")
     return jsonify(_client_view(row))
+
+
+@api.get("/clients/<client_id>/updates")
+def client_updates(client_id: str) -> Any:
+    _require_self_or_operator(client_id)
+    if _svc().store.get_client(client_id) is None:
+        raise ApiError(404, f"unknown client {client_id[:80]!r}")
+    return jsonify(updates=_svc().store.list_client_updates(client_id, _int_arg("limit", 100, 1, 10_000)))
+
+
+@api.delete("/clients/<client_id>")
+def revoke_client(client_id: str) -> Any:
+    """Revoke a device: its token, device key and broker account stop working; its records stay."""
+    svc = _svc()
+    if not svc.store.revoke_client(client_id):
+        raise ApiError(404, f"unknown (or already revoked) client {client_id[:80]!r}")
+    if svc.accounts is not None:
+        try:
+            svc.accounts.remove_device(client_id)
+        except Exception:  # noqa: BLE001 - the REST credentials and the MAC key are already dead
+            log.exception("broker account of revoked client %s could not be removed", client_id)
+    log.warning("revoked client %s", client_id)
+    return jsonify(id=client_id, revoked=True)
 
 
 # ------------------------------------------------------------------------------------------------ errors
