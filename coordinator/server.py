@@ -137,6 +137,9 @@ def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fed
             embedded.stop()
         raise
     url = f"http://{url_host}:{bound}"
+    creds = services.credentials
+    log.info("operator token in %s, enrollment secret in %s (mode 600; see docs/security.md)",
+             creds.path("operator-token"), creds.path("enroll-secret"))
     log.info("coordinator REST on %s (data in %s), MQTT %s", url, Path(data_dir).resolve(), services.broker_url)
     return CoordinatorHandle(services, url, services.broker_url or "", bridge, embedded, http, thread)
 

@@ -266,8 +266,9 @@ class RoundEngine:
     def _accept_parsed(self, topic_client_id: str, header: UpdateHeader, raw: bytes, payload: bytes,
                        nbytes: int) -> OpenRound:
         validation.check_client(header, raw, topic_client_id, self._key_of)
-        if not self._replays.first_time(update_mac(raw)):
-            raise Rejected(validation.REPLAYED, "this exact message was received before")
+        tag = update_mac(raw)
+        if self._replays.seen(tag):
+            raise Rejected(validation.REPLAYED, "this exact message was already accepted once")
         with self._lock:
             runner = self._runners.get(header.job_id)
         if runner is None:
@@ -280,6 +281,7 @@ class RoundEngine:
             assert rnd is not None
             decoded = validation.decode_payload(header, payload, rnd)
             rnd.add(header.client_id, decoded, header.num_samples, nbytes, header.metrics)
+            self._replays.remember(tag)
         return rnd
 
     def _file_rejection(self, client_id: str, header: UpdateHeader | None, nbytes: int) -> OpenRound | None:

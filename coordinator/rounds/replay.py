@@ -1,9 +1,10 @@
 """Remembers the MACs of authenticated updates so a captured message cannot be played back.
 
 A MAC covers job, round, attempt, client, base version, header and payload, so an old message can only be
-replayed verbatim; every verbatim copy after the first is refused as ``replayed``. The memory is bounded
-(oldest tags are forgotten first): a tag old enough to be forgotten belongs to a round that has closed,
-and an update for a closed round or an earlier attempt is refused as ``stale_round`` anyway.
+replayed verbatim; a verbatim copy of an accepted update is refused as ``replayed``. (A copy of a rejected
+one meets the same checks that rejected the original: everything they look at is fixed by the MAC.)
+The memory is bounded (oldest tags are forgotten first): a tag old enough to be forgotten belongs to a
+round that has closed, and an update for a closed round or an earlier attempt is ``stale_round`` anyway.
 """
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ class ReplayGuard:
         self._capacity = capacity
         self._lock = threading.Lock()
 
-    def first_time(self, tag: bytes) -> bool:
-        """True the first time ``tag`` is seen (and remember it), False for every repeat."""
+    def seen(self, tag: bytes) -> bool:
         with self._lock:
-            if tag in self._seen:
-                return False
+            return tag in self._seen
+
+    def remember(self, tag: bytes) -> None:
+        with self._lock:
             self._seen[tag] = None
             if len(self._seen) > self._capacity:
                 self._seen.popitem(last=False)
-            return True

@@ -102,13 +102,15 @@ def decode_update(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[Upda
     size = len(data)
     if size > max_bytes:
         raise ProtocolError(f"message too large ({size} bytes > limit {max_bytes})")
-    if size < _PREFIX.size + MAC_BYTES + _CRC.size:
+    if size < _PREFIX.size:
         raise ProtocolError(f"message truncated ({size} bytes)")
     magic, version, head_len = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise ProtocolError("not a FedSight update (bad magic bytes)")
     if version != VERSION:
         raise ProtocolError(f"unsupported wire version {version} (this coordinator speaks {VERSION})")
+    if size < _PREFIX.size + MAC_BYTES + _CRC.size:
+        raise ProtocolError(f"message truncated ({size} bytes)")
     (crc,) = _CRC.unpack_from(data, size - _CRC.size)
     if zlib.crc32(memoryview(data)[: size - _CRC.size]) != crc:
         raise ProtocolError("checksum mismatch: message corrupted or truncated")
