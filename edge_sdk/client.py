@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from . import params
 from .error_feedback import ResidualStore
-from .model_cache import ModelCache, is_version, resolve_url
+from .model_cache import ModelCache, UntrustedUrl, is_version, resolve_url
 from .models import build_model
 from .protocol import codecs, topics
 from .protocol.errors import ProtocolError
@@ -63,7 +63,7 @@ def check_task(task: Any, base_url: str) -> dict[str, Any]:
             raise ProtocolError("task model_url must be a string")
         try:
             resolve_url(url, base_url)
-        except ValueError as exc:
+        except UntrustedUrl as exc:
             raise ProtocolError(str(exc)) from None
     if not isinstance(task.get("config", {}), dict):
         raise ProtocolError("task config must be an object")
