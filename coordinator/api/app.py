@@ -1,10 +1,9 @@
 """REST API under ``/api/v1`` (Flask app factory). Every error is JSON ``{"error": "<readable reason>"}``.
 
-Default deny: every endpoint needs ``Authorization: Bearer <operator token>`` unless it is listed in
-``PUBLIC_ENDPOINTS`` (health; registration, which checks the enrollment secret itself) or
-``DEVICE_ENDPOINTS``, where a device's own bearer token also works, but only for itself: its own client
-record and update records, and the models of jobs that selected it. An endpoint added later is therefore
-operator-only until someone decides otherwise.
+Default deny: every endpoint needs ``Authorization: Bearer <operator token>`` unless
+``coordinator/auth/access.py`` lists it as public (health; registration, which checks the enrollment secret
+itself) or device-usable (a device's own records, the models of jobs that selected it). An endpoint added
+later is therefore operator-only until someone decides otherwise.
 """
 from __future__ import annotations
 
@@ -20,17 +19,16 @@ from typing import Any
 from flask import Blueprint, Flask, current_app, g, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException
 
-from edge_sdk.protocol import topics
 from edge_sdk.protocol.patch import make_patch
 
+from coordinator.auth import access, enrollment
 from coordinator.auth.paths import PathRefused, confine
-from coordinator.auth.rate_limit import retry_after
+from coordinator.auth.refused import Refused
 from coordinator.rounds.engine import JobStateError
 from coordinator.storage.exports import ExportFailed
 from coordinator.rounds.jobspec import JobSpecError, initial_model, normalize_job
 from coordinator.storage.model_store import ModelStore, is_version
 from coordinator.services import Services, build_services
-from coordinator.rounds.validation import hash_token
 
 log = logging.getLogger(__name__)
 
@@ -104,60 +102,14 @@ def _job_view(job: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------- auth
 
-PUBLIC_ENDPOINTS = frozenset({"api.health", "api.register_client"})
-DEVICE_ENDPOINTS = frozenset({"api.current_model", "api.get_model", "api.model_delta", "api.get_client",
-                              "api.client_updates"})
-_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="fedsight"'}
-
-
-def _bearer() -> str | None:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    return token.strip() or None
-
-
-def _is_operator() -> bool:
-    return g.get("operator", False)
-
-
-def _device_id() -> str | None:
-    return g.get("device")
-
-
 @api.before_request
 def _authenticate() -> None:
-    """Who is calling (operator, a device, or nobody), and may they call this endpoint at all."""
-    token = _bearer()
-    svc = _svc()
-    g.operator = token is not None and svc.credentials.is_operator(token)
-    if token is not None and not g.operator:
-        client = svc.store.client_by_token_hash(hash_token(token))
-        g.device = client["id"] if client else None
-    endpoint = request.endpoint
-    if endpoint is None or endpoint in PUBLIC_ENDPOINTS or g.operator:
-        return
-    if token is None:
-        raise ApiError(401, "authentication required: send 'Authorization: Bearer <token>' (operator token from "
-                            "$FEDSIGHT_TOKEN or <data-dir>/operator-token; devices use their registration token)",
-                       _CHALLENGE)
-    if _device_id() is None:
-        raise ApiError(401, "unknown or revoked token", _CHALLENGE)
-    if endpoint not in DEVICE_ENDPOINTS:
-        log.warning("device %s refused operator endpoint %s %s", _device_id(), request.method, request.path)
-        raise ApiError(403, "this endpoint needs the operator token; device tokens cannot use it")
+    """Default deny (coordinator/auth/access.py): who is calling, and may they call this endpoint at all."""
+    g.caller = access.identify(_svc(), request.headers.get("Authorization", ""), request.endpoint)
 
 
-def _require_member(job: dict[str, Any]) -> None:
-    """A device may fetch the models of a job only once the job has selected it."""
-    device = _device_id()
-    if not _is_operator() and (device is None or not _svc().store.client_in_job(device, job["id"])):
-        raise ApiError(403, f"client {device!r} is not taking part in job {job['id']}")
-
-
-def _require_self_or_operator(client_id: str) -> None:
-    if not _is_operator() and _device_id() != client_id:
-        raise ApiError(403, "a device may read only its own records")
+def _caller() -> access.Caller:
+    return g.get("caller", access.Caller())
 
 
 # ------------------------------------------------------------------------------------------------ health
@@ -271,7 +223,7 @@ def _send_model(job: dict[str, Any], version: str, immutable: bool) -> Any:
 @api.get("/jobs/<job_id>/model")
 def current_model(job_id: str) -> Any:
     job = _job(job_id)
-    _require_member(job)
+    access.require_member(_svc(), _caller(), job["id"])
     return _send_model(job, job["current_version"], immutable=False)
 
 
@@ -284,7 +236,7 @@ def list_models(job_id: str) -> Any:
 @api.get("/jobs/<job_id>/models/<version>")
 def get_model(job_id: str, version: str) -> Any:
     job = _job(job_id)
-    _require_member(job)
+    access.require_member(_svc(), _caller(), job["id"])
     return _send_model(job, version, immutable=True)
 
 
@@ -297,7 +249,7 @@ def _patch(models: ModelStore, old: str, new: str) -> bytes | None:
 @api.get("/jobs/<job_id>/models/<version>/delta")
 def model_delta(job_id: str, version: str) -> Any:
     job = _job(job_id)
-    _require_member(job)
+    access.require_member(_svc(), _caller(), job["id"])
     svc = _svc()
     base = request.args.get("from", "")
     for v in (base, version):
@@ -367,41 +319,12 @@ def _client_view(row: Mapping[str, Any]) -> dict[str, Any]:
 @api.post("/clients")
 def register_client() -> Any:
     """Enroll a device: needs the enrollment secret (or the operator token); the coordinator picks the id."""
-    svc = _svc()
-    if not _is_operator():
-        wait = svc.enroll_limiter.acquire(request.remote_addr or "unknown")
-        if wait:
-            log.warning("registration from %s refused: rate limit", request.remote_addr)
-            raise ApiError(429, f"too many registrations from this address; retry in {retry_after(wait)} s",
-                           {"Retry-After": retry_after(wait)})
+    by_operator = _caller().operator
+    remote = request.remote_addr or "unknown"
+    if not by_operator:  # rate-limit before reading the body, so floods cost nothing more
+        enrollment.throttle(_svc(), remote)
     body = _body({"name", "enroll_secret", "client_id"}, required=False)
-    if "client_id" in body:
-        raise ApiError(400, "'client_id' cannot be chosen: the coordinator assigns device ids")
-    secret = body.get("enroll_secret")
-    if not _is_operator() and not (isinstance(secret, str) and svc.credentials.enroll_ok(secret)):
-        log.warning("registration from %s refused: %s enrollment secret", request.remote_addr,
-                    "missing" if secret is None else "wrong")
-        raise ApiError(403, "registration needs the fleet's enrollment secret in 'enroll_secret' (the coordinator "
-                            "wrote it to <data-dir>/enroll-secret)")
-    name = body.get("name", "")
-    if not isinstance(name, str) or len(name) > 200:
-        raise ApiError(400, "'name' must be a string of at most 200 characters")
-    client_id = f"c-{secrets.token_hex(6)}"
-    token = secrets.token_urlsafe(32)
-    svc.store.create_client(client_id, name or client_id, hash_token(token))
-    creds = {"client_id": client_id, "token": token, "name": name or client_id,
-             "device_key": svc.credentials.device_key(client_id).hex()}
-    if svc.accounts is not None:
-        password = secrets.token_urlsafe(24)
-        try:
-            svc.accounts.add_device(client_id, password)
-        except Exception as exc:  # noqa: BLE001 - the broker's failure: undo the registration, say why
-            svc.store.revoke_client(client_id)
-            log.exception("broker account for %s could not be created", client_id)
-            raise ApiError(503, f"could not create the device's broker account: {exc}") from None
-        creds.update(mqtt_username=topics.device_mqtt_id(client_id), mqtt_password=password)
-    log.info("registered client %s from %s", client_id, request.remote_addr)
-    resp = jsonify(creds)
+    resp = jsonify(enrollment.enroll(_svc(), body, remote, by_operator))
     resp.status_code = 201
     resp.headers["Cache-Control"] = "no-store"
     return resp
@@ -412,35 +335,29 @@ def list_clients() -> Any:
     return jsonify(clients=[_client_view(c) for c in _svc().store.list_clients()])
 
 
-@api.get("/clients/<client_id>")
-def get_client(client_id: str) -> Any:
-    _require_self_or_operator(client_id)
+def _own_client(client_id: str) -> Mapping[str, Any]:
+    access.require_self_or_operator(_caller(), client_id)
     row = _svc().store.get_client(client_id)
     if row is None:
         raise ApiError(404, f"unknown client {client_id[:80]!r}")
-    return jsonify(_client_view(row))
+    return row
+
+
+@api.get("/clients/<client_id>")
+def get_client(client_id: str) -> Any:
+    return jsonify(_client_view(_own_client(client_id)))
 
 
 @api.get("/clients/<client_id>/updates")
 def client_updates(client_id: str) -> Any:
-    _require_self_or_operator(client_id)
-    if _svc().store.get_client(client_id) is None:
-        raise ApiError(404, f"unknown client {client_id[:80]!r}")
+    _own_client(client_id)
     return jsonify(updates=_svc().store.list_client_updates(client_id, _int_arg("limit", 100, 1, 10_000)))
 
 
 @api.delete("/clients/<client_id>")
 def revoke_client(client_id: str) -> Any:
     """Revoke a device: its token, device key and broker account stop working; its records stay."""
-    svc = _svc()
-    if not svc.store.revoke_client(client_id):
-        raise ApiError(404, f"unknown (or already revoked) client {client_id[:80]!r}")
-    if svc.accounts is not None:
-        try:
-            svc.accounts.remove_device(client_id)
-        except Exception:  # noqa: BLE001 - the REST credentials and the MAC key are already dead
-            log.exception("broker account of revoked client %s could not be removed", client_id)
-    log.warning("revoked client %s", client_id)
+    enrollment.revoke(_svc(), client_id)
     return jsonify(id=client_id, revoked=True)
 
 
@@ -476,7 +393,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(api)
 
     @app.errorhandler(ApiError)
-    def _api_error(exc: ApiError) -> Any:
+    @app.errorhandler(Refused)
+    def _api_error(exc: ApiError | Refused) -> Any:
         return _error(exc.status, exc.message, exc.headers)
 
     @app.errorhandler(HTTPException)
