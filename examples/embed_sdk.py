@@ -1,7 +1,8 @@
 """A camera app joins FedSight federated fine-tuning: the ~10 lines an app developer writes.
 
 Run a coordinator and a job first (`fedsight coordinator`, `fedsight job create --start ...`), then
-`python examples/embed_sdk.py [COORDINATOR_URL]`. `camera_frames()` stands in for your capture loop.
+`FEDSIGHT_ENROLL_SECRET=$(cat fedsight-data/enroll-secret) python examples/embed_sdk.py [COORDINATOR_URL]`
+(the secret is needed for the first registration only). `camera_frames()` stands in for your capture loop.
 """
 import sys
 import time
