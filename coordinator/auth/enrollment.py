@@ -25,7 +25,7 @@ def throttle(svc: Services, remote_addr: str) -> None:
     """Take one registration token for this address (every attempt, good or bad), or Refused 429."""
     wait = svc.enroll_limiter.acquire(remote_addr)
     if wait:
-        log.warning("registration from %s refused: rate limit", remote_addr)
+        log.debug("registration from %s refused: rate limit", remote_addr)  # a flood must not flood the log too
         raise Refused(429, f"too many registrations from this address; retry in {retry_after(wait)} s",
                       {"Retry-After": retry_after(wait)})
 
