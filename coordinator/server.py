@@ -130,13 +130,16 @@ def advertised(http_host: str, http_port: int, broker: BrokerAddress, public_url
 def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fedsight-data",
           broker: str = "embedded", *, broker_host: str = "127.0.0.1", broker_port: int = 1883,
           public_url: str | None = None, advertised_broker_url: str | None = None, threads: int = 8,
-          evaluate: bool = True, engine_config: EngineConfig | None = None, resume: bool = True) -> CoordinatorHandle:
+          evaluate: bool = True, engine_config: EngineConfig | None = None, resume: bool = True,
+          weights_dir: Path | str | None = None) -> CoordinatorHandle:
     """Start everything in background threads and return once the REST API and MQTT bridge are up.
 
     ``broker``: ``"embedded"`` (amqtt on ``broker_host:broker_port``; port 0 picks a free one) or
     ``"mqtt://HOST:PORT"`` of an external broker. ``port=0`` picks a free HTTP port. ``public_url`` /
     ``advertised_broker_url``: the addresses devices should use, when they differ from the bind addresses
     (see :func:`advertised`).
+    ``weights_dir``: the only directory job specs may name server-side ``model.weights`` files in (None: none).
+    The operator token and enrollment secret are created on first start in ``data_dir`` (mode 0600).
     """
     if public_url:
         CoordinatorOrigin(public_url)  # fail before anything starts
@@ -153,7 +156,7 @@ def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fed
     services: Services | None = None
     bridge: MqttBridge | None = None
     try:
-        services = build_services(data_dir, engine_config=engine_config, evaluate=evaluate)
+        services = build_services(data_dir, engine_config=engine_config, evaluate=evaluate, weights_dir=weights_dir)
         engine_ref.append(services.engine)
         bridge = MqttBridge(services.engine, bridge_address)
         bridge.start()
@@ -185,6 +188,9 @@ def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fed
             embedded.stop()
         raise
     url = f"http://{url_host}:{bound}"
+    creds = services.credentials
+    log.info("operator token in %s, enrollment secret in %s (mode 600; see docs/security.md)",
+             creds.path("operator-token"), creds.path("enroll-secret"))
     log.info("coordinator REST on %s (data in %s), MQTT on %s; devices are told %s and %s", url,
              Path(data_dir).resolve(), address.url(), services.engine.config.public_url, services.broker_url)
     return CoordinatorHandle(services, url, services.broker_url or "", bridge, embedded, http, thread)

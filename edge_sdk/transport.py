@@ -41,7 +41,8 @@ class MqttTransport:
 
     def __init__(self, broker: str | BrokerAddress, client_id: str, on_message: MessageHandler,
                  subscriptions: Iterable[str] = (), will: tuple[str, bytes] | None = None,
-                 persistent: bool = True, keepalive: int = 30) -> None:
+                 persistent: bool = True, keepalive: int = 30, username: str | None = None,
+                 password: str | None = None) -> None:
         self.broker = broker if isinstance(broker, BrokerAddress) else BrokerAddress.parse(broker)
         self._subs = list(subscriptions)
         self._handler = on_message
@@ -50,6 +51,8 @@ class MqttTransport:
                                    clean_session=not persistent, protocol=mqtt.MQTTv311)
         self._client.max_inflight_messages_set(20)
         self._client.reconnect_delay_set(min_delay=1, max_delay=10)
+        if username is not None:  # the broker account registration handed out (brokers that enforce ACLs)
+            self._client.username_pw_set(username, password)
         if will is not None:
             self._client.will_set(will[0], will[1], qos=1, retain=True)
         self._client.on_connect = self._on_connect

@@ -27,8 +27,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoordinatorHand
     handle.stop()
 
 
+def operator(handle: CoordinatorHandle) -> dict[str, str]:
+    token = handle.services.credentials.path("operator-token").read_text().strip()
+    return {"Authorization": f"Bearer {token}"}
+
+
+def secret(handle: CoordinatorHandle) -> str:
+    return handle.services.credentials.path("enroll-secret").read_text().strip()
+
+
 def client_row(handle: CoordinatorHandle, cid: str) -> dict:
-    rows = requests.get(f"{handle.url}/api/v1/clients", timeout=5).json()["clients"]
+    rows = requests.get(f"{handle.url}/api/v1/clients", headers=operator(handle), timeout=5).json()["clients"]
     return next(r for r in rows if r["id"] == cid)
 
 
@@ -40,20 +49,23 @@ def wait_for(predicate, timeout: float = 15.0) -> None:
 
 
 def test_stop_before_start_is_harmless(server: CoordinatorHandle, tmp_path: Path) -> None:
-    EdgeClient(server.url, dataset=SampleBuffer(capacity=4), cache_dir=tmp_path).stop()
+    EdgeClient(server.url, dataset=SampleBuffer(capacity=4), cache_dir=tmp_path, enroll_secret=secret(server)).stop()
 
 
 def test_identity_is_kept_across_restarts(server: CoordinatorHandle, tmp_path: Path) -> None:
-    first = EdgeClient(server.url, dataset=SampleBuffer(capacity=4), cache_dir=tmp_path)
-    again = EdgeClient(server.url, dataset=SampleBuffer(capacity=4), cache_dir=tmp_path)
+    first = EdgeClient(server.url, dataset=SampleBuffer(capacity=4), cache_dir=tmp_path, enroll_secret=secret(server))
+    again = EdgeClient(server.url, dataset=SampleBuffer(capacity=4), cache_dir=tmp_path)  # no secret needed now
     assert again.client_id == first.client_id and again.token == first.token
     assert again.broker_url == server.broker_url  # discovered from /health
+    saved = tmp_path / "credentials.json"
+    assert saved.stat().st_mode & 0o777 == 0o600
+    assert again._device_key == server.services.credentials.device_key(first.client_id)
 
 
 def test_device_without_data_is_not_selectable_until_frames_arrive(server: CoordinatorHandle,
                                                                    tmp_path: Path) -> None:
     buffer = SampleBuffer(capacity=64, input_scale=16)
-    client = EdgeClient(server.url, dataset=buffer, cache_dir=tmp_path)
+    client = EdgeClient(server.url, dataset=buffer, cache_dir=tmp_path, enroll_secret=secret(server))
     client.start()
     try:
         wait_for(lambda: client_row(server, client.client_id)["online"])
@@ -68,14 +80,15 @@ def test_device_without_data_is_not_selectable_until_frames_arrive(server: Coord
 
 def test_job_rounds_use_downlink_patches(server: CoordinatorHandle, tmp_path: Path) -> None:
     train, _ = load_digits_split()
-    client = EdgeClient(server.url, dataset=train, cache_dir=tmp_path)
+    client = EdgeClient(server.url, dataset=train, cache_dir=tmp_path, enroll_secret=secret(server))
     client.start()
+    op = operator(server)
     try:
         wait_for(lambda: client_row(server, client.client_id)["ready"])
-        job = requests.post(f"{server.url}/api/v1/jobs", json=JOB, timeout=10).json()
-        requests.post(f"{server.url}/api/v1/jobs/{job['id']}/start", timeout=10).raise_for_status()
-        wait_for(lambda: requests.get(f"{server.url}/api/v1/jobs/{job['id']}", timeout=5).json()["status"]
-                 == "finished", timeout=60)
+        job = requests.post(f"{server.url}/api/v1/jobs", json=JOB, headers=op, timeout=10).json()
+        requests.post(f"{server.url}/api/v1/jobs/{job['id']}/start", headers=op, timeout=10).raise_for_status()
+        wait_for(lambda: requests.get(f"{server.url}/api/v1/jobs/{job['id']}", headers=op, timeout=5).json()
+                 ["status"] == "finished", timeout=60)
     finally:
         client.stop()
     mine = [r for r in client.history if r.job_id == job["id"]]
@@ -137,3 +150,79 @@ def test_buffer_that_does_not_fit_the_job_is_refused_before_anything_is_sent(ser
     with pytest.raises(PreprocessingMismatch, match="image_size 16x16 != 8x8"):
         client.handle_task(task)
     assert client.history == [] and buffer.spec is None and buffer[0][0].shape == (1, 16, 16)
+
+
+class Listener:
+    """A TCP listener on another loopback address that counts who connects (the 'attacker's host')."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.2", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+def test_forged_tasks_are_ignored_and_never_leak_the_token(server: CoordinatorHandle, tmp_path: Path) -> None:
+    """A task naming another origin, or a base_version that is not a sha256, is dropped before any request."""
+    import json
+
+    from edge_sdk.coordinator_origin import UnsafeUrlError
+    from edge_sdk.protocol import topics
+
+    client = EdgeClient(server.url, dataset=SampleBuffer(capacity=4), cache_dir=tmp_path, enroll_secret=secret(server))
+    evil = Listener()
+    try:
+        port = server.port
+        good = {"type": "train", "job_id": "job-1", "round": 1, "attempt": 1, "base_version": "ab" * 32,
+                "model_path": f"/api/v1/jobs/job-1/models/{'ab' * 32}", "config": {}}
+        forged = {
+            "other host": {**good, "model_path": f"http://127.0.0.2:{evil.port}/m"},
+            "other port": {**good, "model_path": f"http://127.0.0.1:{evil.port}/m"},
+            "other scheme": {**good, "model_path": f"https://127.0.0.1:{port}/m"},
+            "scheme-relative": {**good, "model_path": f"//127.0.0.2:{evil.port}/m"},
+            "userinfo": {**good, "model_path": f"http://x@127.0.0.1:{port}/m"},
+            "legacy model_url elsewhere": {**good, "model_path": None, "model_url": f"http://127.0.0.2:{evil.port}/m"},
+            "dot segments": {**good, "model_path": "/api/v1/../../m"},
+            "path as version": {**good, "base_version": "../../credentials"},
+            "short version": {**good, "base_version": "ab" * 8},
+            "upper-case version": {**good, "base_version": "AB" * 32},
+            "bad job id": {**good, "job_id": "../job"},
+            "bad round": {**good, "round": "1"},
+        }
+        topic = topics.task_topic(client.client_id)
+        for name, task in forged.items():
+            client._on_message(topic, json.dumps(task).encode())
+            assert client._tasks.empty(), name
+            assert client.handle_task(task) is None, name  # refused (and logged) before any request
+        client._on_message(topic, json.dumps(good).encode())  # the same task, well formed, is taken
+        assert client._tasks.get_nowait()["base_version"] == good["base_version"]
+        with pytest.raises(UnsafeUrlError):  # and the cache refuses other origins on its own
+            client.models.get(f"http://127.0.0.2:{evil.port}/m", "cd" * 32)
+        with pytest.raises(UnsafeUrlError):  # userinfo on the right host:port is refused too
+            client.models.get(f"http://x@127.0.0.1:{port}/m", "cd" * 32)
+        time.sleep(0.3)
+        assert evil.connections == 0
+    finally:
+        evil.close()

@@ -66,6 +66,7 @@ def test_origin_builds_urls_and_refuses_everything_else() -> None:
     assert not o.owns("http://cams.example:8081/fedsight/api/v1/health")   # other port
     assert not o.owns("https://cams.example:8080/fedsight/api/v1/health")  # other scheme
     assert not o.owns("http://cams.example:8080/other/api/v1/health")      # outside the prefix
+    assert not o.owns("http://x@cams.example:8080/fedsight/api/v1/health")  # userinfo: refused
     assert CoordinatorOrigin("https://h").owns("https://h:443/api/v1/x")
     for bad in ("http://evil.example/api/v1/x", "//evil.example/x", "api/v1/x", "/api/../../etc", "/a\\b",
                 "/a b", None, 3):

@@ -115,19 +115,27 @@ class Coordinator:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"coordinator not healthy:\n{self.log_path.read_text()[-3000:]}")
             time.sleep(0.2)
+        # written 0600 by the coordinator on first start, as an operator on this machine would find them
+        self.token = (self.data_dir / "operator-token").read_text().strip()
+        self.enroll_secret_file = self.data_dir / "enroll-secret"
+        self.enroll_secret = self.enroll_secret_file.read_text().strip()
+        self.http = requests.Session()  # authenticated as the operator
+        self.http.headers["Authorization"] = f"Bearer {self.token}"
 
     def stop(self) -> None:
+        self.http.close()
         stop_process(self.proc)
         self.log.close()
 
 
-def start_device(workdir: Path, coordinator_url: str, index: int, partitions: int, alpha: str = "0.5",
+def start_device(workdir: Path, coordinator: Coordinator, index: int, partitions: int, alpha: str = "0.5",
                  extra: tuple[str, ...] = ()) -> subprocess.Popen:
-    """One simulated device process on its Dirichlet shard of digits."""
+    """One simulated device process on its Dirichlet shard of digits, enrolling with the fleet secret."""
     log = open(workdir / f"device-{index}.log", "wb")
     return subprocess.Popen(
-        cli("client", "--coordinator", coordinator_url, "--dataset", "digits", "--partition", f"dirichlet:{alpha}",
+        cli("client", "--coordinator", coordinator.url, "--dataset", "digits", "--partition", f"dirichlet:{alpha}",
             "--num-partitions", str(partitions), "--partition-index", str(index),
+            "--enroll-secret-file", str(coordinator.enroll_secret_file),
             "--cache-dir", str(workdir / f"device-{index}"), *extra),
         stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT)
 
