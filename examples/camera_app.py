@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--coordinator", default="http://127.0.0.1:8080")
     p.add_argument("--job", required=True, metavar="JOB_ID")
     p.add_argument("--train", action="store_true", help="also fine-tune on labelled frames (needs torch)")
-    p.add_argument("--token", help="device token, if the coordinator wants one for ONNX downloads (--train: its own)")
+    p.add_argument("--token", help="token for ONNX downloads: exports are operator-only (docs/security.md), so the "
+                                   "operator token, e.g. $(cat fedsight-data/operator-token)")
     p.add_argument("--cache-dir", default="~/.cache/fedsight/camera-app")
     p.add_argument("--poll", type=float, default=10.0, help="seconds between version checks (default: 10)")
     p.add_argument("--fps", type=float, default=0.0, help="pace frames like a camera (0: as fast as possible)")
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     labels: list[str] = []
     if args.train:
         client, buffer, labels = start_training(args)
-    live = LiveModel(args.coordinator, args.job, token=client.token if client else args.token, poll_s=args.poll,
+    live = LiveModel(args.coordinator, args.job, token=args.token or (client.token if client else None), poll_s=args.poll,
                      cache_dir=Path(args.cache_dir).expanduser() / "live").start()
     if client is not None:  # announced versions go live at once, polling is the fallback
         client.callbacks.on_model_updated = live.on_model_updated

@@ -110,15 +110,16 @@ def test_device_prepares_frames_from_the_job_and_scores_held_out_data(server: Co
     buffer = SampleBuffer(capacity=300)  # the app passes raw frames only; the job says how to prepare them
     for img, label in zip(digits.images[:300], digits.target[:300]):
         buffer.add(img.astype(np.uint8), int(label))
-    client = EdgeClient(server.url, dataset=buffer, cache_dir=tmp_path)
+    client = EdgeClient(server.url, dataset=buffer, cache_dir=tmp_path, enroll_secret=secret(server))
+    op = operator(server)
     client.start()
     try:
         wait_for(lambda: client_row(server, client.client_id)["ready"])
         body = {k: v for k, v in JOB.items() if k != "input_scale"}
         body["eval"] = {"dataset": "digits", "holdout_fraction": 0.25}  # digits defaults: scale 16, mean 0.5
-        job = requests.post(f"{server.url}/api/v1/jobs", json=body, timeout=10).json()
-        requests.post(f"{server.url}/api/v1/jobs/{job['id']}/start", timeout=10).raise_for_status()
-        wait_for(lambda: requests.get(f"{server.url}/api/v1/jobs/{job['id']}", timeout=5).json()["status"]
+        job = requests.post(f"{server.url}/api/v1/jobs", json=body, timeout=10, headers=op).json()
+        requests.post(f"{server.url}/api/v1/jobs/{job['id']}/start", timeout=10, headers=op).raise_for_status()
+        wait_for(lambda: requests.get(f"{server.url}/api/v1/jobs/{job['id']}", timeout=5, headers=op).json()["status"]
                  == "finished", timeout=60)
     finally:
         client.stop()
@@ -128,12 +129,12 @@ def test_device_prepares_frames_from_the_job_and_scores_held_out_data(server: Co
     mine = [r for r in client.history if r.job_id == job["id"]]
     assert [r.num_samples for r in mine] == [train, train]  # held-out frames are never trained on
     assert all(r.metrics["eval_samples"] == held and 0 <= r.metrics["eval_accuracy"] <= 1 for r in mine)
-    rounds = requests.get(f"{server.url}/api/v1/jobs/{job['id']}/rounds", timeout=5).json()["rounds"]
+    rounds = requests.get(f"{server.url}/api/v1/jobs/{job['id']}/rounds", timeout=5, headers=op).json()["rounds"]
     first, last = rounds[0]["federated_eval"], rounds[-1]["federated_eval"]
     assert first["status"] == "ok" and first["num_samples"] == held and first["scored_in_round"] == 2
     assert first["accuracy"] == pytest.approx(mine[1].metrics["eval_accuracy"])
     assert last["status"] == "not_run" and "final version" in last["reason"]
-    metrics = requests.get(f"{server.url}/api/v1/jobs/{job['id']}/metrics", timeout=5).json()["metrics"]
+    metrics = requests.get(f"{server.url}/api/v1/jobs/{job['id']}/metrics", timeout=5, headers=op).json()["metrics"]
     fed0 = {m["name"]: m["value"] for m in metrics if m["source"] == "federated" and m["round"] == 0}
     assert fed0["accuracy"] == pytest.approx(mine[0].metrics["eval_accuracy"])  # version 0, scored in round 1
 
@@ -144,8 +145,10 @@ def test_buffer_that_does_not_fit_the_job_is_refused_before_anything_is_sent(ser
 
     buffer = SampleBuffer(capacity=8, image_size=16)  # pinned by the app: the job's model takes 8x8
     buffer.add(np.zeros((12, 12), np.uint8), 1)
-    client = EdgeClient(server.url, dataset=buffer, cache_dir=tmp_path)
-    job = requests.post(f"{server.url}/api/v1/jobs", json=JOB, timeout=10).json()
+    client = EdgeClient(server.url, dataset=buffer, cache_dir=tmp_path, enroll_secret=secret(server))
+    job = requests.post(f"{server.url}/api/v1/jobs", json=JOB, timeout=10, headers=operator(server)).json()
+    # selected in a round: the device token may fetch the job's model (the download happens, training does not)
+    server.services.store.open_round(job["id"], 1, 1, job["current_version"], JOB["codec"], [client.client_id])
     task = {"job_id": job["id"], "round": 1, "base_version": job["current_version"], "config": {}}
     with pytest.raises(PreprocessingMismatch, match="image_size 16x16 != 8x8"):
         client.handle_task(task)
