@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     labels: list[str] = []
     if args.train:
         client, buffer, labels = start_training(args)
-    live = LiveModel(args.coordinator, args.job, token=args.token or (client.token if client else None), poll_s=args.poll,
+    token = args.token or (client.token if client else None)
+    live = LiveModel(args.coordinator, args.job, token=token, poll_s=args.poll,
                      cache_dir=Path(args.cache_dir).expanduser() / "live").start()
     if client is not None:  # announced versions go live at once, polling is the fallback
         client.callbacks.on_model_updated = live.on_model_updated
