@@ -4,7 +4,8 @@ For demos and single-machine deployments, so nothing but Python is needed; produ
 the coordinator at Mosquitto instead. amqtt has no configurable maximum packet size (it reads whatever
 the MQTT remaining-length field announces, up to the protocol's 256 MB), so 10-20 MB updates pass as is;
 we only trim the default plugin set: the per-packet logger and the $SYS publisher cost time on large
-payloads and are of no use here.
+payloads and are of no use here. With ``accounts`` (what the coordinator always passes) the broker refuses
+anonymous clients and enforces the FedSight ACLs (``embedded_acl.py``).
 """
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ import logging
 import socket
 import threading
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from coordinator.mqtt.embedded_acl import EmbeddedAccounts
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +27,12 @@ MQTT_MAX_PACKET_BYTES = 268_435_455  # protocol limit of the remaining-length fi
 class EmbeddedBroker:
     """``EmbeddedBroker(port=0).start()`` -> listening on ``self.port``; ``stop()`` shuts it down cleanly."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 1883, allow_anonymous: bool = True) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 1883, allow_anonymous: bool = True,
+                 accounts: EmbeddedAccounts | None = None) -> None:
         self.host = host
         self.port = port
         self.allow_anonymous = allow_anonymous
+        self.accounts = accounts  # set: identities + ACLs enforced, allow_anonymous ignored
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._broker: Any = None
@@ -36,9 +42,15 @@ class EmbeddedBroker:
         return f"mqtt://{self.host}:{self.port}"
 
     def _config(self, port: int) -> dict[str, Any]:
+        if self.accounts is not None:
+            from coordinator.mqtt.embedded_acl import plugin_config
+
+            plugins = plugin_config(self.accounts)
+        else:
+            plugins = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": self.allow_anonymous}}
         return {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{port}", "max_connections": 0}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": self.allow_anonymous}},
+            "plugins": plugins,
         }
 
     def start(self, timeout: float = 15.0) -> EmbeddedBroker:
@@ -76,9 +88,9 @@ class EmbeddedBroker:
         return self
 
     async def _start(self, port: int) -> None:
-        from amqtt.broker import Broker
+        from coordinator.mqtt.embedded_acl import GuardedBroker
 
-        self._broker = Broker(self._config(port), loop=asyncio.get_running_loop())
+        self._broker = GuardedBroker(self._config(port), loop=asyncio.get_running_loop())
         await self._broker.start()
 
     def stop(self, timeout: float = 10.0) -> None:
