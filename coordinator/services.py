@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from coordinator.rounds.engine import EngineConfig, Publisher, RoundEngine
 from coordinator.rounds.evaluation import Evaluator
@@ -18,6 +19,9 @@ from coordinator.storage.exports import OnnxExports
 from coordinator.storage.model_store import ModelStore
 from coordinator.mqtt.presence import Presence
 from coordinator.storage.store import Store
+
+if TYPE_CHECKING:
+    from coordinator.mqtt.accounts import BrokerAccounts
 
 
 @dataclass
@@ -28,6 +32,7 @@ class Services:
     exports: OnnxExports
     engine: RoundEngine
     broker_url: str | None = None
+    broker_accounts: BrokerAccounts | None = None  # per-device broker identities; None: no managed broker
     extra: dict[str, object] = field(default_factory=dict)
 
     def close(self) -> None:

@@ -65,6 +65,12 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     p.add_argument("--broker", default="embedded", type=_typed(spec_text.parse_broker, "broker"),
                    help="'embedded' (built-in MQTT broker) or mqtt://HOST:PORT (default: %(default)s)")
     p.add_argument("--mqtt-port", type=int, default=1883, help="embedded broker port (default: %(default)s)")
+    p.add_argument("--broker-admin", metavar="USER", default=os.environ.get("FEDSIGHT_BROKER_ADMIN_USER"),
+                   help="with --broker mqtt://...: the Mosquitto dynamic-security admin the coordinator manages "
+                        "device identities with (default: $FEDSIGHT_BROKER_ADMIN_USER); its password comes from "
+                        "$FEDSIGHT_BROKER_ADMIN_PASSWORD or --broker-admin-password-file")
+    p.add_argument("--broker-admin-password-file", metavar="FILE",
+                   help="file holding the admin password (first line)")
     p.set_defaults(func=commands["coordinator"])
 
     p = sub.add_parser("client", parents=[common, rest], formatter_class=_formatter,

@@ -35,6 +35,8 @@ class Probe:
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = lambda _c, _u, m: self.messages.put((m.topic, m.payload))
         self.client.on_disconnect = lambda *_a: self.disconnected.set()
+        self.pubacks: dict[int, mqtt.ReasonCode] = {}  # mid -> PUBACK reason (MQTT 5 says why a publish was dropped)
+        self.client.on_publish = lambda _c, _u, mid, reason, _p=None: self.pubacks.__setitem__(mid, reason)
         self.client.connect(address.host, address.port, keepalive=30)
         self.client.loop_start()
         if not self._answered.wait(10):
@@ -64,10 +66,21 @@ class Probe:
                 raise TimeoutError("no SUBACK in 10 s")
             return self.subacks[mid]
 
-    def publish(self, topic: str, payload: bytes) -> mqtt.MQTTMessageInfo:
+    def publish(self, topic: str, payload: bytes) -> mqtt.ReasonCode | None:
+        """Publish at QoS 1 and return the PUBACK's reason code (None when the broker closed the connection)."""
         info = self.client.publish(topic, payload, qos=1)
-        info.wait_for_publish(10)
-        return info
+        try:
+            info.wait_for_publish(10)
+        except RuntimeError:
+            return None
+        return self.pubacks.get(info.mid) if info.is_published() else None
+
+    def drop(self) -> None:
+        """Vanish without DISCONNECT, so the broker sends the last will."""
+        sock = self.client.socket()
+        if sock is not None:
+            sock.close()
+        self.client.loop_stop()
 
     def drain(self, settle: float = 0.5) -> list[tuple[str, bytes]]:
         """Everything received so far, after waiting ``settle`` s for stragglers."""
