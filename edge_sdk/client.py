@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -76,7 +77,8 @@ class EdgeClient:
                  client_id: str | None = None, token: str | None = None, name: str | None = None,
                  broker_url: str | None = None, cache_dir: str | Path = "~/.cache/fedsight",
                  jobs: list[str] | None = None, trainer: LocalTrainer | None = None,
-                 callbacks: ClientCallbacks | None = None, request_timeout: float = 30.0) -> None:
+                 callbacks: ClientCallbacks | None = None, request_timeout: float = 30.0,
+                 mqtt_username: str | None = None, mqtt_password: str | None = None) -> None:
         self.base_url = coordinator_url.rstrip("/")
         self.api = f"{self.base_url}/api/v1"
         self.dataset = dataset
@@ -89,8 +91,11 @@ class EdgeClient:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._timeout = request_timeout
         self._http = requests.Session()
+        self._mqtt_login: dict[str, str | None] = {"username": mqtt_username, "password": mqtt_password}
         self.client_id, self.token = self._credentials(client_id, token, name)
         self._http.headers["Authorization"] = f"Bearer {self.token}"
+        if self._mqtt_login["username"] is None:
+            self._mqtt_login = self._broker_login()
         self.models = ModelCache(self.cache_dir / "models", self._http)
         self.residuals = ResidualStore(self.cache_dir / "residual")
         self.broker_url = broker_url or self._discover_broker()
@@ -103,7 +108,7 @@ class EdgeClient:
             self.broker_url, f"fedsight-{self.client_id}", self._on_message,
             subscriptions=[topics.task_topic(self.client_id), topics.ack_topic(self.client_id),
                            topics.JOB_EVENTS_WILDCARD],
-            will=(topics.status_topic(self.client_id), self._status("offline")))
+            will=(topics.status_topic(self.client_id), self._status("offline")), **self._mqtt_login)
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -154,15 +159,43 @@ class EdgeClient:
         if saved.exists():
             creds = json.loads(saved.read_text())
             if creds.get("coordinator") == self.base_url and (client_id is None or creds["client_id"] == client_id):
+                if self._mqtt_login["username"] is None and creds.get("mqtt_username"):
+                    self._mqtt_login = {"username": creds["mqtt_username"], "password": creds.get("mqtt_password")}
                 return creds["client_id"], creds["token"]
         resp = self._http.post(f"{self.api}/clients", json={"name": name or client_id or "device"},
                                timeout=self._timeout)
         if resp.status_code != 201:
             raise RuntimeError(f"registration with {self.base_url} failed: HTTP {resp.status_code} {resp.text[:200]}")
         body = resp.json()
-        saved.write_text(json.dumps({"coordinator": self.base_url, **body}))
-        saved.chmod(0o600)
+        self._save_credentials(body)
+        if body.get("mqtt_username"):
+            self._mqtt_login = {"username": body["mqtt_username"], "password": body.get("mqtt_password")}
         return body["client_id"], body["token"]
+
+    def _save_credentials(self, body: dict[str, Any]) -> None:
+        """Written 0600 from the start: it holds the REST token and the broker secret."""
+        saved = self.cache_dir / "credentials.json"
+        fd = os.open(saved, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"coordinator": self.base_url, **body}, f)
+        saved.chmod(0o600)
+
+    def _broker_login(self) -> dict[str, str | None]:
+        """Ask the coordinator for a broker secret (credentials from before broker ACLs, or given id + token)."""
+        resp = self._http.post(f"{self.api}/clients/{self.client_id}/broker-credentials", timeout=self._timeout)
+        if resp.status_code == 404:  # a coordinator without managed broker identities
+            return {"username": None, "password": None}
+        if resp.status_code != 200:
+            raise RuntimeError(f"broker credentials from {self.base_url} refused: HTTP {resp.status_code} "
+                               f"{resp.text[:200]}")
+        body = resp.json()
+        saved = self.cache_dir / "credentials.json"
+        if saved.exists():
+            creds = json.loads(saved.read_text())
+            if creds.get("client_id") == self.client_id and creds.get("coordinator") == self.base_url:
+                self._save_credentials({**creds, "mqtt_username": body.get("mqtt_username"),
+                                        "mqtt_password": body.get("mqtt_password")})
+        return {"username": body.get("mqtt_username"), "password": body.get("mqtt_password")}
 
     def _discover_broker(self) -> str:
         try:

@@ -22,6 +22,7 @@ from werkzeug.exceptions import HTTPException
 from edge_sdk.protocol import topics
 from edge_sdk.protocol.patch import make_patch
 
+from coordinator.mqtt.accounts import BrokerAccountError, check_device_id, device_username, new_secret
 from coordinator.rounds.engine import JobStateError
 from coordinator.storage.exports import ExportFailed
 from coordinator.rounds.jobspec import JobSpecError, initial_model, normalize_job
@@ -323,15 +324,44 @@ def register_client() -> Any:
         raise ApiError(400, "'name' must be a string of at most 200 characters")
     if not isinstance(client_id, str) or not topics.valid_id(client_id):
         raise ApiError(400, "'client_id' must be 1-64 letters, digits, '_', '-' or '.'")
+    try:
+        check_device_id(client_id)
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
     token = secrets.token_urlsafe(32)
     try:
         _svc().store.create_client(client_id, name or client_id, hash_token(token))
     except sqlite3.IntegrityError:
         raise ApiError(409, f"client id {client_id!r} is already registered") from None
     log.info("registered client %s", client_id)
-    resp = jsonify(client_id=client_id, token=token, name=name or client_id)
+    resp = jsonify(client_id=client_id, token=token, name=name or client_id, **_broker_identity(client_id))
     resp.status_code = 201
     return resp
+
+
+def _broker_identity(client_id: str) -> dict[str, str | None]:
+    """A fresh broker secret for the device (replacing any earlier one); nulls when the broker is unmanaged."""
+    accounts = _svc().broker_accounts
+    if accounts is None:
+        return {"mqtt_username": None, "mqtt_password": None}
+    password = new_secret()
+    try:
+        accounts.add_device(client_id, password)
+    except (BrokerAccountError, ValueError) as exc:
+        log.error("broker account for %s not created: %s", client_id, exc)
+        raise ApiError(503, f"client {client_id!r} is registered but its broker account could not be created "
+                            f"({exc}); retry with POST /api/v1/clients/{client_id}/broker-credentials") from None
+    return {"mqtt_username": device_username(client_id), "mqtt_password": password}
+
+
+@api.post("/clients/<client_id>/broker-credentials")
+def broker_credentials(client_id: str) -> Any:
+    """Issue a registered device a new broker secret (lost credentials, or registered before broker ACLs)."""
+    client = _require_client()
+    if client["id"] != client_id:
+        raise ApiError(403, "a device may only renew its own broker credentials")
+    _body(set(), required=False)
+    return jsonify(client_id=client_id, **_broker_identity(client_id))
 
 
 @api.get("/clients")
