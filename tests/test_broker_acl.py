@@ -264,3 +264,17 @@ def test_reserved_and_malformed_device_ids_are_refused(bad: str, tmp_path: Path)
         check_device_id(bad)
     with pytest.raises(ValueError):
         EmbeddedAccounts(tmp_path / "acc.json", coordinator_credentials(tmp_path)).add_device(bad, "x")
+
+
+def test_external_broker_without_admin_identity_is_a_readable_usage_error(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from coordinator.cli.main import main
+
+    monkeypatch.delenv("FEDSIGHT_BROKER_ADMIN_USER", raising=False)
+    monkeypatch.delenv("FEDSIGHT_BROKER_ADMIN_PASSWORD", raising=False)
+    base = ["coordinator", "--port", "0", "--data-dir", str(tmp_path), "--broker", "mqtt://127.0.0.1:1"]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "dynamic-security admin identity" in err and "mosquitto_ctrl dynsec init" in err
+    assert main([*base, "--broker-admin", "fedsight-admin"]) == 2
+    assert "no password for broker admin" in capsys.readouterr().err

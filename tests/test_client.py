@@ -84,3 +84,46 @@ def test_job_rounds_use_downlink_patches(server: CoordinatorHandle, tmp_path: Pa
     assert mine[0].download_bytes == full          # round 1: nothing cached, full model
     assert 0 < mine[1].download_bytes < full / 3   # round 2: a patch against the cached version 0
     assert mine[1].update_bytes < full / 10        # 2 % top-k in fp16
+
+
+def test_devices_get_broker_identities_and_only_their_own(server: CoordinatorHandle, tmp_path: Path) -> None:
+    import json
+    import stat
+
+    api = f"{server.url}/api/v1"
+    reg = requests.post(f"{api}/clients", json={"name": "given"}, timeout=5).json()
+    other = requests.post(f"{api}/clients", json={"name": "other"}, timeout=5).json()
+    # Given only id + token (no broker secret), the client asks for a new secret and connects with it.
+    given = EdgeClient(server.url, dataset=SampleBuffer(capacity=4), client_id=reg["client_id"], token=reg["token"],
+                       cache_dir=tmp_path / "given")
+    given.start()
+    try:
+        wait_for(lambda: client_row(server, reg["client_id"])["online"])
+    finally:
+        given.stop()
+    # The secret from registration was replaced, so it no longer opens the broker.
+    from tests.support.mqtt_probe import Probe
+    stale = Probe(server.broker_url, f"fedsight-{reg['client_id']}", reg["mqtt_username"], reg["mqtt_password"])
+    assert not stale.accepted
+    stale.close()
+    # Credentials saved before broker ACLs existed are completed and kept owner-only.
+    cache = tmp_path / "old"
+    cache.mkdir()
+    (cache / "credentials.json").write_text(json.dumps({"coordinator": server.url, "client_id": other["client_id"],
+                                                        "token": other["token"], "name": "other"}))
+    old = EdgeClient(server.url, dataset=SampleBuffer(capacity=4), cache_dir=cache)
+    saved = json.loads((cache / "credentials.json").read_text())
+    assert saved["mqtt_username"] == other["client_id"] and saved["mqtt_password"]
+    assert stat.S_IMODE((cache / "credentials.json").stat().st_mode) == 0o600
+    old.start()
+    try:
+        wait_for(lambda: client_row(server, other["client_id"])["online"])
+    finally:
+        old.stop()
+    # A device may renew only its own broker secret; reserved ids cannot register.
+    url = f"{api}/clients/{other['client_id']}/broker-credentials"
+    assert requests.post(url, timeout=5).status_code == 401
+    assert requests.post(url, headers={"Authorization": f"Bearer {reg['token']}"}, timeout=5).status_code == 403
+    for reserved in ("coordinator", "fedsight-coordinator"):
+        resp = requests.post(f"{api}/clients", json={"client_id": reserved}, timeout=5)
+        assert resp.status_code == 400 and "reserved" in resp.json()["error"]
