@@ -32,7 +32,7 @@ from .protocol.modelfile import flatten, layout_sizes, load_model
 from .protocol.wire import UpdateHeader, encode_update
 from .trainer import LocalTrainer
 from .update import encode_delta, statistics_mask
-from .transport import MqttTransport
+from .transport import BrokerRefused, MqttTransport
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,10 @@ class EdgeClient:
         self._stopped = threading.Event()
         self._finished_jobs: list[str] = []
         self._worker: threading.Thread | None = None
-        self._transport = MqttTransport(
+        self._transport = self._make_transport()
+
+    def _make_transport(self) -> MqttTransport:
+        return MqttTransport(
             self.broker_url, f"fedsight-{self.client_id}", self._on_message,
             subscriptions=[topics.task_topic(self.client_id), topics.ack_topic(self.client_id),
                            topics.JOB_EVENTS_WILDCARD],
@@ -114,7 +117,13 @@ class EdgeClient:
     def start(self) -> None:
         """Connect and announce this device as online; tasks are handled on a background thread."""
         self._stopped.clear()
-        self._transport.start()
+        try:
+            self._transport.start()
+        except BrokerRefused as exc:  # e.g. the coordinator lost or rotated our broker account: renew once
+            log.warning("%s; asking the coordinator for a new broker secret", exc)
+            self._mqtt_login = self._broker_login()
+            self._transport = self._make_transport()
+            self._transport.start()
         self._worker = threading.Thread(target=self._work, name=f"fedsight-{self.client_id}", daemon=True)
         self._worker.start()
         self._transport.publish(topics.status_topic(self.client_id), self._status("online"), retain=True, wait=10)

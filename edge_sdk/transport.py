@@ -37,6 +37,10 @@ class BrokerAddress:
         return f"mqtt://{self.host}:{self.port}"
 
 
+class BrokerRefused(ConnectionError):
+    """The broker answered the CONNECT with a refusal (wrong or revoked credentials, client id not ours)."""
+
+
 class MqttTransport:
     """One MQTT connection with a fixed subscription set and a single message callback.
 
@@ -85,8 +89,8 @@ class MqttTransport:
                 self.stop()
                 if self._refused is None:
                     raise ConnectionError(f"MQTT broker at {self.broker.url()} did not accept the connection")
-                raise ConnectionError(f"MQTT broker at {self.broker.url()} refused the connection ({self._refused}); "
-                                      "check the broker username/password")
+                raise BrokerRefused(f"MQTT broker at {self.broker.url()} refused the connection ({self._refused}); "
+                                    "check the broker username/password")
 
     def stop(self) -> None:
         try:

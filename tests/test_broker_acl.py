@@ -278,3 +278,14 @@ def test_external_broker_without_admin_identity_is_a_readable_usage_error(
     assert "dynamic-security admin identity" in err and "mosquitto_ctrl dynsec init" in err
     assert main([*base, "--broker-admin", "fedsight-admin"]) == 2
     assert "no password for broker admin" in capsys.readouterr().err
+
+
+def test_dynsec_refuses_to_run_on_a_broker_that_allows_by_default(mosquitto: Mosquitto) -> None:
+    dynsec = mosquitto.accounts()
+    try:
+        dynsec.command({"command": "setDefaultACLAccess", "acls": [{"acltype": "subscribe", "allow": True}]})
+        with pytest.raises(BrokerAccountError, match="setDefaultACLAccess subscribe deny"):
+            dynsec.provision(Credentials("fedsight-coordinator", "x"))
+    finally:
+        dynsec.command({"command": "setDefaultACLAccess", "acls": [{"acltype": "subscribe", "allow": False}]})
+        dynsec.stop()

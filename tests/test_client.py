@@ -120,6 +120,16 @@ def test_devices_get_broker_identities_and_only_their_own(server: CoordinatorHan
         wait_for(lambda: client_row(server, other["client_id"])["online"])
     finally:
         old.stop()
+    # A device whose broker account is gone (coordinator data lost, broker reset) renews it with its token.
+    server.services.broker_accounts.remove_device(other["client_id"])
+    wait_for(lambda: not client_row(server, other["client_id"])["online"])
+    again = EdgeClient(server.url, dataset=SampleBuffer(capacity=4), cache_dir=cache)
+    again.start()
+    try:
+        wait_for(lambda: client_row(server, other["client_id"])["online"])
+    finally:
+        again.stop()
+    assert json.loads((cache / "credentials.json").read_text())["mqtt_password"] != saved["mqtt_password"]
     # A device may renew only its own broker secret; reserved ids cannot register.
     url = f"{api}/clients/{other['client_id']}/broker-credentials"
     assert requests.post(url, timeout=5).status_code == 401

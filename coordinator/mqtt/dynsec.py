@@ -107,8 +107,8 @@ class DynsecAccounts:
                           if d.get("acltype") in ("publishClientSend", "subscribe") and d.get("allow"))
         if too_open:
             raise BrokerAccountError(f"Mosquitto dynamic-security allows {', '.join(too_open)} by default, so "
-                                     "device ACLs would not confine anything; set them to deny "
-                                     "(mosquitto_ctrl dynsec setDefaultACLAccess publishClientSend deny)")
+                                     "device ACLs would not confine anything; set it to deny with "
+                                     f"`mosquitto_ctrl dynsec setDefaultACLAccess {too_open[0]} deny`")
         self._ensure_role(COORDINATOR_ROLE, acl.COORDINATOR_GRANTS)
         self._ensure_role(DEVICES_ROLE, acl.EVENTS_GRANTS)
         client = {"username": coordinator.username, "password": coordinator.password,
