@@ -18,7 +18,7 @@ setup(
         "requests>=2.31",
         "flask>=3.0",
         "waitress>=3.0",
-        "amqtt>=0.12,<0.13",  # embedded_acl.GuardedBroker overrides a 0.12 internal
+        "amqtt>=0.12.1,<0.13",  # embedded_acl.GuardedBroker overrides a 0.12.1 internal
         "onnx>=1.16",
         "onnxruntime>=1.18",
         "scikit-learn>=1.4",
