@@ -92,10 +92,10 @@ class DynsecAccounts:
         try:
             self._check_ours(username)
         except DynsecError as exc:
-            if "not found" in exc.error.lower():
-                return
-            raise
-        self.command({"command": "deleteClient", "username": username})  # also disconnects it
+            if "not found" not in exc.error.lower():
+                raise
+        else:
+            self.command({"command": "deleteClient", "username": username})  # also disconnects it
         self._ignore_missing({"command": "deleteRole", "rolename": device_role(client_id)})
         log.info("broker account for device %s removed", client_id)
 
