@@ -91,7 +91,11 @@ class Mosquitto:
                                      stderr=subprocess.STDOUT)
         wait_for_port(self.port, self.proc)
         self.tester = ("tester", secrets.token_urlsafe(16))
-        accounts = self.accounts()
+        try:
+            accounts = self.accounts()
+        except BaseException:
+            self.stop()
+            raise
         try:
             accounts.command(
                 {"command": "createRole", "rolename": "tester", "acls": [
