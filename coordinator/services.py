@@ -33,8 +33,8 @@ class Services:
     engine: RoundEngine
     credentials: Credentials
     broker_url: str | None = None
+    broker_accounts: BrokerAccounts | None = None  # per-device broker identities; None: no managed broker
     extra: dict[str, object] = field(default_factory=dict)
-    accounts: BrokerAccounts | None = None  # per-device MQTT accounts, when the broker enforces them
     weights_dir: Path | None = None  # the only place job specs may load server-side weights from
     # registrations per remote address: a burst of 30 (a fleet booting), then one every 2 s
     enroll_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(30, 0.5))

@@ -37,7 +37,7 @@ from .protocol.modelfile import flatten, layout_sizes, load_model
 from .protocol.wire import UpdateHeader, encode_update
 from .trainer import LocalTrainer
 from .update import encode_delta, statistics_mask
-from .transport import MqttTransport
+from .transport import BrokerRefused, MqttTransport
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,8 @@ class EdgeClient:
                  enroll_secret: str | None = None, name: str | None = None,
                  broker_url: str | None = None, cache_dir: str | Path = "~/.cache/fedsight",
                  jobs: list[str] | None = None, trainer: LocalTrainer | None = None,
-                 callbacks: ClientCallbacks | None = None, request_timeout: float = 30.0) -> None:
+                 callbacks: ClientCallbacks | None = None, request_timeout: float = 30.0,
+                 mqtt_username: str | None = None, mqtt_password: str | None = None) -> None:
         self.origin = CoordinatorOrigin(coordinator_url)  # every URL this device requests is built from it
         self.base_url = self.origin.base_url
         self.api = self.origin.api
@@ -124,11 +125,15 @@ class EdgeClient:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._timeout = request_timeout
         self._http = requests.Session()
+        self._mqtt_login: dict[str, str | None] = {"username": mqtt_username, "password": mqtt_password}
         creds = self._credentials(client_id, token, device_key, enroll_secret, name)
         self.client_id, self.token = str(creds["client_id"]), str(creds["token"])
         self._device_key = bytes.fromhex(str(creds["device_key"]))
-        mqtt_user, mqtt_password = creds.get("mqtt_username"), creds.get("mqtt_password")
+        if self._mqtt_login["username"] is None and creds.get("mqtt_username"):
+            self._mqtt_login = {"username": creds["mqtt_username"], "password": creds.get("mqtt_password")}
         self._http.headers["Authorization"] = f"Bearer {self.token}"
+        if self._mqtt_login["username"] is None:
+            self._mqtt_login = self._broker_login()
         self.models = ModelCache(self.cache_dir / "models", self._http, origin=self.origin)
         self.residuals = ResidualStore(self.cache_dir / "residual")
         self.broker_url = broker_url or self._discover_broker()
@@ -137,18 +142,26 @@ class EdgeClient:
         self._stopped = threading.Event()
         self._finished_jobs: list[str] = []
         self._worker: threading.Thread | None = None
-        self._transport = MqttTransport(
-            self.broker_url, mqtt_user or topics.device_mqtt_id(self.client_id), self._on_message,
+        self._transport = self._make_transport()
+
+    def _make_transport(self) -> MqttTransport:
+        return MqttTransport(
+            self.broker_url, topics.device_mqtt_id(self.client_id), self._on_message,
             subscriptions=[topics.task_topic(self.client_id), topics.ack_topic(self.client_id),
                            topics.JOB_EVENTS_WILDCARD],
-            will=(topics.status_topic(self.client_id), self._status("offline")),
-            username=mqtt_user, password=mqtt_password)
+            will=(topics.status_topic(self.client_id), self._status("offline")), **self._mqtt_login)
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
         """Connect and announce this device as online; tasks are handled on a background thread."""
         self._stopped.clear()
-        self._transport.start()
+        try:
+            self._transport.start()
+        except BrokerRefused as exc:  # e.g. the coordinator lost or rotated our broker account: renew once
+            log.warning("%s; asking the coordinator for a new broker secret", exc)
+            self._mqtt_login = self._broker_login()
+            self._transport = self._make_transport()
+            self._transport.start()
         self._worker = threading.Thread(target=self._work, name=f"fedsight-{self.client_id}", daemon=True)
         self._worker.start()
         self._transport.publish(topics.status_topic(self.client_id), self._status("online"), retain=True, wait=10)
@@ -210,13 +223,35 @@ class EdgeClient:
         if resp.status_code != 201:
             raise RuntimeError(f"registration with {self.base_url} failed: HTTP {resp.status_code} {resp.text[:200]}")
         body = resp.json()
-        creds = {"coordinator": self.base_url, **body}
+        self._save_credentials(body)
+        return dict(body)
+
+    def _save_credentials(self, body: dict[str, Any]) -> None:
+        """Written 0600 from the start (REST token, device key, broker secret), replaced atomically."""
+        saved = self.cache_dir / "credentials.json"
         tmp = saved.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(creds, fh)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"coordinator": self.base_url, **body}, f)
+        tmp.chmod(0o600)  # an older file of that name kept its mode
         os.replace(tmp, saved)
-        return creds
+
+    def _broker_login(self) -> dict[str, str | None]:
+        """Ask the coordinator for a broker secret (credentials from before broker ACLs, or given id + token)."""
+        resp = self._http.post(f"{self.api}/clients/{self.client_id}/broker-credentials", timeout=self._timeout)
+        if resp.status_code == 404:  # a coordinator without managed broker identities
+            return {"username": None, "password": None}
+        if resp.status_code != 200:
+            raise RuntimeError(f"broker credentials from {self.base_url} refused: HTTP {resp.status_code} "
+                               f"{resp.text[:200]}")
+        body = resp.json()
+        saved = self.cache_dir / "credentials.json"
+        if saved.exists():
+            creds = json.loads(saved.read_text())
+            if creds.get("client_id") == self.client_id and creds.get("coordinator") == self.base_url:
+                self._save_credentials({**creds, "mqtt_username": body.get("mqtt_username"),
+                                        "mqtt_password": body.get("mqtt_password")})
+        return {"username": body.get("mqtt_username"), "password": body.get("mqtt_password")}
 
     def _discover_broker(self) -> str:
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -36,8 +37,16 @@ class BrokerAddress:
         return f"mqtt://{self.host}:{self.port}"
 
 
+class BrokerRefused(ConnectionError):
+    """The broker answered the CONNECT with a refusal (wrong or revoked credentials, client id not ours)."""
+
+
 class MqttTransport:
-    """One MQTT connection with a fixed subscription set and a single message callback."""
+    """One MQTT connection with a fixed subscription set and a single message callback.
+
+    ``username``/``password``: the broker identity (devices get theirs at registration); brokers run with
+    ACLs refuse anonymous connections.
+    """
 
     def __init__(self, broker: str | BrokerAddress, client_id: str, on_message: MessageHandler,
                  subscriptions: Iterable[str] = (), will: tuple[str, bytes] | None = None,
@@ -47,6 +56,7 @@ class MqttTransport:
         self._subs = list(subscriptions)
         self._handler = on_message
         self._connected = threading.Event()
+        self._refused: str | None = None  # the broker's reason when it turned the CONNECT down
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                    clean_session=not persistent, protocol=mqtt.MQTTv311)
         self._client.max_inflight_messages_set(20)
@@ -71,10 +81,16 @@ class MqttTransport:
         except OSError as exc:
             raise ConnectionError(f"cannot reach MQTT broker at {self.broker.url()}: {exc}. "
                                   "Is the coordinator (or Mosquitto) running?") from exc
+        self._refused = None
         self._client.loop_start()
-        if not self._connected.wait(timeout):
-            self.stop()
-            raise ConnectionError(f"MQTT broker at {self.broker.url()} did not accept the connection")
+        deadline = time.monotonic() + timeout
+        while not self._connected.wait(0.05):
+            if self._refused is not None or time.monotonic() > deadline:
+                self.stop()
+                if self._refused is None:
+                    raise ConnectionError(f"MQTT broker at {self.broker.url()} did not accept the connection")
+                raise BrokerRefused(f"MQTT broker at {self.broker.url()} refused the connection ({self._refused}); "
+                                    "check the broker username/password")
 
     def stop(self) -> None:
         try:
@@ -108,6 +124,7 @@ class MqttTransport:
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object,
                     properties: object = None) -> None:
         if getattr(reason, "is_failure", False):
+            self._refused = str(reason)
             log.error("MQTT connection refused: %s", reason)
             return
         for topic in self._subs:

@@ -280,8 +280,10 @@ def test_server_in_process_with_embedded_broker(tmp_path):
             acks.append(json.loads(payload))
             got_ack.set()
 
+        assert reg["mqtt_username"] == reg["client_id"] and len(reg["mqtt_password"]) >= 32
         dev = MqttTransport(handle.broker_url, f"fedsight-{reg['client_id']}", on_message,
-                            subscriptions=[topics.ack_topic(reg["client_id"])])
+                            subscriptions=[topics.ack_topic(reg["client_id"])], username=reg["mqtt_username"],
+                            password=reg["mqtt_password"])
         dev.start()
         # a 12 MB message crosses the embedded broker to the bridge and is judged (it is not an update)
         assert dev.publish(topics.update_topic(reg["client_id"]), b"\x01" * (12 << 20), wait=30)

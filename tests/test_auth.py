@@ -25,7 +25,8 @@ OPERATOR_ENDPOINTS = [
     ("POST", "/jobs/{job}/export"), ("GET", "/clients"), ("DELETE", "/clients/{client}"),
 ]
 DEVICE_ENDPOINTS = [("GET", "/clients/{client}"), ("GET", "/clients/{client}/updates"), ("GET", "/jobs/{job}/model"),
-                    ("GET", "/jobs/{job}/models/{version}"), ("GET", "/jobs/{job}/models/{version}/delta?from={version}")]
+                    ("GET", "/jobs/{job}/models/{version}"), ("GET", "/jobs/{job}/models/{version}/delta?from={version}"),
+                    ("POST", "/clients/{client}/broker-credentials")]
 
 
 class Fleet:
@@ -159,10 +160,10 @@ def test_revoked_device_loses_rest_mqtt_key_and_selection(fleet, job):
         def remove_device(self, client_id: str) -> None:
             calls.append(("remove", client_id))
 
-    fleet.svc.accounts = Accounts()
+    fleet.svc.broker_accounts = Accounts()
     dev = fleet.enroll()
     cid = dev["client_id"]
-    assert dev["mqtt_username"] == f"fedsight-{cid}" and len(dev["mqtt_password"]) >= 24
+    assert dev["mqtt_username"] == cid and len(dev["mqtt_password"]) >= 24  # connects as MQTT id fedsight-<cid>
     assert calls == [("add", cid, dev["mqtt_password"])]
     fleet.svc.engine.presence.update(cid, True)
     assert fleet.svc.engine.eligible_clients(job["id"]) == [cid]
@@ -185,7 +186,7 @@ def test_failed_broker_account_undoes_the_registration(fleet):
         def remove_device(self, client_id: str) -> None:
             return None
 
-    fleet.svc.accounts = Broken()
+    fleet.svc.broker_accounts = Broken()
     resp = fleet.call("POST", "/clients", json={"enroll_secret": fleet.secret})
     assert resp.status_code == 503 and "broker unreachable" in resp.json["error"]
     assert fleet.svc.store.list_clients() == []

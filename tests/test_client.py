@@ -229,3 +229,65 @@ def test_forged_tasks_are_ignored_and_never_leak_the_token(server: CoordinatorHa
         assert evil.connections == 0
     finally:
         evil.close()
+
+
+def test_devices_get_broker_identities_and_only_their_own(server: CoordinatorHandle, tmp_path: Path) -> None:
+    import json
+    import stat
+
+    api = f"{server.url}/api/v1"
+    enroll = {"enroll_secret": secret(server)}
+    reg = requests.post(f"{api}/clients", json={"name": "given", **enroll}, timeout=5).json()
+    other = requests.post(f"{api}/clients", json={"name": "other", **enroll}, timeout=5).json()
+    # Given only id + token + device key (no broker secret), the client asks for a new secret and connects with it.
+    given = EdgeClient(server.url, dataset=SampleBuffer(capacity=4), client_id=reg["client_id"], token=reg["token"],
+                       device_key=reg["device_key"], cache_dir=tmp_path / "given")
+    given.start()
+    try:
+        wait_for(lambda: client_row(server, reg["client_id"])["online"])
+    finally:
+        given.stop()
+    # The secret from registration was replaced, so it no longer opens the broker.
+    from tests.support.mqtt_probe import Probe
+    stale = Probe(server.broker_url, f"fedsight-{reg['client_id']}", reg["mqtt_username"], reg["mqtt_password"])
+    assert not stale.accepted
+    stale.close()
+    # Credentials saved before broker ACLs existed are completed and kept owner-only.
+    cache = tmp_path / "old"
+    cache.mkdir()
+    (cache / "credentials.json").write_text(json.dumps({"coordinator": server.url, "client_id": other["client_id"],
+                                                        "token": other["token"], "name": "other",
+                                                        "device_key": other["device_key"]}))
+    old = EdgeClient(server.url, dataset=SampleBuffer(capacity=4), cache_dir=cache)
+    saved = json.loads((cache / "credentials.json").read_text())
+    assert saved["mqtt_username"] == other["client_id"] and saved["mqtt_password"]
+    assert stat.S_IMODE((cache / "credentials.json").stat().st_mode) == 0o600
+    old.start()
+    try:
+        wait_for(lambda: client_row(server, other["client_id"])["online"])
+    finally:
+        old.stop()
+    # A device whose broker account is gone (coordinator data lost, broker reset) renews it with its token.
+    server.services.broker_accounts.remove_device(other["client_id"])
+    wait_for(lambda: not client_row(server, other["client_id"])["online"])
+    again = EdgeClient(server.url, dataset=SampleBuffer(capacity=4), cache_dir=cache)
+    again.start()
+    try:
+        wait_for(lambda: client_row(server, other["client_id"])["online"])
+    finally:
+        again.stop()
+    assert json.loads((cache / "credentials.json").read_text())["mqtt_password"] != saved["mqtt_password"]
+    # A device may renew only its own broker secret; reserved ids cannot register.
+    url = f"{api}/clients/{other['client_id']}/broker-credentials"
+    assert requests.post(url, timeout=5).status_code == 401
+    assert requests.post(url, headers={"Authorization": f"Bearer {reg['token']}"}, timeout=5).status_code == 403
+    for reserved in ("coordinator", "fedsight-coordinator"):
+        resp = requests.post(f"{api}/clients", json={"client_id": reserved, **enroll}, timeout=5)
+        assert resp.status_code == 400 and "reserved" in resp.json()["error"]
+    # A revoked device loses its broker account with its token (and cannot renew it).
+    assert requests.delete(f"{api}/clients/{other['client_id']}", headers=operator(server), timeout=5).ok
+    gone = Probe(server.broker_url, f"fedsight-{other['client_id']}", other["client_id"],
+                 json.loads((cache / "credentials.json").read_text())["mqtt_password"])
+    assert not gone.accepted
+    gone.close()
+    assert requests.post(url, headers={"Authorization": f"Bearer {other['token']}"}, timeout=5).status_code == 401

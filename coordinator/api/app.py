@@ -25,6 +25,7 @@ from coordinator.api.body_limit import BodyLimit
 from coordinator.auth import access, enrollment
 from coordinator.auth.paths import PathRefused, confine
 from coordinator.auth.refused import Refused
+from coordinator.mqtt.accounts import BrokerAccountError
 from coordinator.rounds.engine import JobStateError
 from coordinator.storage.exports import ExportFailed
 from coordinator.rounds.jobspec import JobSpecError, initial_model, normalize_job
@@ -336,6 +337,26 @@ def register_client() -> Any:
     body = _body({"name", "enroll_secret", "client_id"}, required=False)
     resp = jsonify(enrollment.enroll(_svc(), body, remote, by_operator))
     resp.status_code = 201
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+@api.post("/clients/<client_id>/broker-credentials")
+def broker_credentials(client_id: str) -> Any:
+    """Issue a registered device a new broker secret (lost credentials, or registered before broker ACLs)."""
+    caller = _caller()
+    if not caller.operator and caller.device != client_id:
+        raise ApiError(403, "a device may only renew its own broker credentials")
+    if _svc().store.get_client(client_id) is None:
+        raise ApiError(404, f"unknown (or revoked) client {client_id[:80]!r}")
+    _body(set(), required=False)
+    try:
+        issued = enrollment.issue_broker_secret(_svc(), client_id)
+    except (BrokerAccountError, ValueError) as exc:
+        log.error("broker account for %s not created: %s", client_id, exc)
+        raise ApiError(503, f"the broker account of client {client_id!r} could not be created ({exc}); "
+                            "retry later") from None
+    resp = jsonify(client_id=client_id, **issued)
     resp.headers["Cache-Control"] = "no-store"
     return resp
 

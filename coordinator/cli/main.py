@@ -32,10 +32,31 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     try:
         serve(args.host, args.port, Path(args.data_dir), broker=args.broker, broker_host=args.mqtt_host,
               broker_port=args.mqtt_port, public_url=args.public_url, advertised_broker_url=args.public_broker,
-              weights_dir=args.weights_dir)
+              weights_dir=args.weights_dir, broker_admin=broker_admin(args))
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def broker_admin(args: argparse.Namespace) -> tuple[str, str] | None:
+    """The external broker's dynamic-security admin identity from flags / environment (None when embedded)."""
+    if args.broker == "embedded":
+        return None
+    hint = ("create it with `mosquitto_ctrl dynsec init FILE USER`, then pass --broker-admin USER and set "
+            "FEDSIGHT_BROKER_ADMIN_PASSWORD (docs/security.md)")
+    if not args.broker_admin:
+        raise CliError(f"--broker {args.broker} needs the broker's dynamic-security admin identity", hint)
+    if args.broker_admin_password_file:
+        try:
+            lines = Path(args.broker_admin_password_file).read_text().splitlines()
+        except OSError as exc:
+            raise CliError(f"cannot read --broker-admin-password-file: {exc}") from None
+        password = lines[0] if lines else ""
+    else:
+        password = os.environ.get("FEDSIGHT_BROKER_ADMIN_PASSWORD", "")
+    if not password:
+        raise CliError(f"no password for broker admin {args.broker_admin!r}", hint)
+    return args.broker_admin, password
 
 
 def load_partition(spec: tuple[str, Path | None], partition: float | str, num: int, index: int, seed: int,
@@ -377,7 +398,8 @@ def _user_error(exc: BaseException) -> CliError | None:
         return CliError(str(exc))
     for module, name in [("edge_sdk.protocol.errors", "ProtocolError"), ("converters.onnx_export", "ExportError"),
                          ("edge_sdk.models", "WeightsMismatchError"), ("requests", "RequestException"),
-                         ("edge_sdk.data", "DatasetNotFoundError"), ("coordinator.cli.demo", "DemoError")]:
+                         ("edge_sdk.data", "DatasetNotFoundError"), ("coordinator.cli.demo", "DemoError"),
+                         ("coordinator.mqtt.accounts", "BrokerAccountError")]:
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None and isinstance(exc, cls):
             if module == "requests":  # its messages are walls of urllib3 detail

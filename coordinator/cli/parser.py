@@ -106,6 +106,12 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
                         "--public-url's host)")
     p.add_argument("--weights-dir", metavar="DIR",
                    help="directory job specs may load model.weights files from (default: none allowed)")
+    p.add_argument("--broker-admin", metavar="USER", default=os.environ.get("FEDSIGHT_BROKER_ADMIN_USER"),
+                   help="with --broker mqtt://...: the Mosquitto dynamic-security admin the coordinator manages "
+                        "device identities with (default: $FEDSIGHT_BROKER_ADMIN_USER); its password comes from "
+                        "$FEDSIGHT_BROKER_ADMIN_PASSWORD or --broker-admin-password-file")
+    p.add_argument("--broker-admin-password-file", metavar="FILE",
+                   help="file holding the admin password (first line)")
     p.set_defaults(func=commands["coordinator"])
 
     p = sub.add_parser("client", parents=[common, rest], formatter_class=_formatter,
