@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -189,7 +190,15 @@ class Coordinator:
         self.log.close()
 
 
-def start_device(workdir: Path, coordinator: Coordinator, index: int, partitions: int, alpha: str = "0.5",
+@dataclass(frozen=True)
+class CoordinatorAddress:
+    """What a device process needs of a coordinator started some other way (its URL, the enrollment secret)."""
+
+    url: str
+    enroll_secret_file: Path
+
+
+def start_device(workdir: Path, coordinator: Coordinator | CoordinatorAddress, index: int, partitions: int, alpha: str = "0.5",
                  extra: tuple[str, ...] = ()) -> subprocess.Popen:
     """One simulated device process on its Dirichlet shard of digits, enrolling with the fleet secret."""
     log = open(workdir / f"device-{index}.log", "wb")
