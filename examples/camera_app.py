@@ -8,6 +8,8 @@ the app needs only ``pip install fedsight`` (numpy, onnxruntime, pillow: no torc
 polling. With ``--train`` (``pip install "fedsight[edge]"``) it also takes part in training through
 ``EdgeClient`` and swaps models the moment the coordinator announces them. Either way every frame is
 classified by exactly one model version, printed next to the prediction; a bad download keeps the old model.
+With the secure defaults (docs/security.md) pass ``--token`` (ONNX exports and the job spec are operator
+endpoints) and, for ``--train``'s first run, set ``$FEDSIGHT_ENROLL_SECRET``.
 """
 from __future__ import annotations
 
@@ -57,7 +59,12 @@ def start_training(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
 
     from edge_sdk import EdgeClient, SampleBuffer
 
-    cfg = requests.get(f"{args.coordinator}/api/v1/jobs/{args.job}", timeout=30).json()["config"]
+    # the job's spec is an operator endpoint (--token); the device enrolls with $FEDSIGHT_ENROLL_SECRET
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    resp = requests.get(f"{args.coordinator}/api/v1/jobs/{args.job}", timeout=30, headers=headers)
+    if not resp.ok:
+        raise SystemExit(f"cannot read job {args.job}: HTTP {resp.status_code} {resp.text[:200]} (pass --token)")
+    cfg = resp.json()["config"]
     model = cfg["model"]
     buffer = SampleBuffer(capacity=args.buffer, image_size=model["image_size"], channels=model["in_channels"],
                           normalization=cfg.get("normalization"))
