@@ -141,12 +141,12 @@ def simulate(setup: Setup, spec: dict, seed: int = 0, progress: str = "") -> dic
                 store = stores.setdefault(cid, ResidualStore(Path(tmp) / str(cid)))
                 payload, _ = encode_delta(round_spec, delta, sizes, store, "bench", stats)
                 header = UpdateHeader("bench-job-0001", rnd, f"client-{cid:03d}", "f" * 64, round_spec,
-                                      res.num_samples, int(global_vec.size), res.metrics(), "t" * 43)
-                message = encode_update(header, payload)
+                                      res.num_samples, int(global_vec.size), res.metrics())
+                message = encode_update(header, payload, b"k" * 32)
                 enc_t.append(time.perf_counter() - t0)
                 bytes_sent.append(len(message))
                 if dense_bytes is None:
-                    dense_bytes = len(encode_update(header, b"\x00" * (4 * global_vec.size)))
+                    dense_bytes = len(encode_update(header, b"\x00" * (4 * global_vec.size), b"k" * 32))
                 t0 = time.perf_counter()
                 head, body = decode_update(message)
                 decoded = codecs.decode(head.codec, body, head.numel, sizes)

@@ -16,8 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -30,11 +28,11 @@ def run(clients: int, rounds: int, codec: dict) -> dict:
         work = Path(tmp)
         broker = Mosquitto(work / "broker")
         server = Coordinator(work, broker.url)
-        procs = [start_device(work, server.url, i, clients) for i in range(clients)]
+        procs = [start_device(work, server, i, clients) for i in range(clients)]
         try:
             deadline = time.monotonic() + 180
             while sum(c.get("online", False) for c in
-                      requests.get(f"{server.api}/clients", timeout=5).json()["clients"]) < clients:
+                      server.http.get(f"{server.api}/clients", timeout=5).json()["clients"]) < clients:
                 if time.monotonic() > deadline:
                     raise TimeoutError("devices did not come online")
                 time.sleep(0.5)
@@ -43,14 +41,14 @@ def run(clients: int, rounds: int, codec: dict) -> dict:
                     "rounds": rounds, "clients_per_round": clients, "min_clients": clients,
                     "round_timeout_s": 120, "train": {"epochs": 1, "batch_size": 32, "lr": 0.05},
                     "codec": codec, "eval": None, "seed": 0}
-            job = requests.post(f"{server.api}/jobs", json=body, timeout=10).json()
-            requests.post(f"{server.api}/jobs/{job['id']}/start", timeout=10).raise_for_status()
-            while requests.get(f"{server.api}/jobs/{job['id']}", timeout=5).json()["status"] not in (
+            job = server.http.post(f"{server.api}/jobs", json=body, timeout=10).json()
+            server.http.post(f"{server.api}/jobs/{job['id']}/start", timeout=10).raise_for_status()
+            while server.http.get(f"{server.api}/jobs/{job['id']}", timeout=5).json()["status"] not in (
                     "finished", "failed", "stopped"):
                 time.sleep(0.5)
-            recs = [r for r in requests.get(f"{server.api}/jobs/{job['id']}/rounds", timeout=5).json()["rounds"]
+            recs = [r for r in server.http.get(f"{server.api}/jobs/{job['id']}/rounds", timeout=5).json()["rounds"]
                     if r["status"] == "closed"]
-            updates = requests.get(f"{server.api}/jobs/{job['id']}/updates", timeout=5).json()["updates"]
+            updates = server.http.get(f"{server.api}/jobs/{job['id']}/updates", timeout=5).json()["updates"]
         finally:
             for p in procs:
                 stop_process(p)

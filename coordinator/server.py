@@ -26,8 +26,10 @@ from edge_sdk.coordinator_origin import CoordinatorOrigin
 from edge_sdk.transport import BrokerAddress
 
 from coordinator.api.app import MAX_JSON_BYTES, create_app
+from coordinator.mqtt.accounts import BrokerAccounts, coordinator_credentials
 from coordinator.mqtt.bridge import MqttBridge
 from coordinator.mqtt.broker import EmbeddedBroker
+from coordinator.mqtt.dynsec import DynsecAccounts
 from coordinator.mqtt.packet_limit import MQTT_OVERHEAD_BYTES
 from coordinator.rounds.jobspec import DEFAULT_MAX_UPDATE_BYTES
 from coordinator.rounds.engine import EngineConfig
@@ -50,6 +52,7 @@ class CoordinatorHandle:
     _http: Any
     _http_thread: threading.Thread
     _stopped: threading.Event = field(default_factory=threading.Event)
+    accounts: BrokerAccounts | None = None
 
     @property
     def engine(self) -> Any:
@@ -77,6 +80,8 @@ class CoordinatorHandle:
         _stop_waitress(self._http, self._http_thread)
         self.services.engine.shutdown()
         self.bridge.stop()
+        if isinstance(self.accounts, DynsecAccounts):
+            self.accounts.stop()
         if self.broker is not None:
             self.broker.stop()
         self.services.store.close()
@@ -130,13 +135,18 @@ def advertised(http_host: str, http_port: int, broker: BrokerAddress, public_url
 def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fedsight-data",
           broker: str = "embedded", *, broker_host: str = "127.0.0.1", broker_port: int = 1883,
           public_url: str | None = None, advertised_broker_url: str | None = None, threads: int = 8,
-          evaluate: bool = True, engine_config: EngineConfig | None = None, resume: bool = True) -> CoordinatorHandle:
+          evaluate: bool = True, engine_config: EngineConfig | None = None, resume: bool = True,
+          weights_dir: Path | str | None = None,
+          broker_admin: tuple[str, str] | None = None) -> CoordinatorHandle:
     """Start everything in background threads and return once the REST API and MQTT bridge are up.
 
     ``broker``: ``"embedded"`` (amqtt on ``broker_host:broker_port``; port 0 picks a free one) or
-    ``"mqtt://HOST:PORT"`` of an external broker. ``port=0`` picks a free HTTP port. ``public_url`` /
-    ``advertised_broker_url``: the addresses devices should use, when they differ from the bind addresses
-    (see :func:`advertised`).
+    ``"mqtt://HOST:PORT"`` of an external Mosquitto with the dynamic-security plugin, administered with
+    ``broker_admin`` = (username, password). Either way devices get their own broker identities and ACLs.
+    ``port=0`` picks a free HTTP port. ``public_url`` / ``advertised_broker_url``: the addresses devices
+    should use, when they differ from the bind addresses (see :func:`advertised`).
+    ``weights_dir``: the only directory job specs may name server-side ``model.weights`` files in (None: none).
+    The operator token and enrollment secret are created on first start in ``data_dir`` (mode 0600).
     """
     if public_url:
         CoordinatorOrigin(public_url)  # fail before anything starts
@@ -144,18 +154,33 @@ def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fed
         BrokerAddress.parse(advertised_broker_url)
     embedded: EmbeddedBroker | None = None
     engine_ref: list[Any] = []  # the broker starts before the engine exists; its packet limit follows the engine
+    accounts: BrokerAccounts | None = None
+    creds = coordinator_credentials(data_dir)
     if broker == "embedded":
-        embedded = EmbeddedBroker(broker_host, broker_port, max_packet_bytes=lambda: _packet_limit(engine_ref)).start()
+        from coordinator.mqtt.embedded_acl import EmbeddedAccounts  # imports amqtt
+
+        accounts = EmbeddedAccounts(Path(data_dir) / "mqtt-accounts.json", creds)
+        embedded = EmbeddedBroker(broker_host, broker_port, max_packet_bytes=lambda: _packet_limit(engine_ref),
+                                  accounts=accounts).start()
         address = BrokerAddress(broker_host, embedded.port)  # the bridge itself connects over loopback
         bridge_address = BrokerAddress("127.0.0.1" if broker_host in _ANY_HOST else broker_host, embedded.port)
     else:
         address = bridge_address = BrokerAddress.parse(broker)
+        if broker_admin is None:
+            raise ValueError(f"the coordinator manages device identities on {address.url()} through Mosquitto's "
+                             "dynamic-security plugin and needs its admin identity: pass --broker-admin USER and "
+                             "set FEDSIGHT_BROKER_ADMIN_PASSWORD (see docs/security.md)")
     services: Services | None = None
     bridge: MqttBridge | None = None
     try:
-        services = build_services(data_dir, engine_config=engine_config, evaluate=evaluate)
+        if accounts is None and broker_admin is not None:
+            accounts = dynsec = DynsecAccounts(address, *broker_admin)
+            dynsec.start()
+            dynsec.provision(creds)
+        services = build_services(data_dir, engine_config=engine_config, evaluate=evaluate, weights_dir=weights_dir)
+        services.broker_accounts = accounts
         engine_ref.append(services.engine)
-        bridge = MqttBridge(services.engine, bridge_address)
+        bridge = MqttBridge(services.engine, bridge_address, username=creds.username, password=creds.password)
         bridge.start()
         app = create_app({"services": services})
         http = create_server(app, host=host, port=port, threads=threads, ident="fedsight",
@@ -181,13 +206,19 @@ def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fed
             bridge.stop()
         if services is not None:
             services.close()
+        if isinstance(accounts, DynsecAccounts):
+            accounts.stop()
         if embedded is not None:
             embedded.stop()
         raise
     url = f"http://{url_host}:{bound}"
+    secrets = services.credentials
+    log.info("operator token in %s, enrollment secret in %s (mode 600; see docs/security.md)",
+             secrets.path("operator-token"), secrets.path("enroll-secret"))
     log.info("coordinator REST on %s (data in %s), MQTT on %s; devices are told %s and %s", url,
              Path(data_dir).resolve(), address.url(), services.engine.config.public_url, services.broker_url)
-    return CoordinatorHandle(services, url, services.broker_url or "", bridge, embedded, http, thread)
+    return CoordinatorHandle(services, url, services.broker_url or "", bridge, embedded, http, thread,
+                             accounts=accounts)
 
 
 def serve(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fedsight-data",

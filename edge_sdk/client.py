@@ -1,15 +1,17 @@
 """EdgeClient: what a camera app embeds to take part in federated jobs.
 
-The client registers with the coordinator once (credentials are kept in its cache directory), stays
-connected to the MQTT broker, and for every training task it is given: fetches the global model (cached,
-sha256-verified), fine-tunes on local data, and publishes only the encoded model delta. Images never
-leave the device.
+The client enrolls with the coordinator once, showing the fleet's enrollment secret (credentials, kept
+0600 in its cache directory: id, REST token, device key, MQTT account), stays connected to the MQTT broker,
+and for every training task it is given: fetches the global model (cached, sha256-verified, only from the
+configured coordinator), fine-tunes on local data, and publishes only the encoded model delta, signed
+with its device key. Images never leave the device; neither does any secret after enrollment.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -35,11 +37,38 @@ from .protocol.modelfile import flatten, layout_sizes, load_model
 from .protocol.wire import UpdateHeader, encode_update
 from .trainer import LocalTrainer
 from .update import encode_delta, statistics_mask
-from .transport import MqttTransport
+from .transport import BrokerRefused, MqttTransport
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPDATE_BYTES = 64 << 20
+ENROLL_SECRET_ENV = "FEDSIGHT_ENROLL_SECRET"
+
+
+def check_task(task: Any, origin: CoordinatorOrigin) -> tuple[str, str]:
+    """The model URL and delta (patch) URL of a task, refused (ProtocolError) unless every field the device
+    acts on is well formed.
+
+    ``base_version`` names a cache file and ``job_id`` a residual file, so both are checked before use;
+    ``model_path`` (or a legacy ``model_url``) must be a plain path, resolved on the configured coordinator
+    only, so a forged task never makes the device send its token elsewhere."""
+    if not isinstance(task, dict) or task.get("type", "train") != "train":
+        raise ProtocolError("task is not a JSON object of type 'train'")
+    job_id = task.get("job_id")
+    if not isinstance(job_id, str) or not topics.valid_id(job_id):
+        raise ProtocolError(f"task has an invalid job_id {str(job_id)[:80]!r}")
+    for key, low in (("round", 0), ("attempt", 1)):
+        value = task.get(key, low)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ProtocolError(f"task field {key!r} must be an integer >= {low}")
+    if not isinstance(task.get("config", {}), dict):
+        raise ProtocolError("task config must be an object")
+    try:
+        version = check_version(task.get("base_version"))
+        path = task.get("model_path") or task.get("model_url") or f"/api/v1/jobs/{job_id}/models/{version}"
+        return origin.url(path), origin.url(f"/api/v1/jobs/{job_id}/models/{version}/delta")
+    except UnsafeUrlError as exc:
+        raise ProtocolError(str(exc)) from None
 
 
 @dataclass
@@ -77,10 +106,12 @@ class EdgeClient:
     """
 
     def __init__(self, coordinator_url: str, dataset: Dataset, model: str | nn.Module | None = None, *,
-                 client_id: str | None = None, token: str | None = None, name: str | None = None,
+                 client_id: str | None = None, token: str | None = None, device_key: str | None = None,
+                 enroll_secret: str | None = None, name: str | None = None,
                  broker_url: str | None = None, cache_dir: str | Path = "~/.cache/fedsight",
                  jobs: list[str] | None = None, trainer: LocalTrainer | None = None,
-                 callbacks: ClientCallbacks | None = None, request_timeout: float = 30.0) -> None:
+                 callbacks: ClientCallbacks | None = None, request_timeout: float = 30.0,
+                 mqtt_username: str | None = None, mqtt_password: str | None = None) -> None:
         self.origin = CoordinatorOrigin(coordinator_url)  # every URL this device requests is built from it
         self.base_url = self.origin.base_url
         self.api = self.origin.api
@@ -94,8 +125,15 @@ class EdgeClient:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._timeout = request_timeout
         self._http = requests.Session()
-        self.client_id, self.token = self._credentials(client_id, token, name)
+        self._mqtt_login: dict[str, str | None] = {"username": mqtt_username, "password": mqtt_password}
+        creds = self._credentials(client_id, token, device_key, enroll_secret, name)
+        self.client_id, self.token = str(creds["client_id"]), str(creds["token"])
+        self._device_key = bytes.fromhex(str(creds["device_key"]))
+        if self._mqtt_login["username"] is None and creds.get("mqtt_username"):
+            self._mqtt_login = {"username": creds["mqtt_username"], "password": creds.get("mqtt_password")}
         self._http.headers["Authorization"] = f"Bearer {self.token}"
+        if self._mqtt_login["username"] is None:
+            self._mqtt_login = self._broker_login()
         self.models = ModelCache(self.cache_dir / "models", self._http, origin=self.origin)
         self.residuals = ResidualStore(self.cache_dir / "residual")
         self.broker_url = broker_url or self._discover_broker()
@@ -104,17 +142,26 @@ class EdgeClient:
         self._stopped = threading.Event()
         self._finished_jobs: list[str] = []
         self._worker: threading.Thread | None = None
-        self._transport = MqttTransport(
-            self.broker_url, f"fedsight-{self.client_id}", self._on_message,
+        self._transport = self._make_transport()
+
+    def _make_transport(self) -> MqttTransport:
+        return MqttTransport(
+            self.broker_url, topics.device_mqtt_id(self.client_id), self._on_message,
             subscriptions=[topics.task_topic(self.client_id), topics.ack_topic(self.client_id),
                            topics.JOB_EVENTS_WILDCARD],
-            will=(topics.status_topic(self.client_id), self._status("offline")))
+            will=(topics.status_topic(self.client_id), self._status("offline")), **self._mqtt_login)
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
         """Connect and announce this device as online; tasks are handled on a background thread."""
         self._stopped.clear()
-        self._transport.start()
+        try:
+            self._transport.start()
+        except BrokerRefused as exc:  # e.g. the coordinator lost or rotated our broker account: renew once
+            log.warning("%s; asking the coordinator for a new broker secret", exc)
+            self._mqtt_login = self._broker_login()
+            self._transport = self._make_transport()
+            self._transport.start()
         self._worker = threading.Thread(target=self._work, name=f"fedsight-{self.client_id}", daemon=True)
         self._worker.start()
         self._transport.publish(topics.status_topic(self.client_id), self._status("online"), retain=True, wait=10)
@@ -151,23 +198,60 @@ class EdgeClient:
             self.stop()
 
     # ----------------------------------------------------------------- setup helpers
-    def _credentials(self, client_id: str | None, token: str | None, name: str | None) -> tuple[str, str]:
-        """Use given credentials, else the saved ones, else register with the coordinator."""
+    def _credentials(self, client_id: str | None, token: str | None, device_key: str | None,
+                     enroll_secret: str | None, name: str | None) -> dict[str, Any]:
+        """Use given credentials, else the saved ones, else enroll with the coordinator (needs the secret,
+        ``enroll_secret`` or $FEDSIGHT_ENROLL_SECRET)."""
         if client_id and token:
-            return client_id, token
+            if not device_key:
+                raise ValueError("client_id and token need the device_key from the same registration "
+                                 "(updates are signed with it)")
+            return {"client_id": client_id, "token": token, "device_key": device_key}
         saved = self.cache_dir / "credentials.json"
         if saved.exists():
             creds = json.loads(saved.read_text())
-            if creds.get("coordinator") == self.base_url and (client_id is None or creds["client_id"] == client_id):
-                return creds["client_id"], creds["token"]
-        resp = self._http.post(f"{self.api}/clients", json={"name": name or client_id or "device"},
-                               timeout=self._timeout)
+            if (creds.get("coordinator") == self.base_url and creds.get("device_key")
+                    and (client_id is None or creds["client_id"] == client_id)):
+                return dict(creds)
+        secret = enroll_secret or os.environ.get(ENROLL_SECRET_ENV)
+        if not secret:
+            raise RuntimeError(f"registration with {self.base_url} needs the fleet's enrollment secret: pass "
+                               f"enroll_secret= or set ${ENROLL_SECRET_ENV} (the coordinator wrote it to "
+                               "<data-dir>/enroll-secret)")
+        resp = self._http.post(f"{self.api}/clients", json={"name": name or client_id or "device",
+                                                            "enroll_secret": secret}, timeout=self._timeout)
         if resp.status_code != 201:
             raise RuntimeError(f"registration with {self.base_url} failed: HTTP {resp.status_code} {resp.text[:200]}")
         body = resp.json()
-        saved.write_text(json.dumps({"coordinator": self.base_url, **body}))
-        saved.chmod(0o600)
-        return body["client_id"], body["token"]
+        self._save_credentials(body)
+        return dict(body)
+
+    def _save_credentials(self, body: dict[str, Any]) -> None:
+        """Written 0600 from the start (REST token, device key, broker secret), replaced atomically."""
+        saved = self.cache_dir / "credentials.json"
+        tmp = saved.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"coordinator": self.base_url, **body}, f)
+        tmp.chmod(0o600)  # an older file of that name kept its mode
+        os.replace(tmp, saved)
+
+    def _broker_login(self) -> dict[str, str | None]:
+        """Ask the coordinator for a broker secret (credentials from before broker ACLs, or given id + token)."""
+        resp = self._http.post(f"{self.api}/clients/{self.client_id}/broker-credentials", timeout=self._timeout)
+        if resp.status_code == 404:  # a coordinator without managed broker identities
+            return {"username": None, "password": None}
+        if resp.status_code != 200:
+            raise RuntimeError(f"broker credentials from {self.base_url} refused: HTTP {resp.status_code} "
+                               f"{resp.text[:200]}")
+        body = resp.json()
+        saved = self.cache_dir / "credentials.json"
+        if saved.exists():
+            creds = json.loads(saved.read_text())
+            if creds.get("client_id") == self.client_id and creds.get("coordinator") == self.base_url:
+                self._save_credentials({**creds, "mqtt_username": body.get("mqtt_username"),
+                                        "mqtt_password": body.get("mqtt_password")})
+        return {"username": body.get("mqtt_username"), "password": body.get("mqtt_password")}
 
     def _discover_broker(self) -> str:
         try:
@@ -195,6 +279,11 @@ class EdgeClient:
         _, kind = topics.parse_client_topic(topic)
         message = json.loads(payload)
         if kind == topics.TASK:
+            try:
+                check_task(message, self.origin)
+            except ProtocolError as exc:
+                log.warning("ignoring a task that fails validation: %s", exc)
+                return
             if self.jobs is None or message.get("job_id") in self.jobs:
                 self._tasks.put(message)
         elif kind == topics.ACK:
@@ -267,17 +356,13 @@ class EdgeClient:
 
     def handle_task(self, task: dict[str, Any]) -> RoundReport | None:
         """Run one training task end to end and publish the update (also callable directly in tests)."""
-        job_id, rnd = str(task["job_id"]), int(task["round"])
         try:  # tasks carry paths on the configured coordinator; anything else never gets our token
-            if not topics.valid_id(job_id):
-                raise UnsafeUrlError(f"invalid job id {job_id[:80]!r}")
-            version = check_version(task.get("base_version"))
-            url = self.origin.url(task.get("model_path") or task.get("model_url")
-                                  or f"/api/v1/jobs/{job_id}/models/{version}")
-            patch_url = self.origin.url(f"/api/v1/jobs/{job_id}/models/{version}/delta")
-        except UnsafeUrlError as exc:
-            log.error("refusing task for job %s round %d: %s", job_id[:80], rnd, exc)
+            url, patch_url = check_task(task, self.origin)
+        except ProtocolError as exc:
+            job = task.get("job_id") if isinstance(task, dict) else None
+            log.error("refusing task for job %s: %s", str(job)[:80], exc)
             return None
+        job_id, rnd, version = str(task["job_id"]), int(task["round"]), str(task["base_version"])
         if self.callbacks.on_round_start:
             self.callbacks.on_round_start(task)
         config = dict(task.get("config") or {})
@@ -306,8 +391,8 @@ class EdgeClient:
         header = UpdateHeader(job_id=job_id, round=rnd, client_id=self.client_id,
                               base_version=str(task["base_version"]), codec=spec,
                               num_samples=int(result.num_samples), numel=int(global_vec.size),
-                              metrics=metrics, token=self.token)
-        message = encode_update(header, payload)
+                              metrics=metrics, attempt=int(task.get("attempt", 1)))
+        message = encode_update(header, payload, self._device_key)
         encode_time = time.perf_counter() - t0
         limit = int(config.get("max_update_bytes", DEFAULT_MAX_UPDATE_BYTES))
         if len(message) > limit:  # brokers drop oversize packets silently; say so here instead

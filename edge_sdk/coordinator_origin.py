@@ -73,7 +73,10 @@ class CoordinatorOrigin:
             same = _origin_of(url) == (self.scheme, self.host, self.port)
         except UnsafeUrlError:
             return False
-        path = urlsplit(url).path
+        parts = urlsplit(url)
+        if parts.username is not None or parts.password is not None:  # "http://coord@evil/" tricks
+            return False
+        path = parts.path
         return same and (not self.prefix or path == self.prefix or path.startswith(self.prefix + "/"))
 
     def check(self, url: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -36,20 +37,32 @@ class BrokerAddress:
         return f"mqtt://{self.host}:{self.port}"
 
 
+class BrokerRefused(ConnectionError):
+    """The broker answered the CONNECT with a refusal (wrong or revoked credentials, client id not ours)."""
+
+
 class MqttTransport:
-    """One MQTT connection with a fixed subscription set and a single message callback."""
+    """One MQTT connection with a fixed subscription set and a single message callback.
+
+    ``username``/``password``: the broker identity (devices get theirs at registration); brokers run with
+    ACLs refuse anonymous connections.
+    """
 
     def __init__(self, broker: str | BrokerAddress, client_id: str, on_message: MessageHandler,
                  subscriptions: Iterable[str] = (), will: tuple[str, bytes] | None = None,
-                 persistent: bool = True, keepalive: int = 30) -> None:
+                 persistent: bool = True, keepalive: int = 30, username: str | None = None,
+                 password: str | None = None) -> None:
         self.broker = broker if isinstance(broker, BrokerAddress) else BrokerAddress.parse(broker)
         self._subs = list(subscriptions)
         self._handler = on_message
         self._connected = threading.Event()
+        self._refused: str | None = None  # the broker's reason when it turned the CONNECT down
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                    clean_session=not persistent, protocol=mqtt.MQTTv311)
         self._client.max_inflight_messages_set(20)
         self._client.reconnect_delay_set(min_delay=1, max_delay=10)
+        if username is not None:  # the broker account registration handed out (brokers that enforce ACLs)
+            self._client.username_pw_set(username, password)
         if will is not None:
             self._client.will_set(will[0], will[1], qos=1, retain=True)
         self._client.on_connect = self._on_connect
@@ -68,10 +81,16 @@ class MqttTransport:
         except OSError as exc:
             raise ConnectionError(f"cannot reach MQTT broker at {self.broker.url()}: {exc}. "
                                   "Is the coordinator (or Mosquitto) running?") from exc
+        self._refused = None
         self._client.loop_start()
-        if not self._connected.wait(timeout):
-            self.stop()
-            raise ConnectionError(f"MQTT broker at {self.broker.url()} did not accept the connection")
+        deadline = time.monotonic() + timeout
+        while not self._connected.wait(0.05):
+            if self._refused is not None or time.monotonic() > deadline:
+                self.stop()
+                if self._refused is None:
+                    raise ConnectionError(f"MQTT broker at {self.broker.url()} did not accept the connection")
+                raise BrokerRefused(f"MQTT broker at {self.broker.url()} refused the connection ({self._refused}); "
+                                    "check the broker username/password")
 
     def stop(self) -> None:
         try:
@@ -105,6 +124,7 @@ class MqttTransport:
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object,
                     properties: object = None) -> None:
         if getattr(reason, "is_failure", False):
+            self._refused = str(reason)
             log.error("MQTT connection refused: %s", reason)
             return
         for topic in self._subs:

@@ -8,6 +8,8 @@ the app needs only ``pip install fedsight`` (numpy, onnxruntime, pillow: no torc
 polling. With ``--train`` (``pip install "fedsight[edge]"``) it also takes part in training through
 ``EdgeClient`` and swaps models the moment the coordinator announces them. Either way every frame is
 classified by exactly one model version, printed next to the prediction; a bad download keeps the old model.
+With the secure defaults (docs/security.md) pass ``--token`` (ONNX exports and the job spec are operator
+endpoints) and, for ``--train``'s first run, set ``$FEDSIGHT_ENROLL_SECRET``.
 """
 from __future__ import annotations
 
@@ -57,7 +59,12 @@ def start_training(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
 
     from edge_sdk import EdgeClient, SampleBuffer
 
-    cfg = requests.get(f"{args.coordinator}/api/v1/jobs/{args.job}", timeout=30).json()["config"]
+    # the job's spec is an operator endpoint (--token); the device enrolls with $FEDSIGHT_ENROLL_SECRET
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    resp = requests.get(f"{args.coordinator}/api/v1/jobs/{args.job}", timeout=30, headers=headers)
+    if not resp.ok:
+        raise SystemExit(f"cannot read job {args.job}: HTTP {resp.status_code} {resp.text[:200]} (pass --token)")
+    cfg = resp.json()["config"]
     model = cfg["model"]
     buffer = SampleBuffer(capacity=args.buffer, image_size=model["image_size"], channels=model["in_channels"],
                           normalization=cfg.get("normalization"))
@@ -71,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--coordinator", default="http://127.0.0.1:8080")
     p.add_argument("--job", required=True, metavar="JOB_ID")
     p.add_argument("--train", action="store_true", help="also fine-tune on labelled frames (needs torch)")
-    p.add_argument("--token", help="device token, if the coordinator wants one for ONNX downloads (--train: its own)")
+    p.add_argument("--token", help="token for ONNX downloads: exports are operator-only (docs/security.md), so the "
+                                   "operator token, e.g. $(cat fedsight-data/operator-token)")
     p.add_argument("--cache-dir", default="~/.cache/fedsight/camera-app")
     p.add_argument("--poll", type=float, default=10.0, help="seconds between version checks (default: 10)")
     p.add_argument("--fps", type=float, default=0.0, help="pace frames like a camera (0: as fast as possible)")
@@ -85,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     labels: list[str] = []
     if args.train:
         client, buffer, labels = start_training(args)
-    live = LiveModel(args.coordinator, args.job, token=client.token if client else args.token, poll_s=args.poll,
+    token = args.token or (client.token if client else None)
+    live = LiveModel(args.coordinator, args.job, token=token, poll_s=args.poll,
                      cache_dir=Path(args.cache_dir).expanduser() / "live").start()
     if client is not None:  # announced versions go live at once, polling is the fallback
         client.callbacks.on_model_updated = live.on_model_updated

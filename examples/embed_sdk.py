@@ -1,7 +1,8 @@
 """A camera app joins FedSight federated fine-tuning: the ~10 lines an app developer writes.
 
 Run a coordinator and a job first (`fedsight coordinator`, `fedsight job create --eval digits --start`), then
-`python examples/embed_sdk.py [COORDINATOR_URL]`. `camera_frames()` stands in for your capture loop. The app
+`FEDSIGHT_ENROLL_SECRET=$(cat fedsight-data/enroll-secret) python examples/embed_sdk.py [COORDINATOR_URL]`
+(the secret is needed for the first registration only). `camera_frames()` stands in for your capture loop. The app
 passes raw frames only: the SampleBuffer is configured from the job's model (size, channels, mean/std, pixel
 scale), and a job whose model expects something the buffer was pinned to otherwise is refused with the differences.
 """

@@ -30,6 +30,6 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
 @pytest.fixture(scope="module")
 def coordinator(mosquitto: Mosquitto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
     workdir: Path = tmp_path_factory.mktemp("coordinator")
-    server = Coordinator(workdir, mosquitto.url)
+    server = Coordinator(workdir, mosquitto.url, mosquitto.admin)
     yield server
     server.stop()

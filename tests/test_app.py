@@ -1,4 +1,6 @@
-"""REST API through Flask's test client: jobs, clients, model downloads (auth, ETag, Range, 304), errors."""
+"""REST API through Flask's test client: jobs, clients, model downloads (auth, ETag, Range, 304), errors.
+
+``http`` is authenticated as the operator; ``anon`` carries no credentials (the denials live in test_auth.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -22,9 +24,25 @@ def app(tmp_path):
     app.extensions["fedsight"].close()
 
 
+def operator_token(app) -> str:
+    return app.extensions["fedsight"].credentials.path("operator-token").read_text().strip()
+
+
 @pytest.fixture
 def http(app):
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {operator_token(app)}"
+    return client
+
+
+@pytest.fixture
+def anon(app):
     return app.test_client()
+
+
+def enlist(app, job_id: str, client_id: str, version: str) -> None:
+    """Record that the job selected the client (a bookkeeping round 0): what entitles it to the job's models."""
+    app.extensions["fedsight"].store.open_round(job_id, 0, 1, version, {"name": "dense"}, [client_id])
 
 
 @pytest.fixture
@@ -101,12 +119,11 @@ def test_bad_json_and_unknown_routes(http):
     assert resp.status_code == 413 and "error" in resp.json
 
 
-def test_unknown_job_is_404_everywhere(http, client_token):
-    auth = {"Authorization": f"Bearer {client_token[1]}"}
+def test_unknown_job_is_404_everywhere(http):
     for method, path in [("get", ""), ("post", "/start"), ("post", "/stop"), ("get", "/rounds"), ("get", "/updates"),
                          ("get", "/model"), ("get", "/models"), ("get", "/models/" + "a" * 64), ("get", "/onnx"),
                          ("post", "/export"), ("get", "/metrics")]:
-        resp = getattr(http, method)(f"/api/v1/jobs/job-missing{path}", headers=auth)
+        resp = getattr(http, method)(f"/api/v1/jobs/job-missing{path}")
         assert resp.status_code == 404 and "unknown job" in resp.json["error"], path
 
 
@@ -132,37 +149,37 @@ def test_start_stop_and_state_conflicts(http, app, job):
 
 
 def test_register_clients_token_only_hashed(http, app):
-    resp = http.post("/api/v1/clients", json={"name": "cam"})
-    assert resp.status_code == 201
+    secret = app.extensions["fedsight"].credentials.path("enroll-secret").read_text().strip()
+    resp = app.test_client().post("/api/v1/clients", json={"name": "cam", "enroll_secret": secret})
+    assert resp.status_code == 201 and resp.headers["Cache-Control"] == "no-store"
     cid, token = resp.json["client_id"], resp.json["token"]
-    assert len(token) >= 32
+    assert len(token) >= 32 and cid.startswith("c-") and len(bytes.fromhex(resp.json["device_key"])) == 32
+    assert "mqtt_username" not in resp.json  # no broker accounts configured
     store = app.extensions["fedsight"].store
     assert store.get_client(cid, with_secret=True)["token_sha256"] == hash_token(token)
     listed = http.get("/api/v1/clients").json["clients"]
     assert listed == [{"id": cid, "name": "cam", "created_at": listed[0]["created_at"], "last_seen": None,
                        "online": False, "ready": False}]
-    assert token not in http.get("/api/v1/clients").get_data(as_text=True)
-    resp = http.post("/api/v1/clients", json={"client_id": "cam-2"})
-    assert resp.status_code == 201 and resp.json["client_id"] == "cam-2"
-    assert http.post("/api/v1/clients", json={"client_id": "cam-2"}).status_code == 409
-    assert http.post("/api/v1/clients", json={"client_id": "bad/id#"}).status_code == 400
+    text = http.get("/api/v1/clients").get_data(as_text=True)
+    assert token not in text and resp.json["device_key"] not in text
     assert http.post("/api/v1/clients", json={"name": "x", "role": "admin"}).status_code == 400
-    assert http.post("/api/v1/clients").status_code == 201  # empty body: all defaults
+    assert http.post("/api/v1/clients").status_code == 201  # the operator enrolls without the secret
     app.extensions["fedsight"].engine.presence.update(cid, True)
     assert http.get(f"/api/v1/clients/{cid}").json["online"] is True
 
 
-def test_model_download_auth_etag_range_304_and_downlink(http, app, job, client_token):
+def test_model_download_auth_etag_range_304_and_downlink(http, anon, app, job, client_token):
     svc = app.extensions["fedsight"]
     jid, version = job["id"], job["current_version"]
     data = svc.models.get(version)
     url = f"/api/v1/jobs/{jid}/model"
-    assert http.get(url).status_code == 401
-    resp = http.get(url, headers={"Authorization": "Bearer not-a-token"})
-    assert resp.status_code == 401 and "unknown client token" in resp.json["error"]
+    assert anon.get(url).status_code == 401
+    resp = anon.get(url, headers={"Authorization": "Bearer not-a-token"})
+    assert resp.status_code == 401 and "unknown or revoked token" in resp.json["error"]
     assert resp.headers["WWW-Authenticate"].startswith("Bearer")
     auth = {"Authorization": f"Bearer {client_token[1]}"}
-    resp = http.get(url, headers=auth)
+    enlist(app, jid, client_token[0], version)
+    resp = anon.get(url, headers=auth)
     assert resp.status_code == 200 and resp.data == data
     assert resp.headers["X-Model-Version"] == version and resp.headers["ETag"] == f'"{version}"'
     assert hashlib.sha256(resp.data).hexdigest() == version
@@ -208,7 +225,7 @@ def test_onnx_export_and_download(http, job):
     assert resp.headers["X-Model-Version"] == job["current_version"]
 
 
-def test_downlink_delta_patch(http, app, job, client_token):
+def test_downlink_delta_patch(http, anon, app, job, client_token):
     from edge_sdk.protocol.modelfile import dump_model
     from edge_sdk.protocol.patch import apply_patch
 
@@ -223,7 +240,8 @@ def test_downlink_delta_patch(http, app, job, client_token):
     svc.store.add_model_version(jid, v1, 1, len(new))
     auth = {"Authorization": f"Bearer {client_token[1]}"}
     url = f"/api/v1/jobs/{jid}/models/{v1}/delta?from={v0}"
-    assert http.get(url).status_code == 401
+    assert anon.get(url).status_code == 401
+    enlist(app, jid, client_token[0], v0)
     resp = http.get(url, headers=auth)
     assert resp.status_code == 200 and resp.headers["X-Model-Version"] == v1 and resp.headers["X-Patch-From"] == v0
     assert len(resp.data) < len(new) / 10
@@ -252,7 +270,9 @@ def test_server_in_process_with_embedded_broker(tmp_path):
         api = f"{handle.url}/api/v1"
         health = requests.get(f"{api}/health", timeout=5).json()
         assert health["status"] == "ok" and health["broker_url"] == handle.broker_url
-        reg = requests.post(f"{api}/clients", json={"name": "dev"}, timeout=5).json()
+        secret = handle.services.credentials.path("enroll-secret").read_text().strip()
+        reg = requests.post(f"{api}/clients", json={"name": "dev", "enroll_secret": secret}, timeout=5).json()
+        as_device = {"Authorization": f"Bearer {reg['token']}"}
         acks: list[dict] = []
         got_ack = threading.Event()
 
@@ -260,8 +280,10 @@ def test_server_in_process_with_embedded_broker(tmp_path):
             acks.append(json.loads(payload))
             got_ack.set()
 
+        assert reg["mqtt_username"] == reg["client_id"] and len(reg["mqtt_password"]) >= 32
         dev = MqttTransport(handle.broker_url, f"fedsight-{reg['client_id']}", on_message,
-                            subscriptions=[topics.ack_topic(reg["client_id"])])
+                            subscriptions=[topics.ack_topic(reg["client_id"])], username=reg["mqtt_username"],
+                            password=reg["mqtt_password"])
         dev.start()
         # a 12 MB message crosses the embedded broker to the bridge and is judged (it is not an update)
         assert dev.publish(topics.update_topic(reg["client_id"]), b"\x01" * (12 << 20), wait=30)
@@ -270,7 +292,7 @@ def test_server_in_process_with_embedded_broker(tmp_path):
         dev.publish(topics.status_topic(reg["client_id"]), json.dumps({"state": "online", "jobs": None}),
                     retain=True, wait=5)
         deadline = time.time() + 5
-        while not requests.get(f"{api}/clients/{reg['client_id']}", timeout=5).json()["online"]:
+        while not requests.get(f"{api}/clients/{reg['client_id']}", headers=as_device, timeout=5).json()["online"]:
             assert time.time() < deadline, "presence never reached the coordinator"
             time.sleep(0.05)
         dev.stop()

@@ -175,12 +175,22 @@ def test_missing_files_are_user_errors(tmp_path: Path, capsys: pytest.CaptureFix
 # ------------------------------------------------------------------------------ against a coordinator
 @pytest.mark.integration
 def test_job_commands_and_export_against_a_real_coordinator(coordinator, tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+                                                            capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     url = coordinator.url
-    assert cli.main(["job", "create", "--coordinator", url, "--name", "cli-test", "--rounds", "3",
-                     "--clients-per-round", "2", "--min-clients", "1", "--codec", "topk:0.05:int8"]) == 0
+    monkeypatch.delenv("FEDSIGHT_TOKEN", raising=False)
+    monkeypatch.delenv("FEDSIGHT_TOKEN_FILE", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./fedsight-data/operator-token here
+    assert cli.main(["job", "list", "--coordinator", url]) == 2
+    err = capsys.readouterr().err
+    assert "HTTP 401" in err and "FEDSIGHT_TOKEN" in err
+    token_file = str(coordinator.data_dir / "operator-token")
+    assert cli.main(["job", "create", "--coordinator", url, "--token-file", token_file, "--name", "cli-test",
+                     "--rounds", "3", "--clients-per-round", "2", "--min-clients", "1", "--codec",
+                     "topk:0.05:int8"]) == 0
     job_id = capsys.readouterr().out.strip()
-    job = requests.get(f"{coordinator.api}/jobs/{job_id}", timeout=10).json()
+    monkeypatch.setenv("FEDSIGHT_TOKEN", coordinator.token)  # the rest find it in the environment
+    job = coordinator.http.get(f"{coordinator.api}/jobs/{job_id}", timeout=10).json()
     assert job["config"]["codec"]["density"] == 0.05 and job["config"]["clients_per_round"] == 2
 
     assert cli.main(["job", "list", "--coordinator", url]) == 0
@@ -201,6 +211,26 @@ def test_job_commands_and_export_against_a_real_coordinator(coordinator, tmp_pat
     local = tmp_path / "local.onnx"
     assert cli.main(["export", "--job", job_id, "--out", str(local), "--data-dir", str(coordinator.data_dir)]) == 0
     assert local.read_bytes() == out.read_bytes()  # the same cached, content-addressed export
+
+
+@pytest.mark.integration
+def test_client_list_and_revoke(coordinator, capsys: pytest.CaptureFixture[str],
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDSIGHT_TOKEN", coordinator.token)
+    reg = requests.post(f"{coordinator.api}/clients", json={"name": "doomed", "enroll_secret": coordinator.enroll_secret},
+                        timeout=5).json()
+    as_device = {"Authorization": f"Bearer {reg['token']}"}
+    own = f"{coordinator.api}/clients/{reg['client_id']}"
+    assert requests.get(own, headers=as_device, timeout=5).status_code == 200
+    assert cli.main(["client", "list", "--coordinator", coordinator.url]) == 0
+    assert reg["client_id"] in capsys.readouterr().out
+    assert cli.main(["client", "revoke", reg["client_id"], "--coordinator", coordinator.url]) == 0
+    assert "revoked" in capsys.readouterr().out
+    assert requests.get(own, headers=as_device, timeout=5).status_code == 401  # the token is dead
+    assert cli.main(["client", "list", "--coordinator", coordinator.url]) == 0
+    assert reg["client_id"] not in capsys.readouterr().out
+    assert cli.main(["client", "revoke", reg["client_id"], "--coordinator", coordinator.url]) == 2
+    assert "HTTP 404" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------- infer

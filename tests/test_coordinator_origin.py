@@ -66,6 +66,7 @@ def test_origin_builds_urls_and_refuses_everything_else() -> None:
     assert not o.owns("http://cams.example:8081/fedsight/api/v1/health")   # other port
     assert not o.owns("https://cams.example:8080/fedsight/api/v1/health")  # other scheme
     assert not o.owns("http://cams.example:8080/other/api/v1/health")      # outside the prefix
+    assert not o.owns("http://x@cams.example:8080/fedsight/api/v1/health")  # userinfo: refused
     assert CoordinatorOrigin("https://h").owns("https://h:443/api/v1/x")
     for bad in ("http://evil.example/api/v1/x", "//evil.example/x", "api/v1/x", "/api/../../etc", "/a\\b",
                 "/a b", None, 3):
@@ -137,10 +138,15 @@ def test_client_refuses_tasks_pointing_elsewhere(server: CoordinatorHandle, tmp_
                                                  foreign: tuple[type, str], one_torch_thread: None,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     handler, foreign_url = foreign
-    job = requests.post(f"{server.url}/api/v1/jobs", json=JOB, timeout=120).json()
+    creds = server.services.credentials
+    operator = {"Authorization": f"Bearer {creds.path('operator-token').read_text().strip()}"}
+    job = requests.post(f"{server.url}/api/v1/jobs", json=JOB, timeout=120, headers=operator).json()
     version = job["current_version"]
     data = torch.utils.data.TensorDataset(torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,)))
-    client = EdgeClient(server.url, dataset=data, cache_dir=tmp_path)
+    client = EdgeClient(server.url, dataset=data, cache_dir=tmp_path,
+                        enroll_secret=creds.path("enroll-secret").read_text().strip())
+    # selected in a round: the device token may fetch this job's models (and only from the coordinator)
+    server.services.store.open_round(job["id"], 1, 1, version, JOB["codec"], [client.client_id])
     base = {"type": "train", "job_id": job["id"], "round": 1, "attempt": 1, "base_version": version,
             "config": {"epochs": 1, "batch_size": 16, "codec": JOB["codec"]}}
     bad_tasks = [

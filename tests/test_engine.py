@@ -68,7 +68,8 @@ class Env:
         codec = codec or (rnd.codec if rnd else self.config["codec"])
         payload, sent = codecs.encode(codec, delta, self.sizes)
         raw = encode_update(UpdateHeader(JOB, round_, cid, base or rnd.base_version, codec, n, self.numel,
-                                         metrics or {}, f"tok-{cid}"), payload)
+                                         metrics or {}, rnd.attempt if rnd else 1), payload,
+                            self.engine.device_key(cid))
         return raw, sent
 
     def events(self, kind=None):
@@ -240,7 +241,8 @@ def test_topk_round_aggregates_what_clients_sent(mk):
     base, _ = load_model(env.svc.models.get(env.version0))
     np.testing.assert_allclose(flatten(new), flatten(base) + sent_total / 30, rtol=1e-5, atol=1e-6)
     rec = env.store.get_rounds(JOB)[0]
-    assert rec["compression_ratio"] > 5 and rec["codec"]["name"] == "topk"
+    # a few hundred parameters: the framing (header JSON, 32-byte MAC, CRC) is a large share of each message here
+    assert rec["compression_ratio"] > 4.5 and rec["codec"]["name"] == "topk"
 
 
 def test_overflowing_aggregate_fails_the_attempt_instead_of_publishing_inf(mk):

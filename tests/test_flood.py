@@ -12,6 +12,7 @@ import zlib
 
 import numpy as np
 import pytest
+import requests
 
 from coordinator.api.app import MAX_JSON_BYTES, create_app
 from coordinator.mqtt.bridge import ByteBoundedQueue
@@ -20,12 +21,13 @@ from coordinator.rounds.engine import EngineConfig
 from coordinator.rounds.rate_limit import RateLimiter
 from edge_sdk.protocol import topics
 from edge_sdk.protocol.errors import ProtocolError
-from edge_sdk.protocol.wire import MAGIC, decode_update
+from edge_sdk.protocol.wire import MAC_BYTES, MAGIC, VERSION, decode_update
 from tests.test_validation import Env
 
 
 def _frame(head: bytes, payload: bytes = b"") -> bytes:
-    body = struct.pack("<3sBI", MAGIC, 1, len(head)) + head + payload
+    """A wire frame around ``head`` with a valid CRC (the MAC is never reached: the header fails first)."""
+    body = struct.pack("<3sBI", MAGIC, VERSION, len(head)) + head + payload + b"\x00" * MAC_BYTES
     return body + struct.pack("<I", zlib.crc32(body))
 
 
@@ -60,7 +62,7 @@ def test_junk_is_counted_not_stored_and_uplink_counts_accepted_updates_only(tmp_
         rnd = env.start()
         rng = np.random.default_rng(0)
         junk = [b"\x00" * (65 * 1024)] + [rng.bytes(int(n)) for n in rng.integers(10, 4000, size=200)]
-        junk.append(env.message("a", np.zeros(env.numel, np.float32), token="stolen?"))
+        junk.append(env.message("a", np.zeros(env.numel, np.float32), key=b"stolen? " * 4))
         for raw in junk:
             assert env.engine.submit("a", raw).code in V.UNAUTHENTICATED
         stale = env.message("b", np.zeros(env.numel, np.float32), round=7)  # authenticated but wrong round
@@ -176,7 +178,9 @@ def test_chunked_body_without_length_is_capped(tmp_path):
     big = io.BytesIO(b" " * (MAX_JSON_BYTES + 4096))
     status, _ = _call(app, "/api/v1/jobs", big, HTTP_TRANSFER_ENCODING="chunked")
     assert status.startswith("413") and big.tell() <= MAX_JSON_BYTES + 1  # stopped reading at the limit
-    status, out = _call(app, "/api/v1/clients", io.BytesIO(b'{"name": "d"}'), HTTP_TRANSFER_ENCODING="chunked")
+    secret = app.extensions["fedsight"].credentials.path("enroll-secret").read_text().strip()
+    body = json.dumps({"name": "d", "enroll_secret": secret}).encode()
+    status, out = _call(app, "/api/v1/clients", io.BytesIO(body), HTTP_TRANSFER_ENCODING="chunked")
     assert status.startswith("201"), out
 
 
@@ -200,13 +204,16 @@ def test_real_server_refuses_big_bodies_and_embedded_broker_cuts_oversize_packet
 
         limit = handle.engine.update_size_limit()
         assert limit == 64 << 20  # no job running: the default job limit
+        secret = handle.services.credentials.path("enroll-secret").read_text().strip()
+        dev = requests.post(f"{handle.url}/api/v1/clients", json={"enroll_secret": secret}, timeout=5).json()
         dropped = threading.Event()
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="flooder")
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=topics.device_mqtt_id(dev["client_id"]))
+        c.username_pw_set(dev["mqtt_username"], dev["mqtt_password"])  # a registered device (ACLs are on)
         c.on_disconnect = lambda *a: dropped.set()
         c.connect("127.0.0.1", int(handle.broker_url.rsplit(":", 1)[1]))
         c.loop_start()
         try:
-            c.publish(topics.update_topic("flooder"), b"x" * 1024, qos=0).wait_for_publish(5)
+            c.publish(topics.update_topic(dev["client_id"]), b"x" * 1024, qos=0).wait_for_publish(5)
             time.sleep(0.3)
             assert not dropped.is_set()  # a normal message passes
             header = bytes([0x30]) + _remaining_length(limit + (1 << 20))
@@ -236,13 +243,14 @@ def test_mosquitto_fixture_has_a_max_packet_size(tmp_path):
     try:
         dropped = threading.Event()
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="big")
+        c.username_pw_set(*broker.tester)  # anonymous clients are refused; the tester may use t/#
         c.on_disconnect = lambda *a: dropped.set()
         c.connect("127.0.0.1", broker.port)
         c.loop_start()
         try:
-            c.publish("fedsight/v1/clients/big/update", b"x" * 5000, qos=1).wait_for_publish(5)
+            c.publish("t/big", b"x" * 5000, qos=1).wait_for_publish(5)
             assert not dropped.is_set()
-            c.publish("fedsight/v1/clients/big/update", b"x" * 20_000, qos=0)
+            c.publish("t/big", b"x" * 20_000, qos=0)
             assert dropped.wait(10)
         finally:
             c.loop_stop()

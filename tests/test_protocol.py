@@ -1,4 +1,4 @@
-"""Wire format v1, FSM1 model files and topic layout: round trips and hostile input."""
+"""Wire format v2 (MAC-signed), FSM1 model files and topic layout: round trips and hostile input."""
 from __future__ import annotations
 
 import struct
@@ -12,13 +12,16 @@ from hypothesis import strategies as st
 from edge_sdk.protocol import topics
 from edge_sdk.protocol.errors import ProtocolError
 from edge_sdk.protocol.modelfile import dump_model, flatten, float_layout, load_model, sha256_hex, unflatten
-from edge_sdk.protocol.wire import UpdateHeader, decode_update, encode_update
+from edge_sdk.protocol.wire import MAC_BYTES, UpdateHeader, decode_update, encode_update, verify_update
+
+KEY = bytes(range(32))
+MAC = b"\x00" * MAC_BYTES
 
 
 def header(**kw: object) -> UpdateHeader:
     base = dict(job_id="job1", round=3, client_id="dev-1", base_version="ab" * 32,
                 codec={"name": "dense", "dtype": "float32"}, num_samples=17, numel=4,
-                metrics={"loss": 0.5}, token="secret")
+                metrics={"loss": 0.5}, attempt=2)
     base.update(kw)
     return UpdateHeader(**base)  # type: ignore[arg-type]
 
@@ -27,8 +30,10 @@ def header(**kw: object) -> UpdateHeader:
 @settings(max_examples=60, deadline=None)
 def test_update_round_trip(payload: bytes, rnd: int, n: int) -> None:
     h = header(round=rnd, num_samples=n)
-    got_h, got_p = decode_update(encode_update(h, payload))
+    raw = encode_update(h, payload, KEY)
+    got_h, got_p = decode_update(raw)
     assert got_h == h and got_p == payload
+    assert verify_update(raw, KEY)
 
 
 def reframe(body: bytes) -> bytes:
@@ -43,37 +48,59 @@ def reframe(body: bytes) -> bytes:
     (lambda m: m[:3] + b"\x07" + m[4:], "unsupported wire version"),
     (lambda m: m[:20] + bytes([m[20] ^ 0xFF]) + m[21:], "checksum"),
     (lambda m: reframe(m[:4] + struct.pack("<I", 10**6) + m[8:-4]), "header length"),
-    (lambda m: reframe(m[:4] + struct.pack("<I", 3) + b"{x}" + b"payload"), "not valid JSON"),
-    (lambda m: reframe(m[:4] + struct.pack("<I", 2) + b"[]"), "JSON object"),
+    (lambda m: reframe(m[:4] + struct.pack("<I", 3) + b"{x}" + b"payload" + MAC), "not valid JSON"),
+    (lambda m: reframe(m[:4] + struct.pack("<I", 2) + b"[]" + MAC), "JSON object"),
 ])
 def test_hostile_messages_rejected_with_reason(mutate, reason: str) -> None:
-    good = encode_update(header(), b"\x00" * 16)
+    good = encode_update(header(), b"\x00" * 16, KEY)
     with pytest.raises(ProtocolError, match=reason):
         decode_update(mutate(good))
 
 
 def test_header_field_types_checked() -> None:
-    bad = encode_update(header(num_samples=0), b"")
+    bad = encode_update(header(num_samples=0), b"", KEY)
     with pytest.raises(ProtocolError, match="num_samples"):
         decode_update(bad)
     body = b'{"job_id":1}'
-    msg = reframe(b"FSU\x01" + struct.pack("<I", len(body)) + body)
+    msg = reframe(b"FSU\x02" + struct.pack("<I", len(body)) + body + MAC)
     with pytest.raises(ProtocolError, match="job_id"):
         decode_update(msg)
 
 
 def test_oversize_rejected_before_parsing() -> None:
-    msg = encode_update(header(), b"\x00" * 2000)
+    msg = encode_update(header(), b"\x00" * 2000, KEY)
     with pytest.raises(ProtocolError, match="too large"):
         decode_update(msg, max_bytes=1000)
 
 
 def test_non_finite_metric_rejected() -> None:
     h = header()
-    body = encode_update(h, b"")
+    body = encode_update(h, b"", KEY)
     raw = body.replace(b'"loss":0.5', b'"loss":NaN')[:-4]
     with pytest.raises(ProtocolError, match="finite"):
         decode_update(reframe(raw))
+
+
+def test_update_carries_no_secret() -> None:
+    """Wire v2: nothing in the message can be reused; a header that tries to carry a token is refused."""
+    raw = encode_update(header(), b"\x01" * 64, KEY)
+    assert b"token" not in raw and KEY not in raw and KEY.hex().encode() not in raw
+    head = raw[8:8 + struct.unpack_from("<I", raw, 4)[0]]
+    forged = head.replace(b'"attempt":2', b'"attempt":2,"token":"secret"')
+    msg = reframe(b"FSU\x02" + struct.pack("<I", len(forged)) + forged + MAC)
+    with pytest.raises(ProtocolError, match="token"):
+        decode_update(msg)
+
+
+@given(pos=st.integers(0, 10_000), bit=st.integers(0, 7))
+@settings(max_examples=60, deadline=None)
+def test_mac_covers_every_byte_and_needs_the_key(pos: int, bit: int) -> None:
+    raw = encode_update(header(), b"\x05" * 200, KEY)
+    assert verify_update(raw, KEY) and not verify_update(raw, bytes(32)) and not verify_update(raw, KEY[:-1] + b"x")
+    signed_end = len(raw) - 4 - MAC_BYTES
+    i = pos % signed_end
+    flipped = raw[:i] + bytes([raw[i] ^ (1 << bit)]) + raw[i + 1:-4]
+    assert not verify_update(reframe(flipped), KEY)  # a valid CRC does not make a tampered message authentic
 
 
 def sample_arrays() -> dict[str, np.ndarray]:

@@ -233,10 +233,15 @@ class Runner:
             device = self.set_flag(self.set_flag(argv, "--num-partitions", str(DEVICES)), "--partition-index", str(i))
             self.spawn(self.set_flag(device, "--cache-dir", f"device-{i}"), f"device-{i}")
 
+    def operator(self) -> dict[str, str]:
+        """The operator token the coordinator wrote into its data dir (as the CLI finds it)."""
+        (path,) = self.workdir.glob("*/operator-token")
+        return {"Authorization": f"Bearer {path.read_text().strip()}"}
+
     def wait_finished(self, timeout: float = 300) -> dict:
         deadline = time.monotonic() + timeout
         while True:
-            job = requests.get(f"{self.local}/api/v1/jobs/{self.job_id}", timeout=5).json()
+            job = requests.get(f"{self.local}/api/v1/jobs/{self.job_id}", timeout=5, headers=self.operator()).json()
             if job["status"] in ("finished", "failed"):
                 assert job["status"] == "finished", (job, self.tail())
                 return job
@@ -282,7 +287,8 @@ def test_run_it_for_real_end_to_end(runner: Runner) -> None:
             outputs[command] = runner.run(argv)
     job = runner.wait_finished()
     assert job["current_round"] == ROUNDS
-    rounds = requests.get(f"{runner.local}/api/v1/jobs/{runner.job_id}/rounds", timeout=5).json()["rounds"]
+    rounds = requests.get(f"{runner.local}/api/v1/jobs/{runner.job_id}/rounds", timeout=5,
+                          headers=runner.operator()).json()["rounds"]
     assert [r["accepted"] for r in rounds] == [DEVICES] * ROUNDS
     assert "wrote model.onnx" in outputs["export"] and (runner.workdir / "model.onnx").is_file()
     images = sorted((runner.workdir / "photos").rglob("*.png"))

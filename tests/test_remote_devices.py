@@ -19,7 +19,8 @@ import requests
 
 from edge_sdk.protocol import topics
 from edge_sdk.transport import MqttTransport
-from tests.support.processes import child_env, cli, free_port, start_device, stop_process, ROOT
+from tests.support.processes import (ROOT, CoordinatorAddress, child_env, cli, free_port, start_device,
+                                     stop_process)
 
 pytestmark = pytest.mark.integration
 
@@ -73,18 +74,26 @@ def test_devices_use_only_the_advertised_addresses(remote: tuple[str, int, Path]
         if events[-1].get("type") == "job_finished":
             got.set()
 
-    watcher = MqttTransport(health["broker_url"], "test-remote-watcher", on_event,
-                            subscriptions=[topics.JOB_EVENTS_WILDCARD], persistent=False)
+    data = workdir / "data"  # what the coordinator wrote on first start (0600)
+    token = (data / "operator-token").read_text().strip()
+    operator = {"Authorization": f"Bearer {token}"}
+    secret = (data / "enroll-secret").read_text().strip()
+    # the watcher is a registered identity too: the broker refuses anonymous clients; devices may read job events
+    me = requests.post(f"{url}/api/v1/clients", json={"name": "watcher", "enroll_secret": secret}, timeout=5).json()
+    watcher = MqttTransport(health["broker_url"], topics.device_mqtt_id(me["client_id"]), on_event,
+                            subscriptions=[topics.JOB_EVENTS_WILDCARD], persistent=False,
+                            username=me["mqtt_username"], password=me["mqtt_password"])
     watcher.start()
-    devices = [start_device(workdir, url, i, 2) for i in range(2)]
+    devices = [start_device(workdir, CoordinatorAddress(url, data / "enroll-secret"), i, 2) for i in range(2)]
     try:
         deadline = time.monotonic() + 120
-        while sum(c["online"] for c in requests.get(f"{url}/api/v1/clients", timeout=5).json()["clients"]) < 2:
+        while sum(c["online"] for c in requests.get(f"{url}/api/v1/clients", timeout=5, headers=operator).json()["clients"]) < 2:
             assert time.monotonic() < deadline, f"devices not online: {[d.poll() for d in devices]}"
             time.sleep(0.3)
         out = subprocess.run(cli("job", "create", "--coordinator", url, "--rounds", "2", "--clients-per-round", "2",
                                  "--min-clients", "2", "--eval", "digits", "--start"),
-                             capture_output=True, text=True, env=child_env(), cwd=ROOT, timeout=60)
+                             capture_output=True, text=True, env={**child_env(), "FEDSIGHT_TOKEN": token}, cwd=ROOT,
+                             timeout=60)
         assert out.returncode == 0, out.stderr
         job_id = out.stdout.strip()
         assert got.wait(180), f"job did not finish; events: {events}"
@@ -93,7 +102,7 @@ def test_devices_use_only_the_advertised_addresses(remote: tuple[str, int, Path]
         for d in devices:
             stop_process(d)
 
-    rounds = requests.get(f"{url}/api/v1/jobs/{job_id}/rounds", timeout=5).json()["rounds"]
+    rounds = requests.get(f"{url}/api/v1/jobs/{job_id}/rounds", timeout=5, headers=operator).json()["rounds"]
     assert [r["status"] for r in rounds] == ["closed", "closed"] and all(r["accepted"] == 2 for r in rounds)
     # Messages carry paths, never an origin: the devices resolved them against the URL they were given.
     with_model = [e for e in events if e["type"] in ("model_updated", "job_finished")]

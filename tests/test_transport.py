@@ -39,8 +39,8 @@ def test_unreachable_broker_says_what_to_do() -> None:
 
 def test_publish_subscribe_and_persistent_session(mosquitto: Mosquitto) -> None:
     q, handler = collector()
-    sub = MqttTransport(mosquitto.url, "t-sub", handler, subscriptions=["t/in"])
-    pub = MqttTransport(mosquitto.url, "t-pub", lambda *_: None)
+    sub = MqttTransport(mosquitto.url, "t-sub", handler, subscriptions=["t/in"], **mosquitto.login)
+    pub = MqttTransport(mosquitto.url, "t-pub", lambda *_: None, **mosquitto.login)
     sub.start(), pub.start()
     blob = bytes(range(256)) * 4096  # 1 MiB binary payload survives intact
     assert pub.publish("t/in", blob, wait=10)
@@ -48,7 +48,7 @@ def test_publish_subscribe_and_persistent_session(mosquitto: Mosquitto) -> None:
     sub.stop()
     # QoS 1 messages published while the subscriber is offline wait in its persistent session.
     assert pub.publish("t/in", b"while-away", wait=10)
-    back = MqttTransport(mosquitto.url, "t-sub", handler, subscriptions=["t/in"])
+    back = MqttTransport(mosquitto.url, "t-sub", handler, subscriptions=["t/in"], **mosquitto.login)
     back.start()
     assert q.get(timeout=10) == ("t/in", b"while-away")
     back.stop(), pub.stop()
@@ -56,13 +56,13 @@ def test_publish_subscribe_and_persistent_session(mosquitto: Mosquitto) -> None:
 
 def test_last_will_marks_a_killed_device_offline(mosquitto: Mosquitto) -> None:
     q, handler = collector()
-    watcher = MqttTransport(mosquitto.url, "t-watch", handler, subscriptions=["dev/status"])
+    watcher = MqttTransport(mosquitto.url, "t-watch", handler, subscriptions=["dev/status"], **mosquitto.login)
     watcher.start()
     code = (
         "import sys, time\n"
         "from edge_sdk.transport import MqttTransport\n"
         f"t = MqttTransport({mosquitto.url!r}, 't-dying', lambda *a: None, will=('dev/status', b'offline'),"
-        " keepalive=2)\n"
+        f" keepalive=2, username={mosquitto.tester[0]!r}, password={mosquitto.tester[1]!r})\n"
         "t.start(); t.publish('dev/status', b'online', retain=True, wait=5); print('up', flush=True)\n"
         "time.sleep(60)\n"
     )

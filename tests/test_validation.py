@@ -46,7 +46,7 @@ class Env:
         self.global_vec, self.sizes = flatten(arrays), layout_sizes(arrays)
         self.numel = self.global_vec.size
         for cid in "abcd":
-            self.store.create_client(cid, cid, hash_token(f"tok-{cid}"))
+            self.store.create_client(cid, cid, hash_token(f"tok-{cid}"))  # REST token; updates use the key
             if cid != "d":
                 self.engine.presence.update(cid, True)
 
@@ -58,13 +58,14 @@ class Env:
             time.sleep(0.01)
         return self.engine.current_round(JOB)
 
-    def message(self, cid, delta, n=10, codec=DENSE, payload=None, **header):
+    def message(self, cid, delta, n=10, codec=DENSE, payload=None, key=None, **header):
+        """Signed with ``cid``'s device key unless ``key`` says otherwise."""
         if payload is None:
             payload, _ = codecs.encode(codec, delta, self.sizes)
         h = dict(job_id=JOB, round=1, client_id=cid, base_version=self.version, codec=codec, num_samples=n,
-                 numel=self.numel, metrics={"loss": 1.0}, token=f"tok-{cid}")
+                 numel=self.numel, metrics={"loss": 1.0}, attempt=1)
         h.update(header)
-        return encode_update(UpdateHeader(**h), payload)
+        return encode_update(UpdateHeader(**h), payload, key or self.engine.device_key(cid))
 
     def acks(self, cid):
         return self.pub.json_on(topics.ack_topic(cid))
@@ -102,15 +103,18 @@ def test_every_rejection_reason_and_round_still_completes(env):
         ("b", b"\x00" * (65 * 1024), V.OVERSIZE),  # over the job's 64 KiB: refused before parsing
         ("b", b"not an update at all, just bytes", V.MALFORMED),
         ("b", real[: len(real) // 2], V.TRUNCATED),
-        ("ghost", env.message("ghost", d, token="x"), V.UNKNOWN_CLIENT),
-        ("b", env.message("b", d, token="wrong"), V.BAD_TOKEN),
-        ("c", env.message("b", d), V.CLIENT_MISMATCH),  # b's message replayed on c's topic
+        ("ghost", env.message("ghost", d), V.UNKNOWN_CLIENT),
+        ("b", env.message("b", d, key=b"w" * 32), V.BAD_MAC),
+        ("c", env.message("c", d, key=env.engine.device_key("b")), V.BAD_MAC),  # b relabels its update as c's
+        ("c", env.message("b", d), V.CLIENT_MISMATCH),  # b's message copied onto c's topic
         ("b", env.message("b", d, job_id="job-other"), V.WRONG_JOB),
         ("b", env.message("b", d, round=0), V.STALE_ROUND),
         ("b", env.message("b", d, round=2), V.STALE_ROUND),
+        ("b", env.message("b", d, attempt=2), V.STALE_ROUND),
         ("b", env.message("b", d, base_version="0" * 64), V.OLD_BASE_VERSION),
         ("d", env.message("d", d), V.NOT_SELECTED),
-        ("a", env.message("a", good["a"], weights["a"]), V.DUPLICATE),
+        ("a", env.message("a", good["a"], weights["a"]), V.REPLAYED),  # the accepted bytes once more
+        ("a", env.message("a", good["a"], weights["a"], metrics={"loss": 2.0}), V.DUPLICATE),
         ("b", env.message("b", d, codec={"name": "topk", "density": 0.1}), V.WRONG_CODEC),
         ("b", env.message("b", d, codec={"name": "dense", "dtype": "float16"}), V.WRONG_CODEC),
         ("b", env.message("b", d, numel=env.numel + 1), V.WRONG_NUMEL),
@@ -137,7 +141,7 @@ def test_every_rejection_reason_and_round_still_completes(env):
     rows = env.store.list_updates(JOB, status="rejected")
     stored_codes = [r["reason"].split(":")[0] for r in rows]
     junk = [(cid, raw, code) for cid, raw, code in cases if code in V.UNAUTHENTICATED]
-    assert len(junk) == 6
+    assert len(junk) == 8  # oversize, malformed, truncated, unknown, 2x bad_mac, client_mismatch, replayed
     for _, _, code in cases:
         if code in V.UNAUTHENTICATED:  # unauthenticated junk is counted, never stored
             assert code not in stored_codes
@@ -168,11 +172,14 @@ def test_late_update_for_a_closed_round_is_stale_and_finished_job_is_wrong_job(t
         while (env.engine.current_round(JOB) is None or env.engine.current_round(JOB).round != 2):
             assert time.time() < deadline
             time.sleep(0.01)
-        v = env.engine.submit("a", msgs["a"])
+        late = env.message("a", np.zeros(env.numel, np.float32))
+        v = env.engine.submit("a", late)
         assert v.code == V.STALE_ROUND and "open round is 2" in v.reason
+        v = env.engine.submit("a", msgs["a"])  # round 1's accepted update, captured and replayed in round 2
+        assert v.code == V.REPLAYED
         env.engine.stop_job(JOB)
         env.store.update_job(JOB, status="finished")
-        v = env.engine.submit("a", msgs["a"])
+        v = env.engine.submit("a", late)
         assert v.code == V.WRONG_JOB and "finished" in v.reason
     finally:
         env.engine.shutdown()

@@ -1,8 +1,9 @@
 """REST API under ``/api/v1`` (Flask app factory). Every error is JSON ``{"error": "<readable reason>"}``.
 
-Operator endpoints (jobs, clients, exports) are unauthenticated: bind the coordinator to loopback or put it
-behind an authenticating proxy. Model *downloads* require a registered device's bearer token, because a
-global model is the federation's product and devices are the ones fetching it.
+Default deny: every endpoint needs ``Authorization: Bearer <operator token>`` unless
+``coordinator/auth/access.py`` lists it as public (health; registration, which checks the enrollment secret
+itself) or device-usable (a device's own records, the models of jobs that selected it). An endpoint added
+later is therefore operator-only until someone decides otherwise.
 """
 from __future__ import annotations
 
@@ -10,25 +11,26 @@ import io
 import json
 import logging
 import secrets
-import sqlite3
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Flask, current_app, jsonify, request, send_file
+from flask import Blueprint, Flask, current_app, g, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException
 
-from edge_sdk.protocol import topics
 from edge_sdk.protocol.patch import make_patch
 
 from coordinator.api.body_limit import BodyLimit
+from coordinator.auth import access, enrollment
+from coordinator.auth.paths import PathRefused, confine
+from coordinator.auth.refused import Refused
+from coordinator.mqtt.accounts import BrokerAccountError
 from coordinator.rounds.engine import JobStateError
 from coordinator.storage.exports import ExportFailed
 from coordinator.rounds.jobspec import JobSpecError, initial_model, normalize_job
 from coordinator.storage.model_store import ModelStore, is_version
 from coordinator.services import Services, build_services
-from coordinator.rounds.validation import hash_token
 
 log = logging.getLogger(__name__)
 
@@ -101,17 +103,16 @@ def _job_view(job: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
-def _require_client() -> dict[str, Any]:
-    auth = request.headers.get("Authorization", "")
-    scheme, _, token = auth.partition(" ")
-    challenge = {"WWW-Authenticate": 'Bearer realm="fedsight"'}
-    if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "model downloads need 'Authorization: Bearer <client token>' (POST /api/v1/clients)",
-                       challenge)
-    client = _svc().store.client_by_token_hash(hash_token(token.strip()))
-    if client is None:
-        raise ApiError(401, "unknown client token", challenge)
-    return client
+# --------------------------------------------------------------------------------------------------- auth
+
+@api.before_request
+def _authenticate() -> None:
+    """Default deny (coordinator/auth/access.py): who is calling, and may they call this endpoint at all."""
+    g.caller = access.identify(_svc(), request.headers.get("Authorization", ""), request.endpoint)
+
+
+def _caller() -> access.Caller:
+    return g.get("caller", access.Caller())
 
 
 # ------------------------------------------------------------------------------------------------ health
@@ -134,9 +135,11 @@ def create_job() -> Any:
     body = _body(None)  # normalize_job names unknown fields itself, with their path
     try:
         config = normalize_job(body)
+        if config["model"]["weights"] is not None:
+            config["model"]["weights"] = str(confine(config["model"]["weights"], svc.weights_dir))
         job_id = f"job-{secrets.token_hex(4)}"
         data = initial_model(job_id, config)
-    except JobSpecError as exc:
+    except (JobSpecError, PathRefused) as exc:
         raise ApiError(400, str(exc)) from None
     version = svc.models.put(data)
     job = svc.store.create_job(job_id, config["name"], config, version, len(data))
@@ -224,7 +227,7 @@ def _send_model(job: dict[str, Any], version: str, immutable: bool) -> Any:
 @api.get("/jobs/<job_id>/model")
 def current_model(job_id: str) -> Any:
     job = _job(job_id)
-    _require_client()
+    access.require_member(_svc(), _caller(), job["id"])
     return _send_model(job, job["current_version"], immutable=False)
 
 
@@ -237,7 +240,7 @@ def list_models(job_id: str) -> Any:
 @api.get("/jobs/<job_id>/models/<version>")
 def get_model(job_id: str, version: str) -> Any:
     job = _job(job_id)
-    _require_client()
+    access.require_member(_svc(), _caller(), job["id"])
     return _send_model(job, version, immutable=True)
 
 
@@ -250,7 +253,7 @@ def _patch(models: ModelStore, old: str, new: str) -> bytes | None:
 @api.get("/jobs/<job_id>/models/<version>/delta")
 def model_delta(job_id: str, version: str) -> Any:
     job = _job(job_id)
-    _require_client()
+    access.require_member(_svc(), _caller(), job["id"])
     svc = _svc()
     base = request.args.get("from", "")
     for v in (base, version):
@@ -326,21 +329,35 @@ def _client_view(row: Mapping[str, Any]) -> dict[str, Any]:
 
 @api.post("/clients")
 def register_client() -> Any:
-    body = _body({"name", "client_id"}, required=False)
-    name = body.get("name", "")
-    client_id = body.get("client_id") or f"c-{secrets.token_hex(6)}"
-    if not isinstance(name, str) or len(name) > 200:
-        raise ApiError(400, "'name' must be a string of at most 200 characters")
-    if not isinstance(client_id, str) or not topics.valid_id(client_id):
-        raise ApiError(400, "'client_id' must be 1-64 letters, digits, '_', '-' or '.'")
-    token = secrets.token_urlsafe(32)
-    try:
-        _svc().store.create_client(client_id, name or client_id, hash_token(token))
-    except sqlite3.IntegrityError:
-        raise ApiError(409, f"client id {client_id!r} is already registered") from None
-    log.info("registered client %s", client_id)
-    resp = jsonify(client_id=client_id, token=token, name=name or client_id)
+    """Enroll a device: needs the enrollment secret (or the operator token); the coordinator picks the id."""
+    by_operator = _caller().operator
+    remote = request.remote_addr or "unknown"
+    if not by_operator:  # rate-limit before reading the body, so floods cost nothing more
+        enrollment.throttle(_svc(), remote)
+    body = _body({"name", "enroll_secret", "client_id"}, required=False)
+    resp = jsonify(enrollment.enroll(_svc(), body, remote, by_operator))
     resp.status_code = 201
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+@api.post("/clients/<client_id>/broker-credentials")
+def broker_credentials(client_id: str) -> Any:
+    """Issue a registered device a new broker secret (lost credentials, or registered before broker ACLs)."""
+    caller = _caller()
+    if not caller.operator and caller.device != client_id:
+        raise ApiError(403, "a device may only renew its own broker credentials")
+    if _svc().store.get_client(client_id) is None:
+        raise ApiError(404, f"unknown (or revoked) client {client_id[:80]!r}")
+    _body(set(), required=False)
+    try:
+        issued = enrollment.issue_broker_secret(_svc(), client_id)
+    except (BrokerAccountError, ValueError) as exc:
+        log.error("broker account for %s not created: %s", client_id, exc)
+        raise ApiError(503, f"the broker account of client {client_id!r} could not be created ({exc}); "
+                            "retry later") from None
+    resp = jsonify(client_id=client_id, **issued)
+    resp.headers["Cache-Control"] = "no-store"
     return resp
 
 
@@ -349,12 +366,30 @@ def list_clients() -> Any:
     return jsonify(clients=[_client_view(c) for c in _svc().store.list_clients()])
 
 
-@api.get("/clients/<client_id>")
-def get_client(client_id: str) -> Any:
+def _own_client(client_id: str) -> Mapping[str, Any]:
+    access.require_self_or_operator(_caller(), client_id)
     row = _svc().store.get_client(client_id)
     if row is None:
         raise ApiError(404, f"unknown client {client_id[:80]!r}")
-    return jsonify(_client_view(row))
+    return row
+
+
+@api.get("/clients/<client_id>")
+def get_client(client_id: str) -> Any:
+    return jsonify(_client_view(_own_client(client_id)))
+
+
+@api.get("/clients/<client_id>/updates")
+def client_updates(client_id: str) -> Any:
+    _own_client(client_id)
+    return jsonify(updates=_svc().store.list_client_updates(client_id, _int_arg("limit", 100, 1, 10_000)))
+
+
+@api.delete("/clients/<client_id>")
+def revoke_client(client_id: str) -> Any:
+    """Revoke a device: its token, device key and broker account stop working; its records stay."""
+    enrollment.revoke(_svc(), client_id)
+    return jsonify(id=client_id, revoked=True)
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -390,7 +425,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(api)
 
     @app.errorhandler(ApiError)
-    def _api_error(exc: ApiError) -> Any:
+    @app.errorhandler(Refused)
+    def _api_error(exc: ApiError | Refused) -> Any:
         return _error(exc.status, exc.message, exc.headers)
 
     @app.errorhandler(HTTPException)

@@ -90,7 +90,8 @@ def _log_to_file(path: Path) -> logging.Handler:
     return handler
 
 
-def _start_devices(cfg: DemoConfig, url: str, job_id: str, logs: Path, caches: Path) -> list[subprocess.Popen]:
+def _start_devices(cfg: DemoConfig, url: str, job_id: str, logs: Path, caches: Path,
+                   enroll_secret_file: Path) -> list[subprocess.Popen]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -99,6 +100,7 @@ def _start_devices(cfg: DemoConfig, url: str, job_id: str, logs: Path, caches: P
         cmd = [sys.executable, "-m", "coordinator.cli", "client", "--coordinator", url, "--dataset", "digits",
                "--partition", f"dirichlet:{cfg.alpha}", "--num-partitions", str(cfg.clients),
                "--partition-index", str(i), "--seed", str(cfg.seed), "--cache-dir", str(caches / f"device-{i}"),
+               "--enroll-secret-file", str(enroll_secret_file),
                "--job", job_id, "--max-jobs", "1", "--threads", "1", "--timeout", str(cfg.timeout)]
         with open(logs / f"device-{i}.log", "wb") as fh:
             procs.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -261,7 +263,8 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = log.info,
     finished = False
     try:
         handle = start("127.0.0.1", 0, data_dir, "embedded", broker_port=0)
-        api = Api(handle.url, timeout=120)
+        creds = handle.services.credentials  # in-process: the demo reads the secrets the coordinator wrote
+        api = Api(handle.url, timeout=120, token=creds.path("operator-token").read_text().strip())
 
         def rest(method: str, path: str, **kw: Any) -> Any:
             return api.request(method, path, raw=True, **kw)
@@ -272,7 +275,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = log.info,
         say(f"coordinator {handle.url}, MQTT {handle.broker_url}; job {job_id}: small_cnn on digits, "
               f"{cfg.clients} devices (Dirichlet alpha={cfg.alpha}), {cfg.rounds} rounds, codec "
               f"{codec_label(job['config']['codec'])}; logs in {logs}")
-        procs = _start_devices(cfg, handle.url, job_id, logs, caches)
+        procs = _start_devices(cfg, handle.url, job_id, logs, caches, creds.path("enroll-secret"))
         deadline = started + cfg.timeout
         while sum(c["online"] for c in rest("GET", "/clients").json()["clients"]) < cfg.clients:
             _check_devices(procs, logs)

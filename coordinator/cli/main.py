@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from converters import spec_text
 
 from coordinator.cli import parser
-from coordinator.cli.rest_client import Api, CliError
+from coordinator.cli.rest_client import Api, CliError, operator_token
 
 EXIT_USER_ERROR = 2
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -31,10 +31,32 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
     try:
         serve(args.host, args.port, Path(args.data_dir), broker=args.broker, broker_host=args.mqtt_host,
-              broker_port=args.mqtt_port, public_url=args.public_url, advertised_broker_url=args.public_broker)
+              broker_port=args.mqtt_port, public_url=args.public_url, advertised_broker_url=args.public_broker,
+              weights_dir=args.weights_dir, broker_admin=broker_admin(args))
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def broker_admin(args: argparse.Namespace) -> tuple[str, str] | None:
+    """The external broker's dynamic-security admin identity from flags / environment (None when embedded)."""
+    if args.broker == "embedded":
+        return None
+    hint = ("create it with `mosquitto_ctrl dynsec init FILE USER`, then pass --broker-admin USER and set "
+            "FEDSIGHT_BROKER_ADMIN_PASSWORD (docs/security.md)")
+    if not args.broker_admin:
+        raise CliError(f"--broker {args.broker} needs the broker's dynamic-security admin identity", hint)
+    if args.broker_admin_password_file:
+        try:
+            lines = Path(args.broker_admin_password_file).read_text().splitlines()
+        except OSError as exc:
+            raise CliError(f"cannot read --broker-admin-password-file: {exc}") from None
+        password = lines[0] if lines else ""
+    else:
+        password = os.environ.get("FEDSIGHT_BROKER_ADMIN_PASSWORD", "")
+    if not password:
+        raise CliError(f"no password for broker admin {args.broker_admin!r}", hint)
+    return args.broker_admin, password
 
 
 def load_partition(spec: tuple[str, Path | None], partition: float | str, num: int, index: int, seed: int,
@@ -62,7 +84,43 @@ def load_partition(spec: tuple[str, Path | None], partition: float | str, num: i
     return Subset(dataset, parts[index].tolist())
 
 
+def operator_api(args: argparse.Namespace, timeout: float = 30.0) -> Api:
+    return Api(args.coordinator, timeout=timeout, token=operator_token(args.token_file))
+
+
+def cmd_manage_clients(args: argparse.Namespace) -> int:
+    api = operator_api(args)
+    if args.client_command == "revoke":
+        api.request("DELETE", f"/clients/{args.revoke_id}")
+        print(f"client {args.revoke_id}: revoked")
+        return 0
+    clients = api.request("GET", "/clients")["clients"]
+    rows = [[c["id"], c.get("name", ""), "online" if c.get("online") else "offline"] for c in clients]
+    print(format_table(["client", "name", "state"], rows) if rows else "no clients")
+    return 0
+
+
+def cmd_auth(args: argparse.Namespace) -> int:
+    from coordinator.auth.credentials import Credentials
+    from coordinator.storage.store import Store
+
+    data_dir = Path(args.data_dir)
+    if not (data_dir / "fedsight.db").is_file():
+        raise CliError(f"{data_dir} is not a coordinator data directory (no fedsight.db)",
+                       "pass the --data-dir the coordinator was started with")
+    store = Store(data_dir / "fedsight.db")
+    try:
+        creds = Credentials(data_dir, store)
+        creds.rotate(args.secret)
+        print(f"new {args.secret} written to {creds.path(args.secret)} (mode 600); the old one no longer works")
+    finally:
+        store.close()
+    return 0
+
+
 def cmd_client(args: argparse.Namespace) -> int:
+    if args.client_command is not None:
+        return cmd_manage_clients(args)
     if not 0 <= args.partition_index < args.num_partitions:
         raise CliError(f"--partition-index {args.partition_index} is outside 0..{args.num_partitions - 1}",
                        "pass an index below --num-partitions")
@@ -74,13 +132,21 @@ def cmd_client(args: argparse.Namespace) -> int:
     shard = load_partition(args.dataset, args.partition, args.num_partitions, args.partition_index, args.seed,
                            args.image_size, args.channels)
     cache = args.cache_dir or f"~/.cache/fedsight/client-{args.partition_index}"
+    secret = None
+    if args.enroll_secret_file:
+        try:
+            secret = Path(args.enroll_secret_file).expanduser().read_text().strip()
+        except OSError as exc:
+            raise CliError(f"cannot read --enroll-secret-file: {exc}") from None
     _sigterm_as_interrupt()
     try:
         client = EdgeClient(args.coordinator, dataset=shard, client_id=args.client_id, token=args.token,
+                            device_key=args.device_key, enroll_secret=secret,
                             name=args.name or f"sim-{args.partition_index}", broker_url=args.broker,
                             cache_dir=cache, jobs=args.job or None)
-    except RuntimeError as exc:  # registration refused: wrong URL or not a FedSight coordinator
-        raise CliError(str(exc), "check --coordinator (and --client-id/--token if given)") from None
+    except (RuntimeError, ValueError) as exc:  # registration refused: wrong URL, secret or credentials
+        raise CliError(str(exc), "check --coordinator, --enroll-secret-file (and --client-id/--token/--device-key "
+                                 "if given)") from None
     log.info("device %s: %d local samples (partition %d of %d)", client.client_id, len(shard),
              args.partition_index, args.num_partitions)
     client.run(max_jobs=args.max_jobs, timeout=args.timeout)
@@ -119,7 +185,7 @@ def _job_id(job: dict[str, Any]) -> str:
 
 
 def cmd_job(args: argparse.Namespace) -> int:
-    api = Api(args.coordinator)
+    api = operator_api(args)
     if args.job_command == "create":
         job = api.request("POST", "/jobs", json=job_body(args))
         if args.start:
@@ -229,7 +295,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.data_dir:
         data, version = export_local(Path(args.data_dir), args.job, args.version)
     else:
-        resp = Api(args.coordinator, timeout=180).request(
+        resp = operator_api(args, timeout=180).request(
             "GET", f"/jobs/{args.job}/onnx", raw=True, params={"version": args.version} if args.version else None)
         data, version = resp.content, resp.headers.get("X-Model-Version", args.version or "")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -308,7 +374,7 @@ def _sigterm_as_interrupt() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     return parser.build_parser({"coordinator": cmd_coordinator, "client": cmd_client, "job": cmd_job,
-                                    "export": cmd_export, "infer": cmd_infer, "demo": cmd_demo})
+                                    "export": cmd_export, "infer": cmd_infer, "demo": cmd_demo, "auth": cmd_auth})
 
 
 # What each command needs beyond the torch-free base install (setup.py extras).
@@ -332,7 +398,8 @@ def _user_error(exc: BaseException) -> CliError | None:
         return CliError(str(exc))
     for module, name in [("edge_sdk.protocol.errors", "ProtocolError"), ("converters.onnx_export", "ExportError"),
                          ("edge_sdk.models", "WeightsMismatchError"), ("requests", "RequestException"),
-                         ("edge_sdk.data", "DatasetNotFoundError"), ("coordinator.cli.demo", "DemoError")]:
+                         ("edge_sdk.data", "DatasetNotFoundError"), ("coordinator.cli.demo", "DemoError"),
+                         ("coordinator.mqtt.accounts", "BrokerAccountError")]:
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None and isinstance(exc, cls):
             if module == "requests":  # its messages are walls of urllib3 detail

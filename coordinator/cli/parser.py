@@ -74,6 +74,9 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     rest = argparse.ArgumentParser(add_help=False)
     rest.add_argument("--coordinator", default=DEFAULT_COORDINATOR, metavar="URL",
                       help="coordinator base URL (default: $FEDSIGHT_COORDINATOR or %(default)s)")
+    rest.add_argument("--token-file", metavar="FILE",
+                      help="operator token file (default: $FEDSIGHT_TOKEN, else $FEDSIGHT_TOKEN_FILE, else "
+                           "./fedsight-data/operator-token)")
     parser = argparse.ArgumentParser(
         prog="fedsight", formatter_class=_formatter, parents=[common],
         description="Federated fine-tuning of vision models on edge devices.",
@@ -101,6 +104,14 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     p.add_argument("--public-broker", type=_typed(_public_broker, "broker"), metavar="mqtt://HOST:PORT",
                    help="MQTT broker URL devices are told (default: --broker, or the embedded broker at "
                         "--public-url's host)")
+    p.add_argument("--weights-dir", metavar="DIR",
+                   help="directory job specs may load model.weights files from (default: none allowed)")
+    p.add_argument("--broker-admin", metavar="USER", default=os.environ.get("FEDSIGHT_BROKER_ADMIN_USER"),
+                   help="with --broker mqtt://...: the Mosquitto dynamic-security admin the coordinator manages "
+                        "device identities with (default: $FEDSIGHT_BROKER_ADMIN_USER); its password comes from "
+                        "$FEDSIGHT_BROKER_ADMIN_PASSWORD or --broker-admin-password-file")
+    p.add_argument("--broker-admin-password-file", metavar="FILE",
+                   help="file holding the admin password (first line)")
     p.set_defaults(func=commands["coordinator"])
 
     p = sub.add_parser("client", parents=[common, rest], formatter_class=_formatter,
@@ -119,15 +130,34 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     p.add_argument("--image-size", type=int,
                    help="resize images (default: 8 for digits; imagefolder and cifar10 follow the job's model)")
     p.add_argument("--channels", type=int, choices=(1, 3), help="image channels (default: 1 digits, else 3)")
-    p.add_argument("--client-id", help="reuse a registered id (with --token); default: register or cached")
+    p.add_argument("--client-id", help="reuse a registered id (with --token, --device-key); default: cached or enroll")
     p.add_argument("--token", help="client token from POST /api/v1/clients")
+    p.add_argument("--device-key", help="device key (hex) from the same registration")
+    p.add_argument("--enroll-secret-file", metavar="FILE",
+                   help="fleet enrollment secret, to register (default: $FEDSIGHT_ENROLL_SECRET; the coordinator "
+                        "wrote it to <data-dir>/enroll-secret)")
     p.add_argument("--name", help="display name (default: sim-INDEX)")
     p.add_argument("--cache-dir", help="credentials, model cache, residuals (default: ~/.cache/fedsight/client-I)")
     p.add_argument("--job", action="append", metavar="JOB_ID", help="only take part in these jobs (repeatable)")
     p.add_argument("--max-jobs", type=int, help="exit after taking part in this many finished jobs")
     p.add_argument("--timeout", type=float, help="exit after this many seconds")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
-    p.set_defaults(func=commands["client"])
+    p.set_defaults(func=commands["client"], client_command=None)
+    manage = p.add_subparsers(dest="client_command", required=False, metavar="[list|revoke]",
+                              title="manage registered devices (operator)")
+    manage.add_parser("list", parents=[common, rest], help="registered devices and their state")
+    a = manage.add_parser("revoke", parents=[common, rest], help="revoke a device's credentials for good",
+                          epilog="example:\n  fedsight client revoke c-3f9a0b1c2d3e", formatter_class=_formatter)
+    a.add_argument("revoke_id", metavar="CLIENT_ID")
+
+    p = sub.add_parser("auth", parents=[common], formatter_class=_formatter,
+                       help="rotate the operator token or the enrollment secret (on the coordinator's data dir)",
+                       epilog="example:\n  fedsight auth rotate operator-token --data-dir ./fedsight-data")
+    auth = p.add_subparsers(dest="auth_command", required=True, metavar="ACTION")
+    a = auth.add_parser("rotate", parents=[common], help="replace a secret; the old one stops working at once")
+    a.add_argument("secret", choices=("operator-token", "enroll-secret"))
+    a.add_argument("--data-dir", default="./fedsight-data", help="the coordinator's data dir (default: %(default)s)")
+    p.set_defaults(func=commands["auth"])
 
     p = sub.add_parser("job", parents=[common], help="create, start, stop, list and inspect jobs")
     jobs = p.add_subparsers(dest="job_command", required=True, metavar="ACTION")

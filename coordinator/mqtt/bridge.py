@@ -3,7 +3,8 @@
 Uses the project's one MQTT wrapper (``edge_sdk.transport.MqttTransport``: paho 2.2, MQTT 3.1.1, QoS 1,
 persistent session, automatic reconnect) under the fixed client id ``fedsight-coordinator``, so updates
 published while the coordinator is briefly away are queued by the broker and delivered on reconnect.
-The broker address is a parameter (embedded amqtt, Mosquitto, anything MQTT 3.1.1).
+The broker address is a parameter (embedded amqtt, Mosquitto, anything MQTT 3.1.1); ``username``/``password``
+are the coordinator's own broker identity (``accounts.coordinator_credentials``).
 """
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from collections.abc import Callable
 from edge_sdk.protocol import topics
 from edge_sdk.transport import BrokerAddress, MqttTransport
 
+from coordinator.mqtt.accounts import COORDINATOR_CLIENT_ID
 from coordinator.rounds.engine import RoundEngine
 
 log = logging.getLogger(__name__)
 
-COORDINATOR_CLIENT_ID = "fedsight-coordinator"
 TransportFactory = Callable[..., MqttTransport]
 _STOP = ("", b"")
 DEFAULT_QUEUE_BYTES = 128 << 20
@@ -74,14 +75,15 @@ class MqttBridge:
 
     def __init__(self, engine: RoundEngine, broker: str | BrokerAddress, client_id: str = COORDINATOR_CLIENT_ID,
                  transport_factory: TransportFactory = MqttTransport,
-                 max_queue_bytes: int = DEFAULT_QUEUE_BYTES) -> None:
+                 max_queue_bytes: int = DEFAULT_QUEUE_BYTES,
+                 username: str | None = None, password: str | None = None) -> None:
         self.engine = engine
         self._queue = ByteBoundedQueue(max_queue_bytes)
         self._worker = threading.Thread(target=self._work, name="update-worker", daemon=True)
         self.address = broker if isinstance(broker, BrokerAddress) else BrokerAddress.parse(broker)
         self.transport = transport_factory(self.address, client_id, self._on_message,
                                            subscriptions=[topics.STATUS_WILDCARD, topics.UPDATE_WILDCARD],
-                                           persistent=True)
+                                           persistent=True, username=username, password=password)
 
     @property
     def connected(self) -> bool:

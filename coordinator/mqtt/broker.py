@@ -3,8 +3,10 @@
 For demos and single-machine deployments, so nothing but Python is needed; production deployments point
 the coordinator at Mosquitto instead. amqtt has no configurable maximum packet size (it reads whatever
 the MQTT remaining-length field announces, up to the protocol's 256 MB); ``max_packet_bytes`` adds one
-(``coordinator.mqtt.packet_limit``), which the server points at the running jobs' update limit. We also trim the default plugin set: the per-packet logger and the $SYS publisher cost time on large
-payloads and are of no use here.
+(``coordinator.mqtt.packet_limit``), which the server points at the running jobs' update limit. We also trim
+the default plugin set: the per-packet logger and the $SYS publisher cost time on large payloads and are of
+no use here. With ``accounts`` (what the coordinator always passes) the broker refuses anonymous clients and
+enforces the FedSight ACLs (``embedded_acl.py``).
 """
 from __future__ import annotations
 
@@ -14,10 +16,13 @@ import socket
 import threading
 from concurrent.futures import Future
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coordinator.mqtt import packet_limit
 from coordinator.mqtt.broker_tables import snapshot_tables
+
+if TYPE_CHECKING:
+    from coordinator.mqtt.embedded_acl import EmbeddedAccounts
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +33,14 @@ class EmbeddedBroker:
     """``EmbeddedBroker(port=0).start()`` -> listening on ``self.port``; ``stop()`` shuts it down cleanly."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 1883, allow_anonymous: bool = True,
-                 max_packet_bytes: int | Callable[[], int] | None = None) -> None:
+                 max_packet_bytes: int | Callable[[], int] | None = None,
+                 accounts: EmbeddedAccounts | None = None) -> None:
         self.host = host
         # an int, or a callable read per packet (bytes after the fixed header); None: the protocol's 256 MB
         self.max_packet_bytes = max_packet_bytes
         self.port = port
         self.allow_anonymous = allow_anonymous
+        self.accounts = accounts  # set: identities + ACLs enforced, allow_anonymous ignored
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._broker: Any = None
@@ -43,9 +50,15 @@ class EmbeddedBroker:
         return f"mqtt://{self.host}:{self.port}"
 
     def _config(self, port: int) -> dict[str, Any]:
+        if self.accounts is not None:
+            from coordinator.mqtt.embedded_acl import plugin_config
+
+            plugins = plugin_config(self.accounts)
+        else:
+            plugins = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": self.allow_anonymous}}
         return {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{port}", "max_connections": 0}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": self.allow_anonymous}},
+            "plugins": plugins,
         }
 
     def start(self, timeout: float = 15.0) -> EmbeddedBroker:
@@ -83,13 +96,13 @@ class EmbeddedBroker:
         return self
 
     async def _start(self, port: int) -> None:
-        from amqtt.broker import Broker
+        from coordinator.mqtt.embedded_acl import GuardedBroker
 
         loop = asyncio.get_running_loop()
         limit = self.max_packet_bytes
         if limit is not None:
             packet_limit.set_limit(loop, limit if callable(limit) else (lambda: int(limit)))
-        self._broker = Broker(self._config(port), loop=loop)
+        self._broker = GuardedBroker(self._config(port), loop=loop)
         snapshot_tables(self._broker)  # amqtt iterates these across awaits; see broker_tables.py
         await self._broker.start()
 

@@ -6,14 +6,18 @@ messages go through a :class:`Publisher` so tests can capture them without a bro
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
+import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from edge_sdk.protocol import topics
-from edge_sdk.protocol.wire import UpdateHeader
+from edge_sdk.protocol.wire import UpdateHeader, update_mac
 
 from coordinator.rounds import validation
 from coordinator.storage.exports import OnnxExports
@@ -23,6 +27,7 @@ from coordinator.rounds.rate_limit import RateLimiter
 from coordinator.storage.model_store import ModelStore
 from coordinator.mqtt.presence import Presence
 from coordinator.rounds.open_round import OpenRound
+from coordinator.rounds.replay import ReplayGuard
 from coordinator.rounds.runner import JobRunner
 from coordinator.storage.store import Store
 from coordinator.rounds.validation import Rejected
@@ -75,11 +80,22 @@ class Verdict:
         return self.status == "accepted"
 
 
+def ephemeral_device_keys() -> Callable[[str], bytes]:
+    """Device keys under a throw-away master key (an engine built without ``Credentials``, e.g. in tests)."""
+    master = secrets.token_bytes(32)
+    return lambda client_id: hmac.new(master, client_id.encode("utf-8"), hashlib.sha256).digest()
+
+
 class RoundEngine:
+    """``device_key(client_id)`` gives the key a device signs its updates with (``Credentials.device_key``)."""
+
     def __init__(self, store: Store, models: ModelStore, publisher: Publisher | None = None,
                  config: EngineConfig | None = None, presence: Presence | None = None,
-                 evaluator: Any = None, exports: OnnxExports | None = None) -> None:
+                 evaluator: Any = None, exports: OnnxExports | None = None,
+                 device_key: Callable[[str], bytes] | None = None) -> None:
         self.store = store
+        self.device_key = device_key or ephemeral_device_keys()
+        self._replays = ReplayGuard()
         self.models = models
         self.publisher: Publisher = publisher or NullPublisher()
         self.config = config or EngineConfig()
@@ -207,9 +223,9 @@ class RoundEngine:
 
     # -------------------------------------------------------------------------------------- inbound
 
-    def _token_hash(self, client_id: str) -> str | None:
-        row = self.store.get_client(client_id, with_secret=True)
-        return row["token_sha256"] if row else None
+    def _key_of(self, client_id: str) -> bytes | None:
+        """The device key of a registered, unrevoked client; None otherwise."""
+        return self.device_key(client_id) if self.store.get_client(client_id) is not None else None
 
     def _message_limit(self) -> int:
         """Largest message any running job accepts (per-job limits are re-checked after the header)."""
@@ -262,7 +278,7 @@ class RoundEngine:
         rnd: OpenRound | None = None
         try:
             header, payload = validation.parse_message(raw, self._message_limit())
-            rnd = self._accept_parsed(topic_client_id, header, payload, nbytes)
+            rnd = self._accept_parsed(topic_client_id, header, raw, payload, nbytes)
             verdict = Verdict("accepted", job_id=header.job_id, round=header.round)
         except Rejected as rej:
             verdict = self._rejected(rej.code, rej.reason, header)
@@ -300,8 +316,12 @@ class RoundEngine:
     def _rejected(code: str, reason: str, header: UpdateHeader | None) -> Verdict:
         return Verdict("rejected", code, reason, header.job_id if header else None, header.round if header else None)
 
-    def _accept_parsed(self, topic_client_id: str, header: UpdateHeader, payload: bytes, nbytes: int) -> OpenRound:
-        validation.check_client(header, topic_client_id, self._token_hash)
+    def _accept_parsed(self, topic_client_id: str, header: UpdateHeader, raw: bytes, payload: bytes,
+                       nbytes: int) -> OpenRound:
+        validation.check_client(header, raw, topic_client_id, self._key_of)
+        tag = update_mac(raw)
+        if self._replays.seen(tag):
+            raise Rejected(validation.REPLAYED, "this exact message was already accepted once")
         with self._lock:
             runner = self._runners.get(header.job_id)
         if runner is None:
@@ -314,6 +334,7 @@ class RoundEngine:
             assert rnd is not None
             decoded = validation.decode_payload(header, payload, rnd)
             rnd.add(header.client_id, decoded, header.num_samples, nbytes, header.metrics)
+            self._replays.remember(tag)
         return rnd
 
     def _file_rejection(self, client_id: str, header: UpdateHeader | None, nbytes: int,

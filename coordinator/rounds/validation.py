@@ -1,15 +1,15 @@
 """Checks every incoming update must pass before it may touch a round's aggregate.
 
 An update arrives as raw MQTT bytes from an untrusted device. The checks run cheapest-first and in the
-order of DESIGN.md's "Coordinator update path": size (before any parsing), wire frame, credentials, job,
-round, selection, base version, duplicate, codec, numel, payload decode, finiteness. Each failure raises
+order of DESIGN.md's "Coordinator update path": size (before any parsing), wire frame, MAC under the
+sender's device key, topic identity, replay, job, round and attempt, selection, base version, duplicate,
+codec, numel, payload decode, finiteness. Each failure raises
 :class:`Rejected` carrying a stable machine-readable ``code`` (what tests, dashboards and devices branch on)
 plus a human-readable ``detail``; ``reason`` is what is acked to the device and stored.
 """
 from __future__ import annotations
 
 import hashlib
-import hmac
 from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
@@ -17,14 +17,15 @@ import numpy as np
 
 from edge_sdk.protocol import codecs
 from edge_sdk.protocol.errors import ProtocolError
-from edge_sdk.protocol.wire import UpdateHeader, decode_update
+from edge_sdk.protocol.wire import UpdateHeader, decode_update, verify_update
 
 # Stable rejection codes (documented in docs/mqtt.md).
 OVERSIZE = "oversize"
 MALFORMED = "malformed"
 TRUNCATED = "truncated"
 UNKNOWN_CLIENT = "unknown_client"
-BAD_TOKEN = "bad_token"
+BAD_MAC = "bad_mac"
+REPLAYED = "replayed"
 CLIENT_MISMATCH = "client_mismatch"
 WRONG_JOB = "wrong_job"
 STALE_ROUND = "stale_round"
@@ -38,13 +39,14 @@ NON_FINITE = "non_finite"
 INTERNAL_ERROR = "internal_error"
 RATE_LIMITED = "rate_limited"
 
-REASON_CODES = (OVERSIZE, MALFORMED, TRUNCATED, UNKNOWN_CLIENT, BAD_TOKEN, CLIENT_MISMATCH, WRONG_JOB,
+REASON_CODES = (OVERSIZE, MALFORMED, TRUNCATED, UNKNOWN_CLIENT, BAD_MAC, CLIENT_MISMATCH, REPLAYED, WRONG_JOB,
                 STALE_ROUND, NOT_SELECTED, OLD_BASE_VERSION, DUPLICATE, WRONG_CODEC, WRONG_NUMEL, BAD_PAYLOAD,
                 NON_FINITE, INTERNAL_ERROR, RATE_LIMITED)
 
-# Rejections decided before the sender is authenticated: counted per round as junk (messages, bytes) but
-# not stored as ``updates`` rows, so a flood of garbage costs the coordinator no database growth.
-UNAUTHENTICATED = frozenset({OVERSIZE, MALFORMED, TRUNCATED, UNKNOWN_CLIENT, BAD_TOKEN, CLIENT_MISMATCH,
+# Rejections that do not prove who sent the message: counted per round as junk (messages, bytes) but not
+# stored as ``updates`` rows, so a flood of garbage costs the coordinator no database growth. A replay
+# carries a valid MAC, but anyone who saw the bytes can resend them, so it is junk too.
+UNAUTHENTICATED = frozenset({OVERSIZE, MALFORMED, TRUNCATED, UNKNOWN_CLIENT, BAD_MAC, CLIENT_MISMATCH, REPLAYED,
                              RATE_LIMITED})
 
 # Keys of a codec spec that only change how a device *encodes* (its residual, its rounding noise); a
@@ -70,6 +72,7 @@ class RoundView(Protocol):
 
     job_id: str
     round: int
+    attempt: int
     base_version: str
     codec: dict[str, Any]
     numel: int
@@ -101,14 +104,17 @@ def parse_message(raw: bytes, limit: int) -> tuple[UpdateHeader, bytes]:
         raise Rejected(code, exc.reason) from None
 
 
-def check_client(header: UpdateHeader, topic_client_id: str,
-                 token_hash_of: Callable[[str], str | None]) -> None:
-    """Registered client, right token (constant-time compare), publishing on its own topic."""
-    expected = token_hash_of(header.client_id)
-    if expected is None:
+def check_client(header: UpdateHeader, raw: bytes, topic_client_id: str,
+                 key_of: Callable[[str], bytes | None]) -> None:
+    """Registered (unrevoked) client, message authenticated under its key, published on its own topic.
+
+    The MAC covers the whole header, so a copy re-labelled for another device fails here and an exact
+    copy sent on another device's topic fails the topic check."""
+    key = key_of(header.client_id)
+    if key is None:
         raise Rejected(UNKNOWN_CLIENT, f"client {header.client_id[:64]!r} is not registered")
-    if not hmac.compare_digest(expected, hash_token(header.token)):
-        raise Rejected(BAD_TOKEN, "token does not match the registered client")
+    if not verify_update(raw, key):
+        raise Rejected(BAD_MAC, "message authentication failed: not signed with this client's device key")
     if header.client_id != topic_client_id:
         raise Rejected(CLIENT_MISMATCH, f"header says {header.client_id!r}, published on {topic_client_id!r}'s topic")
 
@@ -128,6 +134,9 @@ def check_round(header: UpdateHeader, nbytes: int, rnd: RoundView | None) -> Non
         raise Rejected(STALE_ROUND, f"no round of job {header.job_id!r} is open (sent for round {header.round})")
     if header.round != rnd.round:
         raise Rejected(STALE_ROUND, f"sent for round {header.round}, open round is {rnd.round}")
+    if header.attempt != rnd.attempt:
+        raise Rejected(STALE_ROUND, f"sent for attempt {header.attempt} of round {rnd.round}, "
+                                    f"open attempt is {rnd.attempt}")
     if header.client_id not in rnd.selected:
         raise Rejected(NOT_SELECTED, f"client was not selected for round {rnd.round}")
     if header.base_version != rnd.base_version:

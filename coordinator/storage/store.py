@@ -3,7 +3,8 @@
 One connection shared by every thread behind a re-entrant lock: the coordinator's write rate is a few rows
 per received update, far below what a single SQLite connection sustains, and a single writer sidesteps
 ``database is locked`` errors entirely. WAL keeps readers (REST) from blocking the engine's commits.
-Client tokens are stored only as their sha256, so a leaked database does not leak device credentials.
+Client tokens are stored only as their sha256 and device MAC keys not at all (coordinator/auth derives them),
+so a leaked database does not leak device credentials.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     PRIMARY KEY (job_id, round, attempt));
 CREATE TABLE IF NOT EXISTS clients (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, token_sha256 TEXT NOT NULL, created_at REAL NOT NULL,
-    last_seen REAL, state TEXT NOT NULL DEFAULT 'unknown');
+    last_seen REAL, state TEXT NOT NULL DEFAULT 'unknown', revoked_at REAL);
 CREATE UNIQUE INDEX IF NOT EXISTS clients_token ON clients (token_sha256);
 CREATE TABLE IF NOT EXISTS updates (
     id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT, round INTEGER, attempt INTEGER,
@@ -54,8 +55,10 @@ CREATE INDEX IF NOT EXISTS metrics_job ON metrics (job_id, round);
 
 # table -> [(column, declaration)] for databases created by an earlier version
 _ADDED_COLUMNS = {"rounds": [("federated_eval", "TEXT"), ("rejected_bytes", "INTEGER NOT NULL DEFAULT 0"),
-                             ("junk", "INTEGER NOT NULL DEFAULT 0"), ("junk_bytes", "INTEGER NOT NULL DEFAULT 0")]}
+                             ("junk", "INTEGER NOT NULL DEFAULT 0"), ("junk_bytes", "INTEGER NOT NULL DEFAULT 0")],
+                  "clients": [("revoked_at", "REAL")]}  # device revocation
 
+_CLIENT_COLUMNS = "id, name, created_at, last_seen, state"
 _JSON_COLUMNS = {"config", "codec", "selected", "participants", "metrics", "eval", "federated_eval"}
 _JOB_FIELDS = {"name", "status", "current_round", "current_version", "error"}
 _ROUND_FIELDS = {"status", "new_version", "participants", "accepted", "rejected", "uplink_bytes", "rejected_bytes",
@@ -124,6 +127,15 @@ class Store:
         with self._lock:
             self._db.close()
 
+    def get_meta(self, key: str) -> str | None:
+        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return None if row is None else str(row["value"])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                       (key, value))
+
     # --------------------------------------------------------------------------------------------- jobs
 
     def create_job(self, job_id: str, name: str, config: dict[str, Any], version: str, size: int) -> dict:
@@ -182,19 +194,34 @@ class Store:
         return client
 
     def get_client(self, client_id: str, with_secret: bool = False) -> dict[str, Any] | None:
-        cols = "*" if with_secret else "id, name, created_at, last_seen, state"
-        return self._one(f"SELECT {cols} FROM clients WHERE id = ?", (client_id,))
+        """A registered, unrevoked client (revoked ones are gone for every purpose but their records)."""
+        cols = "*" if with_secret else _CLIENT_COLUMNS
+        return self._one(f"SELECT {cols} FROM clients WHERE id = ? AND revoked_at IS NULL", (client_id,))
 
     def client_by_token_hash(self, token_sha256: str) -> dict[str, Any] | None:
-        return self._one("SELECT id, name, created_at, last_seen, state FROM clients WHERE token_sha256 = ?",
+        return self._one(f"SELECT {_CLIENT_COLUMNS} FROM clients WHERE token_sha256 = ? AND revoked_at IS NULL",
                          (token_sha256,))
 
     def client_ids(self) -> set[str]:
         with self._lock:
-            return {r["id"] for r in self._db.execute("SELECT id FROM clients").fetchall()}
+            return {r["id"] for r in self._db.execute("SELECT id FROM clients WHERE revoked_at IS NULL").fetchall()}
 
-    def list_clients(self) -> list[dict[str, Any]]:
-        return self._all("SELECT id, name, created_at, last_seen, state FROM clients ORDER BY created_at, id")
+    def list_clients(self, include_revoked: bool = False) -> list[dict[str, Any]]:
+        where = "" if include_revoked else "WHERE revoked_at IS NULL"
+        return self._all(f"SELECT {_CLIENT_COLUMNS}, revoked_at FROM clients {where} ORDER BY created_at, id")
+
+    def revoke_client(self, client_id: str) -> bool:
+        """Mark a client revoked (its id is never reused, its records stay); False if unknown or already revoked."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE clients SET revoked_at = ?, state = 'revoked' WHERE id = ? AND revoked_at IS NULL",
+                             (time.time(), client_id))
+            return cur.rowcount == 1
+
+    def client_in_job(self, client_id: str, job_id: str) -> bool:
+        """Whether any round of the job selected this client (what entitles it to the job's models)."""
+        row = self._one("SELECT 1 AS x FROM rounds, json_each(rounds.selected) WHERE rounds.job_id = ? "
+                        "AND json_each.value = ? LIMIT 1", (job_id, client_id))
+        return row is not None
 
     def set_client_state(self, client_id: str, state: str, ts: float | None = None) -> None:
         with self._tx() as db:

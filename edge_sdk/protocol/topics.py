@@ -26,6 +26,15 @@ def valid_id(value: str) -> bool:
     return bool(_ID_RE.match(value))
 
 
+def device_mqtt_id(client_id: str) -> str:
+    """The MQTT client id of a device: ``fedsight-<client_id>`` (its broker username is the client id itself).
+    Registration only hands out ids starting ``c-``, so no device can take the coordinator's
+    ``fedsight-coordinator``; the broker binds each username to this client id."""
+    if not valid_id(client_id):
+        raise ValueError(f"invalid client id {client_id!r}")
+    return f"fedsight-{client_id}"
+
+
 def _client(client_id: str, kind: str) -> str:
     if not valid_id(client_id):
         raise ValueError(f"invalid client id {client_id!r}: use 1-64 letters, digits, '_', '-' or '.'")

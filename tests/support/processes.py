@@ -1,15 +1,22 @@
 """Real processes for integration tests: a Mosquitto broker, the coordinator server, simulated devices."""
 from __future__ import annotations
 
+import getpass
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import requests
+
+if TYPE_CHECKING:
+    from coordinator.mqtt.dynsec import DynsecAccounts
 
 ROOT = Path(__file__).resolve().parents[2]
 MOSQUITTO_MAX_PACKET_SIZE = (64 << 20) + 64 * 1024  # default job max_update_bytes + MQTT framing
@@ -41,17 +48,40 @@ def mosquitto_binary() -> str:
     return found
 
 
+DYNSEC_PLUGIN = "mosquitto_dynamic_security.so"
+PLUGIN_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib", "/usr/local/lib")
+
+
+def dynsec_plugin() -> str:
+    for d in PLUGIN_DIRS:
+        if os.path.exists(os.path.join(d, DYNSEC_PLUGIN)):
+            return os.path.join(d, DYNSEC_PLUGIN)
+    raise RuntimeError(f"{DYNSEC_PLUGIN} not found (it ships with Debian's mosquitto package)")
+
+
 class Mosquitto:
-    """A private Mosquitto broker on a free loopback port with a generated config."""
+    """A private Mosquitto broker on a free loopback port with a generated config.
+
+    Secure like a production setup: anonymous clients are refused and identities/ACLs live in the
+    dynamic-security plugin, initialised with an admin identity (``admin``) the coordinator manages it with.
+    ``tester`` is an extra identity allowed everything outside ``fedsight/`` (for transport tests).
+    """
 
     def __init__(self, workdir: Path, max_packet_size: int = MOSQUITTO_MAX_PACKET_SIZE) -> None:
         self.port = free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         workdir.chmod(0o755)
+        self.admin = ("fedsight-admin", secrets.token_urlsafe(16))
+        dynsec = workdir / "dynamic-security.json"
+        subprocess.run([shutil.which("mosquitto_ctrl") or "/usr/bin/mosquitto_ctrl", "dynsec", "init", str(dynsec),
+                        *self.admin], check=True, capture_output=True)
         self.config = workdir / "mosquitto.conf"
         self.config.write_text(
+            f"user {getpass.getuser()}\n"  # root would otherwise switch to 'mosquitto', who cannot save dynsec
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            "allow_anonymous false\n"
+            f"plugin {dynsec_plugin()}\n"
+            f"plugin_opt_config_file {dynsec}\n"
             "persistence false\n"
             "max_queued_messages 10000\n"
             f"max_packet_size {max_packet_size}\n"  # as docs/mqtt.md tells deployments: the job limit + framing
@@ -63,6 +93,33 @@ class Mosquitto:
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.config)], stdout=self.log,
                                      stderr=subprocess.STDOUT)
         wait_for_port(self.port, self.proc)
+        self.tester = ("tester", secrets.token_urlsafe(16))
+        try:
+            accounts = self.accounts()
+        except BaseException:
+            self.stop()
+            raise
+        try:
+            accounts.command(
+                {"command": "createRole", "rolename": "tester", "acls": [
+                    {"acltype": kind, "topic": topic, "allow": True}
+                    for kind in ("publishClientSend", "subscribePattern", "publishClientReceive")
+                    for topic in ("t/#", "dev/#")]},
+                {"command": "createClient", "username": self.tester[0], "password": self.tester[1],
+                 "roles": [{"rolename": "tester"}]})
+        finally:
+            accounts.stop()
+
+    def accounts(self) -> "DynsecAccounts":
+        """A started admin connection (stop() it)."""
+        from coordinator.mqtt.dynsec import DynsecAccounts
+
+        return DynsecAccounts(self.url, *self.admin).start()
+
+    @property
+    def login(self) -> dict[str, str]:
+        """``username=``/``password=`` of the tester identity, for MqttTransport."""
+        return {"username": self.tester[0], "password": self.tester[1]}
 
     @property
     def url(self) -> str:
@@ -92,15 +149,20 @@ def cli(*args: str) -> list[str]:
 class Coordinator:
     """``fedsight coordinator`` as a real process with a real HTTP server."""
 
-    def __init__(self, workdir: Path, broker_url: str) -> None:
+    def __init__(self, workdir: Path, broker_url: str, broker_admin: tuple[str, str] | None = None) -> None:
         self.port = free_port()
         self.data_dir = workdir / "coordinator-data"
         self.log_path = workdir / "coordinator.log"
         self.log = open(self.log_path, "wb")
+        env = child_env()
+        admin: tuple[str, ...] = ()
+        if broker_admin is not None:  # the password travels in the environment, never on the command line
+            admin = ("--broker-admin", broker_admin[0])
+            env["FEDSIGHT_BROKER_ADMIN_PASSWORD"] = broker_admin[1]
         self.proc = subprocess.Popen(
             cli("coordinator", "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(self.data_dir),
-                "--broker", broker_url),
-            stdout=self.log, stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT)
+                "--broker", broker_url, *admin),
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.url = f"http://127.0.0.1:{self.port}"
         self.api = f"{self.url}/api/v1"
         deadline = time.monotonic() + 60
@@ -115,19 +177,35 @@ class Coordinator:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"coordinator not healthy:\n{self.log_path.read_text()[-3000:]}")
             time.sleep(0.2)
+        # written 0600 by the coordinator on first start, as an operator on this machine would find them
+        self.token = (self.data_dir / "operator-token").read_text().strip()
+        self.enroll_secret_file = self.data_dir / "enroll-secret"
+        self.enroll_secret = self.enroll_secret_file.read_text().strip()
+        self.http = requests.Session()  # authenticated as the operator
+        self.http.headers["Authorization"] = f"Bearer {self.token}"
 
     def stop(self) -> None:
+        self.http.close()
         stop_process(self.proc)
         self.log.close()
 
 
-def start_device(workdir: Path, coordinator_url: str, index: int, partitions: int, alpha: str = "0.5",
+@dataclass(frozen=True)
+class CoordinatorAddress:
+    """What a device process needs of a coordinator started some other way (its URL, the enrollment secret)."""
+
+    url: str
+    enroll_secret_file: Path
+
+
+def start_device(workdir: Path, coordinator: Coordinator | CoordinatorAddress, index: int, partitions: int, alpha: str = "0.5",
                  extra: tuple[str, ...] = ()) -> subprocess.Popen:
-    """One simulated device process on its Dirichlet shard of digits."""
+    """One simulated device process on its Dirichlet shard of digits, enrolling with the fleet secret."""
     log = open(workdir / f"device-{index}.log", "wb")
     return subprocess.Popen(
-        cli("client", "--coordinator", coordinator_url, "--dataset", "digits", "--partition", f"dirichlet:{alpha}",
+        cli("client", "--coordinator", coordinator.url, "--dataset", "digits", "--partition", f"dirichlet:{alpha}",
             "--num-partitions", str(partitions), "--partition-index", str(index),
+            "--enroll-secret-file", str(coordinator.enroll_secret_file),
             "--cache-dir", str(workdir / f"device-{index}"), *extra),
         stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT)
 

@@ -1,0 +1,1 @@
+"""Coordinator credentials: operator token, enrollment secret, per-device MAC keys, rate limits."""
