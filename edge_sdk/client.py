@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from . import params
 from .error_feedback import ResidualStore
-from .job_data import fit_to_job, split_for_job
+from .job_data import fit_to_job, preprocessing_from_job, split_for_job
 from .model_cache import ModelCache
 from .models import build_model
 from .preprocess import Preprocessing
@@ -112,6 +112,7 @@ class EdgeClient:
     def start(self) -> None:
         """Connect and announce this device as online; tasks are handled on a background thread."""
         self._stopped.clear()
+        self._configure_data_early()
         self._transport.start()
         self._worker = threading.Thread(target=self._work, name=f"fedsight-{self.client_id}", daemon=True)
         self._worker.start()
@@ -177,6 +178,26 @@ class EdgeClient:
         if not url:
             raise ValueError("coordinator did not advertise a broker; pass broker_url='mqtt://HOST:PORT'")
         return str(url)
+
+    def _configure_data_early(self) -> None:
+        """Set a SampleBuffer up for the job(s) it will serve before the first task, so frames are shrunk on
+        ``add`` instead of kept raw; only when that is unambiguous (one preprocessing among the jobs)."""
+        if not hasattr(self.dataset, "configure"):
+            return
+        try:
+            resp = self._http.get(f"{self.api}/jobs", timeout=self._timeout)
+            jobs = resp.json().get("jobs", []) if resp.ok else []
+            wanted = [j for j in jobs if (j.get("id") in self.jobs if self.jobs is not None
+                                          else j.get("status") == "running")]
+            specs = {preprocessing_from_job(j["config"]) for j in wanted}
+        except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+            log.debug("could not read the jobs' preprocessing ahead of time: %s", exc)
+            return
+        if len(specs) == 1:
+            try:
+                self.dataset.configure(specs.pop())  # type: ignore[attr-defined]
+            except ValueError as exc:  # refused again, with the same message, when a task arrives
+                log.warning("local data does not fit the job: %s", exc)
 
     def _has_data(self) -> bool:
         return len(self.dataset) > 0  # type: ignore[arg-type]
