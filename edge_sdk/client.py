@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from . import params
 from .coordinator_origin import CoordinatorOrigin, UnsafeUrlError, check_version
 from .error_feedback import ResidualStore
-from .job_data import fit_to_job, split_for_job
+from .job_data import fit_to_job, preprocessing_from_job, split_for_job
 from .model_cache import ModelCache
 from .models import build_model
 from .preprocess import Preprocessing
@@ -155,6 +155,7 @@ class EdgeClient:
     def start(self) -> None:
         """Connect and announce this device as online; tasks are handled on a background thread."""
         self._stopped.clear()
+        self._configure_data_early()
         try:
             self._transport.start()
         except BrokerRefused as exc:  # e.g. the coordinator lost or rotated our broker account: renew once
@@ -263,6 +264,32 @@ class EdgeClient:
         if not url:
             raise ValueError("coordinator did not advertise a broker; pass broker_url='mqtt://HOST:PORT'")
         return str(url)
+
+    def _configure_data_early(self) -> None:
+        """Set a SampleBuffer up for the job(s) it will serve before the first task, so frames are shrunk on
+        ``add`` instead of kept raw; only when that is unambiguous (one preprocessing among the jobs)."""
+        if not hasattr(self.dataset, "configure"):
+            return
+        try:
+            if self.jobs is not None:  # a device token may read each of its jobs' preprocessing
+                configs = []
+                for job_id in self.jobs:
+                    resp = self._http.get(f"{self.api}/jobs/{job_id}/preprocessing", timeout=self._timeout)
+                    if resp.ok:
+                        configs.append(resp.json())
+            else:  # listing the running jobs needs the operator token; a device learns at its first task
+                resp = self._http.get(f"{self.api}/jobs", timeout=self._timeout)
+                jobs = resp.json().get("jobs", []) if resp.ok else []
+                configs = [j["config"] for j in jobs if j.get("status") == "running"]
+            specs = {preprocessing_from_job(c) for c in configs}
+        except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+            log.debug("could not read the jobs' preprocessing ahead of time: %s", exc)
+            return
+        if len(specs) == 1:
+            try:
+                self.dataset.configure(specs.pop())  # type: ignore[attr-defined]
+            except ValueError as exc:  # refused again, with the same message, when a task arrives
+                log.warning("local data does not fit the job: %s", exc)
 
     def _has_data(self) -> bool:
         return len(self.dataset) > 0  # type: ignore[arg-type]

@@ -62,3 +62,10 @@ def split_for_job(dataset: Dataset, holdout_fraction: float) -> tuple[Dataset, D
     if not len(train):
         raise ValueError(f"no training samples left after holding out {holdout_fraction:.0%}")
     return Subset(dataset, train.tolist()), (Subset(dataset, held.tolist()) if len(held) else None)
+
+
+def preprocessing_from_job(config: dict) -> Preprocessing:
+    """The preprocessing of a job from its REST config (the same fields its model files carry)."""
+    model = config["model"]
+    return Preprocessing.create(model["image_size"], int(model["in_channels"]), config.get("normalization"),
+                                float(config.get("input_scale") or 255.0))

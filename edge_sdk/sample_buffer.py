@@ -23,7 +23,8 @@ class SampleBuffer(Dataset):
     calls :meth:`configure` with the job's :class:`~edge_sdk.preprocess.Preprocessing`, so frames are
     prepared exactly as the model (and its ONNX export) expects. Arguments given here pin that field:
     a job whose model differs is refused with :class:`PreprocessingMismatch` naming each difference.
-    Until configured, frames are kept raw; afterwards they are preprocessed on ``add`` (outside the lock).
+    Until configured, frames are kept raw (``EdgeClient.start`` configures the buffer at once when its
+    ``jobs``, or the running jobs, agree on one preprocessing); afterwards they are preprocessed on ``add``.
 
     ``policy="reservoir"`` (default) keeps a uniform random sample of every frame ever added (Algorithm R),
     so old scenes are not forgotten; ``policy="ring"`` keeps the most recent ``capacity`` frames. Each frame

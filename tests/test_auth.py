@@ -26,7 +26,7 @@ OPERATOR_ENDPOINTS = [
 ]
 DEVICE_ENDPOINTS = [("GET", "/clients/{client}"), ("GET", "/clients/{client}/updates"), ("GET", "/jobs/{job}/model"),
                     ("GET", "/jobs/{job}/models/{version}"), ("GET", "/jobs/{job}/models/{version}/delta?from={version}"),
-                    ("POST", "/clients/{client}/broker-credentials")]
+                    ("POST", "/clients/{client}/broker-credentials"), ("GET", "/jobs/{job}/preprocessing")]
 
 
 class Fleet:

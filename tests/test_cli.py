@@ -148,6 +148,13 @@ def test_failed_evaluations_show_their_reason_not_a_dash() -> None:
                "federated_eval": {"status": "pending", "reason": "devices score this version in round 3"}}]
     _, rows = cli.rounds_table(rounds)
     assert rows[0][7:9] == ["failed", "failed"] and rows[1][7:9] == ["-", "pending"]
+    assert cli.eval_summary({"eval": {"dataset": "imagefolder", "path": "/h", "holdout_fraction": 0.1}}) == \
+        "server-side on /h + devices on 10% held-out data"
+    assert cli.eval_summary({"eval": None}) == "none"
+    final = {"status": "not_run", "reason": "final version"}
+    assert cli.eval_notes([{"round": 5, "eval": None, "federated_eval": final}]) == [
+        "round 5: device evaluation not run: final version"]
+    assert cli.eval_notes([{"round": 5, "eval": {"accuracy": 0.9}, "federated_eval": final}]) == []
     notes = cli.eval_notes(rounds)
     assert notes == ["round 1: server evaluation failed: the digits set has 10 classes but the model has 5",
                      "round 1: device evaluation failed: none of the 3 device(s) reported a held-out score"]

@@ -291,3 +291,24 @@ def test_devices_get_broker_identities_and_only_their_own(server: CoordinatorHan
     assert not gone.accepted
     gone.close()
     assert requests.post(url, headers={"Authorization": f"Bearer {other['token']}"}, timeout=5).status_code == 401
+
+
+def test_buffer_is_set_up_for_its_job_at_start_so_frames_are_not_kept_raw(server: CoordinatorHandle,
+                                                                          tmp_path: Path) -> None:
+    from edge_sdk.job_data import preprocessing_from_job
+    from edge_sdk.preprocess import Preprocessing
+
+    body = {"name": "cams", "model": {"arch": "small_cnn", "num_classes": 3, "image_size": 12}, "eval": None}
+    job = requests.post(f"{server.url}/api/v1/jobs", json=body, timeout=120, headers=operator(server)).json()
+    expected = Preprocessing.create(12, 3, {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}, 255)
+    assert preprocessing_from_job(job["config"]) == expected
+    buffer = SampleBuffer(capacity=4)
+    client = EdgeClient(server.url, dataset=buffer, cache_dir=tmp_path, jobs=[job["id"]],
+                          enroll_secret=secret(server))
+    client.start()
+    try:
+        assert buffer.spec == expected
+        buffer.add(np.zeros((480, 640, 3), np.uint8), 1)
+        assert buffer._images[0].shape == (3, 12, 12)  # prepared on add, not stored at 640x480
+    finally:
+        client.stop()

@@ -162,6 +162,15 @@ def get_job(job_id: str) -> Any:
     return jsonify(_job_view(_job(job_id)))
 
 
+@api.get("/jobs/<job_id>/preprocessing")
+def job_preprocessing(job_id: str) -> Any:
+    """What a device needs to prepare frames before its first task (no other job details; devices may read it)."""
+    cfg = _job(job_id)["config"]
+    model = cfg["model"]
+    return jsonify(model={"image_size": model["image_size"], "in_channels": model["in_channels"]},
+                   normalization=cfg.get("normalization"), input_scale=cfg.get("input_scale"))
+
+
 @api.post("/jobs/<job_id>/start")
 def start_job(job_id: str) -> Any:
     return _transition(job_id, _svc().engine.start_job)

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 PUBLIC_ENDPOINTS = frozenset({"api.health", "api.register_client"})
 DEVICE_ENDPOINTS = frozenset({"api.current_model", "api.get_model", "api.model_delta", "api.get_client",
-                              "api.client_updates", "api.broker_credentials"})
+                              "api.client_updates", "api.broker_credentials",
+                              "api.job_preprocessing"})
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="fedsight"'}
 
 

@@ -210,12 +210,26 @@ def cmd_job(args: argparse.Namespace) -> int:
         cfg = job["config"]
         print(f"job {_job_id(job)} ({job.get('name', '')}): {job.get('status')}, round {job.get('current_round', 0)}"
               f"/{cfg.get('rounds', '?')}, {cfg['model']['arch']}, codec {spec_text.codec_label(cfg.get('codec'))}")
+        print(f"evaluation: {eval_summary(cfg)}")
         if job.get("error"):
             print(f"error: {job['error']}")
         print(format_table(*rounds_table(rounds)) if rounds else "no rounds yet")
         for note in eval_notes(rounds):
             print(note)
     return 0
+
+
+def eval_summary(cfg: dict[str, Any]) -> str:
+    """How the job's versions are scored, in words (the columns below depend on it)."""
+    ev = cfg.get("eval") or {}
+    parts = []
+    if ev.get("dataset") == "imagefolder":
+        parts.append(f"server-side on {ev.get('path')}")
+    elif ev.get("dataset"):
+        parts.append(f"server-side on {ev['dataset']}")
+    if ev.get("holdout_fraction"):
+        parts.append(f"devices on {ev['holdout_fraction']:.0%} held-out data")
+    return " + ".join(parts) or "none"
 
 
 def _score(value: dict[str, Any] | None) -> str:
@@ -236,7 +250,8 @@ def eval_notes(rounds: Sequence[dict[str, Any]]) -> list[str]:
         if (r.get("eval") or {}).get("error"):
             notes.append(f"round {r.get('round')}: server evaluation failed: {r['eval']['error']}")
         fed = r.get("federated_eval") or {}
-        if fed.get("status") in ("failed", "not_run"):
+        server_scored = (r.get("eval") or {}).get("accuracy") is not None
+        if fed.get("status") == "failed" or (fed.get("status") == "not_run" and not server_scored):
             notes.append(f"round {r.get('round')}: device evaluation {fed['status'].replace('_', ' ')}: "
                          f"{fed.get('reason', '')}")
     return notes

@@ -263,11 +263,13 @@ class JobRunner:
 
     def _finish(self, job: dict[str, Any]) -> None:
         eng = self.ctx
+        hint = "see its server-side eval" if (job["config"].get("eval") or {}).get("dataset") else \
+            "give the job eval.dataset imagefolder for a server-side score"
         for r in eng.store.get_rounds(self.job_id):  # the final version has no later round to be scored in
             if (r.get("federated_eval") or {}).get("status") == "pending":
                 eng.store.update_round(self.job_id, r["round"], r["attempt"], federated_eval={
-                    "status": "not_run", "reason": "final version: devices score a version in the round after "
-                                                   "it; give the job eval.dataset imagefolder for a server-side score"})
+                    "status": "not_run", "reason": f"final version: devices score a version in the round after "
+                                                   f"it; {hint}"})
         eng.store.update_job(self.job_id, status="finished")
         eng.send_event(self.job_id, {"type": "job_finished", "job_id": self.job_id, "round": job["current_round"],
                                      "version": job["current_version"],
