@@ -96,5 +96,3 @@ class UpdateLimits:
     def clipper(self) -> RoundClipper:
         return RoundClipper(self.bound)
 
-
-NO_LIMITS = UpdateLimits()  # plain FedAvg semantics; what a Strategy uses when given none
