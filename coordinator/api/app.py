@@ -96,6 +96,7 @@ def _job_view(job: dict[str, Any]) -> dict[str, Any]:
     view["open_round"] = None if rnd is None else {
         "round": rnd.round, "attempt": rnd.attempt, "selected": sorted(rnd.selected), "accepted": rnd.accepted,
         "rejected": rnd.rejected, "deadline": rnd.deadline}
+    view["notice"] = _svc().engine.notice(job["id"])  # why it is not progressing now (stalled, disk full)
     return view
 
 

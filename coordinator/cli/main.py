@@ -137,8 +137,10 @@ def cmd_job(args: argparse.Namespace) -> int:
         cfg = job["config"]
         print(f"job {_job_id(job)} ({job.get('name', '')}): {job.get('status')}, round {job.get('current_round', 0)}"
               f"/{cfg.get('rounds', '?')}, {cfg['model']['arch']}, codec {spec_text.codec_label(cfg.get('codec'))}")
-        if job.get("error"):
-            print(f"error: {job['error']}")
+        if job.get("notice"):
+            print(f"notice: {job['notice']}")
+        if job.get("error") and job.get("error") != job.get("notice"):
+            print(f"{'waiting' if job.get('status') == 'paused' else 'error'}: {job['error']}")
         print(format_table(*rounds_table(rounds)) if rounds else "no rounds yet")
     return 0
 

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from coordinator.mqtt.presence import Presence
 from coordinator.rounds.jobspec import HARD_MAX_UPDATE_BYTES
+from coordinator.rounds.journal import RoundJournal
 from coordinator.storage.exports import OnnxExports
 from coordinator.storage.model_store import ModelStore
 from coordinator.storage.store import Store
@@ -26,6 +27,8 @@ class EngineConfig:
     wait_log_s: float = 30.0
     poll_s: float = 0.25
     export_onnx: bool = True
+    stall_timeout_s: float = 300.0  # default for a job's "stall_timeout_s": no progress this long is reported
+    storage_retry_s: float = 2.0  # a round that cannot be committed (disk full) is retried this often
 
 
 class Evaluates(Protocol):
@@ -46,3 +49,4 @@ class RunnerContext:
     send_event: Callable[[str, dict[str, Any]], None]
     eligible_clients: Callable[[str], list[str]]
     model_url: Callable[[str, str], str]
+    journal: RoundJournal | None = None  # durable spool + strategy state; None: rounds restart after a crash

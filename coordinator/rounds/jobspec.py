@@ -17,6 +17,7 @@ from coordinator.rounds.strategy import make_strategy
 DEFAULT_MAX_UPDATE_BYTES = 64 << 20
 HARD_MAX_UPDATE_BYTES = 256 << 20
 EVAL_DATASETS = ("digits",)
+ON_STALL = ("pause", "fail")  # what a job does once no progress was possible for stall_timeout_s
 
 
 class JobSpecError(ValueError):
@@ -69,7 +70,8 @@ def _default_normalization(channels: int, eval_dataset: str | None) -> dict[str,
 def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Validate a job body and return the full config with every default filled in."""
     top = {"name", "model", "rounds", "clients_per_round", "min_clients", "round_timeout_s", "train", "codec",
-           "eval", "seed", "class_names", "normalization", "max_update_bytes", "strategy"}
+           "eval", "seed", "class_names", "normalization", "max_update_bytes", "strategy", "stall_timeout_s",
+           "on_stall"}
     body = _object(body, top, "")
     name = _get(body, "name", str, "job", "")
     if not 1 <= len(name) <= 200:
@@ -123,6 +125,10 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
     if any(v <= 0 for v in norm["std"]):
         raise JobSpecError("'normalization.std' values must be positive")
     max_bytes = _get(body, "max_update_bytes", int, DEFAULT_MAX_UPDATE_BYTES, "", lo=1024, hi=HARD_MAX_UPDATE_BYTES)
+    stall = _get(body, "stall_timeout_s", float, None, "", lo=1.0, hi=7 * 24 * 3600, nullable=True)
+    on_stall = _get(body, "on_stall", str, "pause", "")
+    if on_stall not in ON_STALL:
+        raise JobSpecError(f"'on_stall' must be one of {', '.join(ON_STALL)}, got {on_stall!r}")
     try:
         strategy = make_strategy(body.get("strategy")).spec()
     except ValueError as exc:
@@ -132,7 +138,7 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
             "rounds": rounds, "clients_per_round": k, "min_clients": min_clients, "round_timeout_s": timeout,
             "train": train_cfg, "codec": codec, "eval": eval_cfg, "seed": seed, "class_names": class_names,
             "normalization": {"mean": [float(v) for v in norm["mean"]], "std": [float(v) for v in norm["std"]]},
-            "max_update_bytes": max_bytes, "strategy": strategy}
+            "max_update_bytes": max_bytes, "strategy": strategy, "stall_timeout_s": stall, "on_stall": on_stall}
 
 
 def model_meta(job_id: str, config: dict[str, Any], round_: int, **extra: Any) -> dict[str, Any]:

@@ -36,10 +36,11 @@ WRONG_NUMEL = "wrong_numel"
 BAD_PAYLOAD = "bad_payload"
 NON_FINITE = "non_finite"
 INTERNAL_ERROR = "internal_error"
+UNAVAILABLE = "unavailable"  # the coordinator could not store the update durably (e.g. disk full): send it later
 
 REASON_CODES = (OVERSIZE, MALFORMED, TRUNCATED, UNKNOWN_CLIENT, BAD_TOKEN, CLIENT_MISMATCH, WRONG_JOB,
                 STALE_ROUND, NOT_SELECTED, OLD_BASE_VERSION, DUPLICATE, WRONG_CODEC, WRONG_NUMEL, BAD_PAYLOAD,
-                NON_FINITE, INTERNAL_ERROR)
+                NON_FINITE, INTERNAL_ERROR, UNAVAILABLE)
 
 # Keys of a codec spec that only change how a device *encodes* (its residual, its rounding noise); a
 # device may choose them freely, everything else must match the round's codec exactly.
