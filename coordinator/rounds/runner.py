@@ -11,6 +11,7 @@ crash ``recovery.restore_open_round`` re-opens the interrupted attempt from the 
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -34,9 +35,9 @@ from coordinator.rounds.strategy import Strategy, make_strategy, round_seed
 
 log = logging.getLogger(__name__)
 
-# Test-only fault injection: seconds to sleep between aggregating a round and committing it, so a fault suite
-# can SIGKILL the coordinator "during aggregation" deterministically. Unset in production.
-_COMMIT_DELAY_ENV = "FEDSIGHT_FAULT_COMMIT_DELAY_S"
+# Test-only fault injection: while the file this names exists, a round waits between aggregation and commit,
+# so a fault suite can SIGKILL the coordinator "during aggregation" deterministically. Unset in production.
+_COMMIT_HOLD_ENV = "FEDSIGHT_FAULT_COMMIT_HOLD"
 
 
 class JobFailed(Exception):
@@ -277,11 +278,13 @@ class JobRunner:
         Returns the new version, or None if the job was stopped while retrying.
         """
         eng = self.ctx
-        delay = float(os.environ.get(_COMMIT_DELAY_ENV) or 0)
-        if delay > 0:
-            log.warning("fault injection: committing job %s round %d in %.1f s", self.job_id, rnd.round, delay)
-            if self.stop_event.wait(delay):
-                return None
+        hold = os.environ.get(_COMMIT_HOLD_ENV)
+        if hold and os.path.exists(hold):
+            log.warning("fault injection: holding commit of job %s round %d attempt %d (version %s, %d accepted)",
+                        self.job_id, rnd.round, rnd.attempt, hashlib.sha256(data).hexdigest(), rnd.accepted)
+            while os.path.exists(hold):
+                if self.stop_event.wait(0.1):
+                    return None
         while True:
             try:
                 version = eng.models.put(data)
