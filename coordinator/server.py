@@ -105,6 +105,8 @@ def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fed
     try:
         services = build_services(data_dir, engine_config=engine_config, evaluate=evaluate)
         bridge = MqttBridge(services.engine, address)
+        if resume:
+            services.engine.hold_updates()  # queued updates wait for their re-opened rounds (issue 10)
         bridge.start()
         app = create_app({"services": services})
         http = create_server(app, host=host, port=port, threads=threads, ident="fedsight")
@@ -122,10 +124,15 @@ def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fed
         thread = threading.Thread(target=http.run, name="waitress", daemon=True)
         thread.start()
         if resume:
-            resumed = services.engine.resume()
+            try:
+                resumed = services.engine.resume()
+            finally:
+                services.engine.release_updates()
             if resumed:
                 log.info("resumed running job(s): %s", ", ".join(resumed))
     except BaseException:
+        if services is not None:
+            services.engine.release_updates()
         if bridge is not None:
             bridge.stop()
         if services is not None:

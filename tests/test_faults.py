@@ -74,8 +74,8 @@ def test_bad_on_stall_is_refused(env) -> None:
 def test_restart_reaggregates_spooled_updates_without_double_counting(env) -> None:
     e = env(rounds=1, round_timeout_s=30.0)
     e.engine.start_job(JOB)
-    rnd = e.open_round(1, 1)
-    raw_a, sent_a = e.update("a", np.full(e.numel, 0.5, np.float32))
+    e.open_round(1, 1)
+    raw_a, _ = e.update("a", np.full(e.numel, 0.5, np.float32))
     assert e.engine.submit("a", raw_a).accepted
     assert (e.svc.data_dir / "journal" / "spool" / JOB / "1-1" / "a.upd").read_bytes() == raw_a
     e.engine.shutdown()  # like a crash: the round is still open in the store
@@ -91,8 +91,8 @@ def test_restart_reaggregates_spooled_updates_without_double_counting(env) -> No
         assert sorted(tasks) == [topics.task_topic("b"), topics.task_topic("c")]  # only those still owed
         dup = engine2.submit("a", raw_a)  # a device re-sending after the lost ack
         assert dup.code == validation.DUPLICATE
-        raw_b, _ = e.update("b", np.full(e.numel, -0.5, np.float32))
-        raw_c, _ = e.update("c", np.zeros(e.numel, np.float32))
+        raw_b, _ = e.update("b", np.full(e.numel, -0.5, np.float32), base=e.version0)
+        raw_c, _ = e.update("c", np.zeros(e.numel, np.float32), base=e.version0)
         assert engine2.submit("b", raw_b).accepted and engine2.submit("c", raw_c).accepted
         assert engine2.wait_idle(JOB, 10)
         r = e.store.get_round(JOB, 1, 1)

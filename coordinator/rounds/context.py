@@ -28,6 +28,7 @@ class EngineConfig:
     poll_s: float = 0.25
     export_onnx: bool = True
     stall_timeout_s: float = 300.0  # default for a job's "stall_timeout_s": no progress this long is reported
+    resume_hold_s: float = 60.0  # at most this long, updates wait for a restart to re-open their rounds
     storage_retry_s: float = 2.0  # a round that cannot be committed (disk full) is retried this often
 
 

@@ -89,6 +89,16 @@ class RoundEngine:
         self.exports = exports
         self._runners: dict[str, JobRunner] = {}
         self._lock = threading.RLock()
+        self._intake_open = threading.Event()  # cleared while a restart re-opens rounds (hold_updates)
+        self._intake_open.set()
+
+    def hold_updates(self) -> None:
+        """Make ``submit`` wait (not reject) until :meth:`release_updates`: the server holds updates the broker
+        queued for us while we were down until ``resume`` has re-opened their rounds."""
+        self._intake_open.clear()
+
+    def release_updates(self) -> None:
+        self._intake_open.set()
 
     # ------------------------------------------------------------------------------------------- jobs
 
@@ -248,6 +258,8 @@ class RoundEngine:
 
     def submit(self, topic_client_id: str, raw: bytes) -> Verdict:
         """Validate, aggregate, record and ack one update message. Never raises."""
+        if not self._intake_open.wait(self.config.resume_hold_s):
+            log.warning("updates still held after %.0f s; handling them anyway", self.config.resume_hold_s)
         nbytes = len(raw)
         header: UpdateHeader | None = None
         rnd: OpenRound | None = None

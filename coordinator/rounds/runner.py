@@ -53,6 +53,8 @@ class JobRunner:
         self.restore = restore  # re-open an interrupted round from the journal (coordinator restart)
         self.notice: str | None = None  # why the job is not progressing right now (REST, `job status`)
         self.paused = False
+        self._strategy: Strategy | None = None
+        self._pending: tuple[OpenRound, dict[str, Any]] | None = None
         self._on_done = on_done
         self.job_id = job_id
         self.stop_event = threading.Event()
@@ -63,6 +65,15 @@ class JobRunner:
     # ------------------------------------------------------------------------------------------ control
 
     def start(self) -> None:
+        """Start the round thread. With ``restore``, the interrupted round is re-opened first, on the caller's
+        thread, so updates that were queued for it while the coordinator was down find it open."""
+        if self.restore:
+            job = self._job()
+            self._strategy = make_strategy(job["config"].get("strategy"))
+            load_strategy_state(self.ctx, job, self._strategy)
+            self._pending = restore_open_round(self.ctx, job, self._strategy)
+            if self._pending is not None:
+                self.current = self._pending[0]
         self.thread.start()
 
     def stop(self, interrupted: bool = False) -> None:
@@ -85,9 +96,10 @@ class JobRunner:
         try:
             job = self._job()
             cfg = job["config"]
-            strategy = make_strategy(cfg.get("strategy"))
-            load_strategy_state(self.ctx, job, strategy)
-            pending = restore_open_round(self.ctx, job, strategy) if self.restore else None
+            strategy = self._strategy or make_strategy(cfg.get("strategy"))
+            if self._strategy is None:
+                load_strategy_state(self.ctx, job, strategy)
+            pending, self._pending = self._pending, None
             self._baseline_eval(job)
             failures = 0
             while job["current_round"] < cfg["rounds"] and not self.stop_event.is_set():
