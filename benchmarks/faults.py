@@ -62,7 +62,7 @@ def main() -> None:
         try:
             base = sc.baseline(fed)
             rows.append(base)
-            for run in (sc.kill_devices, sc.sigstop_device,
+            for run in (sc.kill_devices, sc.sigstop_device, sc.partition_device,
                         lambda f: sc.restart_broker(f, persistence=False, mid_upload=False),
                         lambda f: sc.restart_broker(f, persistence=True, mid_upload=True),
                         lambda f: sc.kill_coordinator(f, during_aggregation=False),

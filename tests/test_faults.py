@@ -175,6 +175,15 @@ def test_sigstopped_device_does_not_hold_the_round_and_its_late_update_is_stale(
     assert row["victim_accepted_later"], row
 
 
+def test_device_cut_off_from_the_broker_longer_than_a_round(fed: Federation, base: dict) -> None:
+    row = sc.partition_device(fed)
+    check(row, base, max_lost=0)
+    assert row["round_closed_while_cut"], row  # the round did not wait for the lost device
+    if row["victim_selected"] and not row["victim_accepted_in_fault_round"]:
+        assert any(r.startswith("stale_round: ") for r in row["victim_stale_reasons"]), row
+    assert row["victim_accepted_later"], row
+
+
 def test_broker_restart_mid_round_without_persistence(fed: Federation, base: dict) -> None:
     row = sc.restart_broker(fed, persistence=False, mid_upload=False)
     check(row, base, max_lost=1)

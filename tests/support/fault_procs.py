@@ -89,7 +89,7 @@ class CoordinatorProcess:
                 "--broker", self.broker_url),
             stdout=log, stderr=subprocess.STDOUT, env={**child_env(), **self.extra_env, **(env or {})}, cwd=ROOT)
         log.close()
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"coordinator exited early:\n{self.log_text()[-3000:]}")
@@ -147,3 +147,83 @@ def fill_disk(directory: Path, leave_bytes: int = 0) -> Path:
             except OSError:
                 continue
     return filler
+
+
+class TcpProxy:
+    """A loopback TCP forwarder in front of the broker for one device: ``cut(seconds)`` drops its connections
+    and refuses new ones for that long, i.e. the device loses the broker while everything else keeps it."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+        import threading
+
+        self._socket_mod, self._threading = socket, threading
+        self.target_port = target_port
+        self.port = free_port()
+        self._conns: list = []
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._listener = None
+        self._listen()
+
+    def _listen(self) -> None:
+        sock = self._socket_mod.socket()
+        sock.setsockopt(self._socket_mod.SOL_SOCKET, self._socket_mod.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(16)
+        self._listener = sock
+        self._threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
+
+    def _accept(self, listener) -> None:  # noqa: ANN001
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = self._socket_mod.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst) -> None:  # noqa: ANN001
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def _drop_all(self) -> None:
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            try:
+                s.shutdown(self._socket_mod.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def cut(self, seconds: float) -> None:
+        """Partition: close the listener and every connection, wait, then listen again on the same port."""
+        if self._listener is not None:
+            self._listener.close()
+        self._drop_all()
+        time.sleep(seconds)
+        self._listen()
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+        self._drop_all()

@@ -19,7 +19,7 @@ import paho.mqtt.client as mqtt
 
 from edge_sdk.protocol import topics
 from tests.support.fault_procs import fill_disk
-from tests.support.federation import Federation, job_body, wait_until
+from tests.support.federation import STARTUP_S, Federation, job_body, wait_until
 from tests.support.processes import ROOT, child_env, cli
 
 ROUNDS = 5
@@ -59,7 +59,7 @@ def kill_devices(fed: Federation) -> dict[str, Any]:
     row = _run(fed, "kill 30% of devices mid-round", inject)
     for i in victims:  # back for the next scenario
         fed.start_device(i)
-    wait_until(lambda: fed.online() >= fed.n, 120, "killed devices back online")
+    wait_until(lambda: fed.online() >= fed.n, STARTUP_S, "killed devices back online")
     return row
 
 
@@ -173,7 +173,7 @@ def restart_device(fed: Federation) -> dict[str, Any]:
         fed.kill_device(idx)
         log_mark = len(fed.device_log(idx))
         fed.start_device(idx)
-        wait_until(lambda: "online via" in fed.device_log(idx)[log_mark:], 120, "the restarted device online")
+        wait_until(lambda: "online via" in fed.device_log(idx)[log_mark:], STARTUP_S, "the restarted device online")
         pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="observer-republish")
         pub.connect("127.0.0.1", fed.broker.port)
         pub.loop_start()
@@ -242,4 +242,26 @@ def disk_full(fed: Federation) -> dict[str, Any]:
     closed = [r for r in fed.rounds(row["job_id"]) if r["round"] == FAULT_ROUND and r["status"] == "closed"]
     row["fault_round_participants"] = closed[0]["participants"] if closed else []
     row["fault_round_attempt"] = closed[0]["attempt"] if closed else None
+    return row
+
+
+def partition_device(fed: Federation) -> dict[str, Any]:
+    """The last device loses the broker (its TCP path is cut) as a round opens, for longer than the round;
+    everything else keeps the broker. Its late update must be rejected as stale and it must rejoin later."""
+    timeout_s = 8.0
+    victim = fed.ids[fed.n - 1]
+
+    def inject(job_id: str) -> dict[str, Any]:
+        rnd = fed.open_round(job_id, FAULT_ROUND)
+        t0 = time.monotonic()
+        fed.proxy.cut(timeout_s + 4.0)
+        closed = [r for r in fed.rounds(job_id) if r["round"] == FAULT_ROUND and r["status"] != "open"]
+        return {"victim": victim, "victim_selected": victim in rnd["selected"], "deadline_s": timeout_s,
+                "round_closed_while_cut": bool(closed), "cut_s": round(time.monotonic() - t0, 1)}
+
+    row = _run(fed, "device loses the broker longer than a round", inject, timeout_s=timeout_s)
+    mine = [u for u in fed.updates(row["job_id"]) if u["client_id"] == victim]
+    row["victim_accepted_in_fault_round"] = any(u["status"] == "accepted" and u["round"] == FAULT_ROUND for u in mine)
+    row["victim_stale_reasons"] = [u["reason"] for u in mine if u["status"] == "rejected"]
+    row["victim_accepted_later"] = any(u["status"] == "accepted" and u["round"] > FAULT_ROUND for u in mine)
     return row

@@ -17,10 +17,11 @@ from typing import Any
 
 import requests
 
-from tests.support.fault_procs import CoordinatorProcess, RestartableMosquitto, mount_tmpfs, unmount
+from tests.support.fault_procs import CoordinatorProcess, RestartableMosquitto, TcpProxy, mount_tmpfs, unmount
 from tests.support.processes import ROOT, child_env, cli, stop_process
 
 HOLD_FILE = "hold-commit"
+STARTUP_S = 300.0  # device processes import torch; on a loaded 2-core machine six of them take minutes
 
 
 def job_body(name: str, rounds: int, devices: int, min_clients: int = 3, timeout_s: float = 10.0,
@@ -49,17 +50,25 @@ class Federation:
     def __init__(self, workdir: Path, devices: int = 6, persistence: bool = False, tmpfs_mb: int = 0) -> None:
         self.workdir = workdir
         self.n = devices
-        self.broker = RestartableMosquitto(workdir / "broker", persistence=persistence)
+        self.devices: dict[int, subprocess.Popen] = {}
+        self.broker: RestartableMosquitto | None = None
+        self.coord: CoordinatorProcess | None = None  # type: ignore[assignment]
+        self.proxy: TcpProxy | None = None
         self.data_dir = workdir / "coordinator-data"
         self.tmpfs = bool(tmpfs_mb) and mount_tmpfs(self.data_dir, tmpfs_mb)
         self.hold_file = workdir / HOLD_FILE
-        self.coord = CoordinatorProcess(workdir, self.broker.url, self.data_dir,
-                                        env={"FEDSIGHT_FAULT_COMMIT_HOLD": str(self.hold_file)})
-        self.devices: dict[int, subprocess.Popen] = {}
-        for i in range(devices):
-            self.start_device(i)
-        self.ids = {i: self._client_id(i) for i in range(devices)}
-        wait_until(lambda: self.online() >= devices, 90, f"{devices} devices online")
+        try:
+            self.broker = RestartableMosquitto(workdir / "broker", persistence=persistence)
+            self.coord = CoordinatorProcess(workdir, self.broker.url, self.data_dir,
+                                            env={"FEDSIGHT_FAULT_COMMIT_HOLD": str(self.hold_file)})
+            self.proxy = TcpProxy(self.broker.port)  # the last device reaches the broker through it (partitions)
+            for i in range(devices):
+                self.start_device(i)
+            self.ids = {i: self._client_id(i) for i in range(devices)}
+            wait_until(lambda: self.online() >= devices, STARTUP_S, f"{devices} devices online")
+        except BaseException:
+            self.close()  # never leave a process behind, even when start-up fails
+            raise
 
     # ------------------------------------------------------------------------------------------ processes
     def start_device(self, i: int) -> None:
@@ -67,13 +76,14 @@ class Federation:
         self.devices[i] = subprocess.Popen(
             cli("client", "--coordinator", self.coord.url, "--dataset", "digits", "--partition", "iid",
                 "--num-partitions", str(self.n), "--partition-index", str(i),
-                "--cache-dir", str(self.workdir / f"device-{i}"), "-v"),
+                "--cache-dir", str(self.workdir / f"device-{i}"),
+                *(["--broker", f"mqtt://127.0.0.1:{self.proxy.port}"] if i == self.n - 1 else [])),
             stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT)
         log.close()
 
     def _client_id(self, i: int) -> str:
         creds = self.workdir / f"device-{i}" / "credentials.json"
-        wait_until(creds.exists, 90, f"device {i} registered")
+        wait_until(creds.exists, STARTUP_S, f"device {i} registered")
         return str(json.loads(creds.read_text())["client_id"])
 
     def index_of(self, client_id: str) -> int:
@@ -101,8 +111,12 @@ class Federation:
                 except ProcessLookupError:
                     pass
             stop_process(proc)
-        self.coord.stop()
-        self.broker.close()
+        if self.coord is not None:
+            self.coord.stop()
+        if self.proxy is not None:
+            self.proxy.close()
+        if self.broker is not None:
+            self.broker.close()
         if self.tmpfs:
             unmount(self.data_dir)
 
