@@ -7,18 +7,18 @@ on the same seed. The federation's processes are stopped by PID when the module 
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from coordinator.rounds.engine import EngineConfig, MemoryPublisher, RoundEngine
+from coordinator.rounds.engine import MemoryPublisher, RoundEngine
 from coordinator.rounds.journal import RoundJournal
 from coordinator.rounds.strategy import make_strategy
 from coordinator.rounds import validation
 from edge_sdk.protocol import topics
+from edge_sdk.protocol.codecs import Decoded
 from tests.support import fault_scenarios as sc
 from tests.support.federation import Federation
 from tests.test_engine import JOB, Env, wait_for
@@ -123,7 +123,6 @@ def test_fedadam_moments_survive_a_restart(tmp_path: Path) -> None:
     journal = RoundJournal(tmp_path)
     s1 = make_strategy({"name": "fedadam"})
     acc = s1.begin(np.zeros(4, np.float32))
-    from edge_sdk.protocol.codecs import Decoded
     acc.add(Decoded(None, np.array([1, -1, 0.5, 0], np.float32)), 1)
     acc.finalize()
     journal.save_strategy("job-x", 3, s1.state())
