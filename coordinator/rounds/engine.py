@@ -312,12 +312,19 @@ class RoundEngine:
         accepted into memory only (it would be lost by a crash while the device believes it delivered)."""
         if self.journal is None:
             return
+        with self._lock:
+            runner = self._runners.get(rnd.job_id)
         try:
             self.journal.save_update(rnd.job_id, rnd.round, rnd.attempt, client_id, raw)
         except OSError as exc:
             log.error("cannot store an update of %s for job %s round %d: %s", client_id, rnd.job_id, rnd.round, exc)
+            if runner is not None:
+                runner.notice = (f"round {rnd.round}: cannot store incoming updates ({type(exc).__name__}: {exc}); "
+                                 "devices are told to send them again later")
             raise Rejected(validation.UNAVAILABLE, f"coordinator storage is failing ({exc.strerror or exc}); "
                                                    "the update was not counted, send it again later") from None
+        if runner is not None and runner.notice and "cannot store incoming updates" in runner.notice:
+            runner.notice = None
 
     def _file_rejection(self, client_id: str, header: UpdateHeader | None, nbytes: int) -> OpenRound | None:
         """Count a rejected message against the round it was meant for (uplink bytes, rejected count)."""

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import requests
 
 from edge_sdk.protocol import topics
 from tests.support.fault_procs import fill_disk
@@ -29,8 +30,16 @@ FAULT_ROUND = 2
 def _run(fed: Federation, name: str, inject: Any, rounds: int = ROUNDS, **job: Any) -> dict[str, Any]:
     job_id = fed.create_job(job_body(name, rounds, fed.n, **job))
     t0 = time.monotonic()
-    evidence = inject(job_id) if inject else {}
-    final = fed.wait_finished(job_id, timeout=240)
+    try:
+        evidence = inject(job_id) if inject else {}
+        final = fed.wait_finished(job_id, timeout=240)
+    except BaseException:  # a failed scenario must not leave its job running into the next one
+        fed.hold_file.unlink(missing_ok=True)
+        try:
+            requests.post(f"{fed.coord.api}/jobs/{job_id}/stop", timeout=60)
+        except requests.RequestException:
+            pass
+        raise
     return {"scenario": name, "job_id": job_id, "status": final["status"], "error": final.get("error"),
             "wall_s": round(time.monotonic() - t0, 1), **fed.summary(job_id), **(evidence or {})}
 
@@ -114,7 +123,8 @@ def kill_coordinator(fed: Federation, during_aggregation: bool) -> dict[str, Any
     def inject(job_id: str) -> dict[str, Any]:
         held_version = None
         if during_aggregation:
-            fed.hold_file.touch()
+            fed.open_round(job_id, FAULT_ROUND)
+            fed.hold_file.touch()  # removed below, or by Federation.close if this fails
             pattern = re.compile(rf"holding commit of job {job_id} round {FAULT_ROUND} attempt (\d+) "
                                  r"\(version ([0-9a-f]{64}), (\d+) accepted\)")
             m = wait_until(lambda: pattern.search(fed.coord.log_text()), 120, "the held commit")
@@ -220,9 +230,10 @@ class DiskFull:
 
 
 def disk_full(fed: Federation) -> dict[str, Any]:
-    """Fill the coordinator's data directory once 3 updates of a round are accepted; free it after 8 s."""
+    """Fill the coordinator's data directory once an update of a round is accepted; free it once the coordinator
+    has said so (REST notice, `job status`) and 4 s more have passed."""
     def inject(job_id: str) -> dict[str, Any]:
-        rnd = fed.open_round(job_id, FAULT_ROUND, min_accepted=3)
+        rnd = fed.open_round(job_id, FAULT_ROUND, min_accepted=1)
         full = DiskFull(fed)
         full.fill()
         before = {u["client_id"] for u in fed.updates(job_id)
@@ -238,7 +249,7 @@ def disk_full(fed: Federation) -> dict[str, Any]:
                 "fault_attempt": rnd["attempt"], "recover_s": round(time.monotonic() - t_free, 2),
                 "full_disk_by": full.how}
 
-    row = _run(fed, "coordinator disk full", inject, timeout_s=15.0)
+    row = _run(fed, "coordinator disk full", inject, timeout_s=30.0)
     closed = [r for r in fed.rounds(row["job_id"]) if r["round"] == FAULT_ROUND and r["status"] == "closed"]
     row["fault_round_participants"] = closed[0]["participants"] if closed else []
     row["fault_round_attempt"] = closed[0]["attempt"] if closed else None

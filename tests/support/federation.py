@@ -104,6 +104,7 @@ class Federation:
         self.coord.start()
 
     def close(self) -> None:
+        self.hold_file.unlink(missing_ok=True)
         for proc in self.devices.values():
             if proc.poll() is None:
                 try:
