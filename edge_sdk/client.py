@@ -259,6 +259,8 @@ class EdgeClient:
                 newer.append(item)
             for t in newer:
                 if t.get("job_id") == task.get("job_id") and t.get("round", 0) >= task.get("round", 0):
+                    log.info("skipping task for job %s round %s: a newer one (round %s) is queued",
+                             task.get("job_id"), task.get("round"), t.get("round"))
                     task = t
             try:
                 self.handle_task(task)

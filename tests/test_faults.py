@@ -1,7 +1,7 @@
 """Issue 10: faults injected from outside into real processes (Mosquitto, coordinator, device processes),
 plus in-process checks of the recovery pieces (stall reporting, re-aggregation, strategy state).
 
-Every process-level scenario runs one small_cnn/digits job (6 devices, 5 rounds, IID shards) and must finish,
+Every process-level scenario runs one small_cnn/digits job (6 devices, 6 rounds, IID shards) and must finish,
 lose at most the rounds it says, count no update twice and end within 1 accuracy point of the fault-free job
 on the same seed. The federation's processes are stopped by PID when the module ends.
 """
@@ -221,6 +221,7 @@ def test_device_restart_mid_round_resumes_residual_and_sends_once(fed: Federatio
     row = sc.restart_device(fed)
     check(row, base, max_lost=0)
     assert row["skipped_duplicate_task"] and row["victim_accepts_in_fault_round"] == 1, row
+    assert row["victim_sends_in_fault_round"] == 1, row
     assert row["residual_resumed"] and row["victim_accepted_later"], row
 
 
@@ -232,3 +233,19 @@ def test_full_data_dir_reports_clearly_and_loses_nothing_accepted(fed: Federatio
     assert "notice: " + row["notice"][:40] in row["cli_status"], row
     assert row["fault_round_attempt"] == row["fault_attempt"], row
     assert set(row["accepted_before_full"]) <= set(row["fault_round_participants"]), row
+
+
+def test_sent_journal_remembers_the_attempt_and_keeps_bytes_until_acked(tmp_path: Path) -> None:
+    from edge_sdk.sent_journal import SentJournal
+
+    journal = SentJournal(tmp_path)
+    assert not journal.already_sent("job-a", 2, 1) and journal.pending() == []
+    journal.record("job-a", 2, 1, b"update-bytes")
+    again = SentJournal(tmp_path)  # a restarted device
+    assert again.already_sent("job-a", 2, 1) and not again.already_sent("job-a", 2, 2)
+    assert [(p.job_id, p.round, p.attempt, p.message) for p in again.pending()] == [("job-a", 2, 1, b"update-bytes")]
+    again.acked("job-a", 3)  # an ack for another round changes nothing
+    assert len(again.pending()) == 1
+    again.acked("job-a", 2)
+    assert again.pending() == [] and again.already_sent("job-a", 2, 1)
+    assert not any(p.suffix == ".upd" for p in tmp_path.iterdir())

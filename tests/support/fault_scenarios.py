@@ -23,7 +23,7 @@ from tests.support.fault_procs import fill_disk
 from tests.support.federation import STARTUP_S, Federation, job_body, wait_until
 from tests.support.processes import ROOT, child_env, cli
 
-ROUNDS = 5
+ROUNDS = 6
 FAULT_ROUND = 2
 
 
@@ -190,12 +190,19 @@ def restart_device(fed: Federation) -> dict[str, Any]:
         pub.publish(topics.task_topic(victim), json.dumps(task), qos=1).wait_for_publish(10)
         pub.loop_stop()
         pub.disconnect()
-        wait_until(lambda: "not training again" in fed.device_log(idx)[log_mark:], 60, "the duplicate task handled")
+        handled = (f"already sent an update for job {job_id} round {FAULT_ROUND}",
+                   f"skipping task for job {job_id} round {FAULT_ROUND}")
+        wait_until(lambda: any(h in fed.device_log(idx)[log_mark:] for h in handled), 120,
+                   "the re-delivered task handled without training")
         return {"victim": victim, "log_mark": log_mark}
 
     row = _run(fed, "restart a device mid-round", inject)
     after = fed.device_log(idx)[row.pop("log_mark"):]
-    row["skipped_duplicate_task"] = "not training again" in after
+    job_id = row["job_id"]
+    row["skipped_duplicate_task"] = (f"already sent an update for job {job_id} round {FAULT_ROUND}" in after
+                                     or f"skipping task for job {job_id} round {FAULT_ROUND}" in after)
+    # what the device itself says it sent (old and new process): one update for the fault round, ever
+    row["victim_sends_in_fault_round"] = fed.device_log(idx).count(f"job {job_id} round {FAULT_ROUND}: ")
     row["residual_resumed"] = "resumed error-feedback residual" in after
     row["victim_accepts_in_fault_round"] = sum(1 for u in fed.updates(row["job_id"]) if u["client_id"] == victim
                                                and u["round"] == FAULT_ROUND and u["status"] == "accepted")

@@ -27,10 +27,14 @@ STARTUP_S = 300.0  # device processes import torch; on a loaded 2-core machine s
 def job_body(name: str, rounds: int, devices: int, min_clients: int = 3, timeout_s: float = 10.0,
              seed: int = 0, **extra: Any) -> dict[str, Any]:
     """small_cnn on digits, IID shards: any 3+ devices learn the same thing, so fault-free and faulty runs on
-    the same seed end within a point of each other. Top-k with error feedback, so residuals matter."""
+    the same seed end within a point of each other. Top-k with error feedback, so residuals matter.
+
+    lr 0.03 x 4 epochs: in a 6-seed simulation (half of them losing 2 of 6 devices from round 2) final accuracy
+    after 6 rounds spanned 98.6-99.2 % (0.56 points); lr 0.1 x 3 epochs spanned 1.4 points, too noisy to
+    compare runs at a 1-point tolerance."""
     return {"name": name, "model": {"arch": "small_cnn", "num_classes": 10, "in_channels": 1, "image_size": 8},
             "rounds": rounds, "clients_per_round": devices, "min_clients": min_clients,
-            "round_timeout_s": timeout_s, "train": {"epochs": 3, "batch_size": 16, "lr": 0.1},
+            "round_timeout_s": timeout_s, "train": {"epochs": 4, "batch_size": 16, "lr": 0.03},
             "codec": {"name": "topk", "density": 0.25, "values": "float32"}, "eval": {"dataset": "digits"},
             "seed": seed, **extra}
 
