@@ -94,7 +94,8 @@ def job_body(args: argparse.Namespace) -> dict[str, Any]:
     body = pick(name=args.name, rounds=args.rounds, clients_per_round=args.clients_per_round,
                 min_clients=args.min_clients, round_timeout_s=args.round_timeout, codec=args.codec, seed=args.seed,
                 class_names=args.class_names.split(",") if args.class_names else None,
-                max_update_bytes=args.max_update_bytes, strategy=args.strategy)
+                max_update_bytes=args.max_update_bytes, strategy=args.strategy,
+                stall_timeout_s=args.stall_timeout, on_stall=args.on_stall)
     body["model"] = pick(arch=args.arch, num_classes=args.num_classes, in_channels=args.in_channels,
                          image_size=args.image_size)
     body["train"] = pick(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mu=args.mu,
