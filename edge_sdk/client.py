@@ -283,8 +283,8 @@ class EdgeClient:
         """Run one training task end to end and publish the update (also callable directly in tests)."""
         job_id, rnd, attempt = str(task["job_id"]), int(task["round"]), int(task.get("attempt", 1))
         if self.journal.already_sent(job_id, rnd, attempt):  # e.g. a task re-sent after a restart
-            log.info("already sent an update for job %s round %d attempt %d; not training again", job_id, rnd,
-                     attempt)
+            log.info("already sent an update for job %s round %d attempt %d (or a later one); not training again",
+                     job_id, rnd, attempt)
             for item in self.journal.pending():
                 if item.job_id == job_id and item.round == rnd:
                     self._transport.publish(topics.update_topic(self.client_id), item.message)

@@ -53,10 +53,13 @@ class SentJournal:
         return meta if isinstance(meta, dict) and meta.get("job_id") == job_id else None
 
     def already_sent(self, job_id: str, round_: int, attempt: int) -> bool:
-        """True if an update for exactly this round attempt already left this device (acked or not)."""
+        """True if this device already answered this round attempt, or a later one (a task re-delivered after
+        a restart, or one that waited in a queue, must never produce a second or an out-of-date update)."""
         with self._lock:
             meta = self._meta(job_id)
-        return bool(meta and meta.get("round") == round_ and meta.get("attempt") == attempt)
+        if not meta:
+            return False
+        return (int(meta.get("round", 0)), int(meta.get("attempt", 0))) >= (round_, attempt)
 
     def record(self, job_id: str, round_: int, attempt: int, message: bytes) -> None:
         """Persist the update bytes before they are published (outbox first, then the meta that points at it)."""

@@ -243,6 +243,8 @@ def test_sent_journal_remembers_the_attempt_and_keeps_bytes_until_acked(tmp_path
     journal.record("job-a", 2, 1, b"update-bytes")
     again = SentJournal(tmp_path)  # a restarted device
     assert again.already_sent("job-a", 2, 1) and not again.already_sent("job-a", 2, 2)
+    assert again.already_sent("job-a", 1, 3) and not again.already_sent("job-a", 3, 1)  # older: answered
+    assert not again.already_sent("job-b", 1, 1)
     assert [(p.job_id, p.round, p.attempt, p.message) for p in again.pending()] == [("job-a", 2, 1, b"update-bytes")]
     again.acked("job-a", 3)  # an ack for another round changes nothing
     assert len(again.pending()) == 1
