@@ -56,12 +56,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-issue-run", action="store_true", help="only the short scenarios of the test suite")
     args = ap.parse_args()
-    rows = []
+    rows: list[dict] = []
+    issue = None
     with tempfile.TemporaryDirectory() as tmp:
+        if not args.skip_issue_run:  # first: it is the end-to-end proof of issue 10
+            fed = Federation(Path(tmp) / "issue", devices=6)
+            try:
+                issue = issue_run(fed)
+                print(json.dumps(issue), flush=True)
+            finally:
+                fed.close()
+            report(rows, issue)
         fed = Federation(Path(tmp) / "short", devices=6, tmpfs_mb=64)
         try:
-            base = sc.baseline(fed)
-            rows.append(base)
+            rows.append(sc.baseline(fed))
             for run in (sc.kill_devices, sc.sigstop_device, sc.partition_device,
                         lambda f: sc.restart_broker(f, persistence=False, mid_upload=False),
                         lambda f: sc.restart_broker(f, persistence=True, mid_upload=True),
@@ -71,19 +79,16 @@ def main() -> None:
                 rows.append(run(fed))
                 print(json.dumps({k: rows[-1].get(k) for k in ("scenario", "status", "rounds_lost", "recover_s",
                                                                  "final_accuracy")}), flush=True)
+                report(rows, issue)  # after every scenario, so a cut-short run still leaves its numbers
         finally:
             fed.close()
-        issue = None
-        if not args.skip_issue_run:
-            fed = Federation(Path(tmp) / "issue", devices=6)
-            try:
-                issue = issue_run(fed)
-                print(json.dumps(issue), flush=True)
-            finally:
-                fed.close()
+    print("\n".join(report(rows, issue)))
+
+
+def report(rows: list[dict], issue: dict | None) -> list[str]:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"scenarios": rows, "issue_run": issue}, indent=2, default=str))
-    b = base["final_accuracy"]
+    b = rows[0]["final_accuracy"] if rows else None
     lines = [f"small_cnn on digits, 6 device processes (IID shards), real Mosquitto, {sc.ROUNDS} rounds per scenario, "
              "top-k 25 % + error feedback, faults injected from outside at round 2. Rounds lost = round attempts "
              "that did not commit; recovery = seconds from the fault's end (broker/coordinator back, disk freed) "
@@ -95,13 +100,13 @@ def main() -> None:
         rec = r.get("recover_s")
         lines.append(f"| {r['scenario']} | {r['status']} | {r['rounds_lost']} | "
                      f"{'' if rec is None else f'{rec:.1f}'} | {'' if acc is None else f'{100 * acc:.1f} %'} | "
-                     f"{'' if acc is None or r is issue else f'{100 * (acc - b):+.1f} pt'} |")
+                     f"{'' if acc is None or b is None or r is issue else f'{100 * (acc - b):+.1f} pt'} |")
     if issue:
         lines += ["", f"Issue-10 run: {issue['rounds_closed']} of 25 rounds closed, coordinator back in "
                       f"{issue['coordinator_recover_s']} s, broker in {issue['recover_s']} s, accuracy "
                       f"{100 * (issue['accuracy_round_15'] or 0):.1f} % at round 15."]
     write_section("faults", "Fault injection", "nice -n 10 python benchmarks/faults.py", lines)
-    print("\n".join(lines))
+    return lines
 
 
 if __name__ == "__main__":

@@ -136,8 +136,8 @@ class Federation:
             return 0
 
     def create_job(self, body: dict[str, Any]) -> str:
-        job = requests.post(f"{self.coord.api}/jobs", json=body, timeout=30).json()
-        requests.post(f"{self.coord.api}/jobs/{job['id']}/start", timeout=30).raise_for_status()
+        job = requests.post(f"{self.coord.api}/jobs", json=body, timeout=180).json()  # builds the initial model
+        requests.post(f"{self.coord.api}/jobs/{job['id']}/start", timeout=60).raise_for_status()
         return str(job["id"])
 
     def job(self, job_id: str) -> dict[str, Any]:
