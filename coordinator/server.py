@@ -156,6 +156,8 @@ def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fed
         services = build_services(data_dir, engine_config=engine_config, evaluate=evaluate)
         engine_ref.append(services.engine)
         bridge = MqttBridge(services.engine, bridge_address)
+        if resume:
+            services.engine.hold_updates()  # queued updates wait for their re-opened rounds (issue 10)
         bridge.start()
         app = create_app({"services": services})
         http = create_server(app, host=host, port=port, threads=threads, ident="fedsight",
@@ -173,10 +175,15 @@ def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fed
         thread = threading.Thread(target=http.run, name="waitress", daemon=True)
         thread.start()
         if resume:
-            resumed = services.engine.resume()
+            try:
+                resumed = services.engine.resume()
+            finally:
+                services.engine.release_updates()
             if resumed:
                 log.info("resumed running job(s): %s", ", ".join(resumed))
     except BaseException:
+        if services is not None:
+            services.engine.release_updates()
         if bridge is not None:
             bridge.stop()
         if services is not None:

@@ -6,6 +6,7 @@ RoundEngine; building them in one place keeps the data-dir layout defined exactl
     <data_dir>/fedsight.db      SQLite (WAL) state
     <data_dir>/models/ab/<sha256>.fsm   global versions, write-once
     <data_dir>/onnx/<job_id>/<sha256>.onnx(.json)   ONNX exports
+    <data_dir>/journal/         accepted updates of open rounds, strategy state (coordinator/rounds/journal.py)
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from coordinator.rounds.engine import EngineConfig, Publisher, RoundEngine
 from coordinator.rounds.evaluation import Evaluator
+from coordinator.rounds.journal import RoundJournal
 from coordinator.storage.exports import OnnxExports
 from coordinator.storage.model_store import ModelStore
 from coordinator.mqtt.presence import Presence
@@ -45,5 +47,6 @@ def build_services(data_dir: Path | str, *, public_url: str = "http://127.0.0.1:
     exports = OnnxExports(data_dir / "onnx", models)
     cfg = engine_config or EngineConfig()
     cfg.public_url = public_url
-    engine = RoundEngine(store, models, publisher, cfg, Presence(), Evaluator() if evaluate else None, exports)
+    engine = RoundEngine(store, models, publisher, cfg, Presence(), Evaluator() if evaluate else None, exports,
+                         journal=RoundJournal(data_dir / "journal"))
     return Services(data_dir, store, models, exports, engine, broker_url)

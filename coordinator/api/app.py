@@ -98,6 +98,7 @@ def _job_view(job: dict[str, Any]) -> dict[str, Any]:
         "round": rnd.round, "attempt": rnd.attempt, "selected": sorted(rnd.selected), "accepted": rnd.accepted,
         "rejected": rnd.rejected, "deadline": rnd.deadline, **rnd.traffic()}
     view["traffic"] = _svc().store.job_traffic(job["id"])
+    view["notice"] = _svc().engine.notice(job["id"])  # why it is not progressing now (stalled, disk full)
     return view
 
 

@@ -95,7 +95,8 @@ def job_body(args: argparse.Namespace) -> dict[str, Any]:
     body = pick(name=args.name, rounds=args.rounds, clients_per_round=args.clients_per_round,
                 min_clients=args.min_clients, round_timeout_s=args.round_timeout, codec=args.codec, seed=args.seed,
                 class_names=args.class_names.split(",") if args.class_names else None,
-                max_update_bytes=args.max_update_bytes, strategy=args.strategy, input_scale=args.input_scale)
+                max_update_bytes=args.max_update_bytes, strategy=args.strategy, input_scale=args.input_scale,
+                stall_timeout_s=args.stall_timeout, on_stall=args.on_stall)
     body["model"] = pick(arch=args.arch, num_classes=args.num_classes, in_channels=args.in_channels,
                          image_size=args.image_size)
     body["train"] = pick(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mu=args.mu,
@@ -144,8 +145,10 @@ def cmd_job(args: argparse.Namespace) -> int:
         cfg = job["config"]
         print(f"job {_job_id(job)} ({job.get('name', '')}): {job.get('status')}, round {job.get('current_round', 0)}"
               f"/{cfg.get('rounds', '?')}, {cfg['model']['arch']}, codec {spec_text.codec_label(cfg.get('codec'))}")
-        if job.get("error"):
-            print(f"error: {job['error']}")
+        if job.get("notice"):
+            print(f"notice: {job['notice']}")
+        if job.get("error") and job.get("error") != job.get("notice"):
+            print(f"{'waiting' if job.get('status') == 'paused' else 'error'}: {job['error']}")
         print(format_table(*rounds_table(rounds)) if rounds else "no rounds yet")
         for note in eval_notes(rounds):
             print(note)

@@ -178,6 +178,9 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
                    help='fedavg (server default), fedprox, fedadam, fedyogi, or JSON like {"name": "fedadam", ...}')
     c.add_argument("--seed", type=int)
     c.add_argument("--max-update-bytes", type=int)
+    c.add_argument("--stall-timeout", type=float, metavar="SECONDS",
+                   help="report a job with too few devices after this long (server default: 300)")
+    c.add_argument("--on-stall", choices=("pause", "fail"), help="then pause (default) or fail the job")
     c.add_argument("--start", action="store_true", help="start the job right away")
     c.add_argument("--json", action="store_true", help="print the job as JSON instead of its id")
     for action, text in (("start", "start a created job"), ("stop", "stop a running job"),

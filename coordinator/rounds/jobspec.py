@@ -27,6 +27,7 @@ HARD_MAX_UPDATE_BYTES = 256 << 20
 EVAL_DATASETS = ("digits", "imagefolder")
 DEFAULT_HOLDOUT_FRACTION = 0.1  # federated evaluation when the job names no server-side set
 MAX_HOLDOUT_FRACTION = 0.5
+ON_STALL = ("pause", "fail")  # what a job does once no progress was possible for stall_timeout_s
 
 
 class JobSpecError(ValueError):
@@ -140,7 +141,7 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
     """Validate a job body and return the full config with every default filled in."""
     top = {"name", "model", "rounds", "clients_per_round", "min_clients", "round_timeout_s", "train", "codec",
            "eval", "seed", "class_names", "normalization", "input_scale", "max_update_bytes", "strategy",
-           "limits"}
+           "limits", "stall_timeout_s", "on_stall"}
     body = _object(body, top, "")
     name = _get(body, "name", str, "job", "")
     if not 1 <= len(name) <= 200:
@@ -185,6 +186,10 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
     if input_scale <= 0:
         raise JobSpecError(f"'input_scale' must be > 0, got {input_scale}")
     max_bytes = _get(body, "max_update_bytes", int, DEFAULT_MAX_UPDATE_BYTES, "", lo=1024, hi=HARD_MAX_UPDATE_BYTES)
+    stall = _get(body, "stall_timeout_s", float, None, "", lo=1.0, hi=7 * 24 * 3600, nullable=True)
+    on_stall = _get(body, "on_stall", str, "pause", "")
+    if on_stall not in ON_STALL:
+        raise JobSpecError(f"'on_stall' must be one of {', '.join(ON_STALL)}, got {on_stall!r}")
     try:
         strategy = make_strategy(body.get("strategy")).spec()
     except ValueError as exc:
@@ -198,7 +203,8 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
             "rounds": rounds, "clients_per_round": k, "min_clients": min_clients, "round_timeout_s": timeout,
             "train": train_cfg, "codec": codec, "eval": eval_cfg, "seed": seed, "class_names": class_names,
             "normalization": _normalization(body, channels, digits), "input_scale": input_scale,
-            "max_update_bytes": max_bytes, "strategy": strategy, "limits": limits}
+            "max_update_bytes": max_bytes, "strategy": strategy, "limits": limits,
+            "stall_timeout_s": stall, "on_stall": on_stall}
 
 
 def job_input_scale(config: dict[str, Any]) -> float:

@@ -139,6 +139,13 @@ class Strategy:
         """Apply the round's weighted mean delta; server optimisers override this."""
         return to_float32(global_vec.astype(np.float64) + delta)
 
+    def state(self) -> dict[str, np.ndarray]:
+        """Server-side optimiser state to persist after each round (none for FedAvg/FedProx)."""
+        return {}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`state` returned (after a coordinator restart)."""
+
 
 def round_seed(job_id: str, job_seed: int, round_: int, attempt: int) -> int:
     """Deterministic per (job, round, attempt) seed: reproducible runs, fresh randomness each attempt."""
@@ -186,6 +193,13 @@ class FedAdam(Strategy):
         self.m = p["beta1"] * self.m + (1.0 - p["beta1"]) * delta
         self.v = self._second_moment(self.v, delta * delta)
         return to_float32(global_vec.astype(np.float64) + p["eta"] * self.m / (np.sqrt(self.v) + p["tau"]))
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {} if self.m is None or self.v is None else {"m": self.m, "v": self.v}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        if "m" in state and "v" in state and state["m"].shape == state["v"].shape:
+            self.m, self.v = np.array(state["m"]), np.array(state["v"])
 
 
 class FedYogi(FedAdam):
