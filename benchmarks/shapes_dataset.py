@@ -54,7 +54,7 @@ TARGET: tuple[str, ...] = tuple(list(_SHAPES)[:10])
 PRETRAIN: tuple[str, ...] = tuple(list(_SHAPES)[10:])
 
 
-def render(shape: str, rng: np.random.Generator, noise: float = 0.1) -> np.ndarray:
+def render(shape: str, rng: np.random.Generator, noise: float = 0.08) -> np.ndarray:
     """One HxWx3 uint8 image of ``shape``."""
     n = SIZE * _SUPER
     yy, xx = (np.mgrid[0:n, 0:n] + 0.5) / _SUPER
@@ -65,10 +65,10 @@ def render(shape: str, rng: np.random.Generator, noise: float = 0.1) -> np.ndarr
     while np.abs(fg - bg).sum() < 0.45:  # some contrast, not always much
         fg = rng.uniform(0.0, 1.0, 3)
     # distractor: a faint blob somewhere
-    dc, dr = rng.uniform(4, SIZE - 4, 2), rng.uniform(2, 4.5)
+    dc, dr = rng.uniform(4, SIZE - 4, 2), rng.uniform(1.5, 3.0)
     blob = ((xx - dc[0]) ** 2 + (yy - dc[1]) ** 2) < dr * dr
     img[blob] = img[blob] * 0.6 + rng.uniform(0, 1, 3) * 0.4
-    scale = rng.uniform(5.0, 10.5)
+    scale = rng.uniform(6.5, 11.0)
     cx, cy = rng.uniform(scale * 0.7 + 1, SIZE - scale * 0.7 - 1, 2)
     theta = rng.uniform(0, 2 * np.pi)
     c, s = np.cos(theta), np.sin(theta)
@@ -81,7 +81,7 @@ def render(shape: str, rng: np.random.Generator, noise: float = 0.1) -> np.ndarr
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def write_split(root: Path, classes: tuple[str, ...], per_class: int, seed: int, noise: float = 0.1) -> Path:
+def write_split(root: Path, classes: tuple[str, ...], per_class: int, seed: int, noise: float = 0.08) -> Path:
     """``root/<class>/<i>.png`` for ``per_class`` images of each class; returns ``root``."""
     from PIL import Image
 

@@ -24,7 +24,7 @@ from edge_sdk.protocol.patch import make_patch
 
 from coordinator.rounds.engine import JobStateError
 from coordinator.storage.exports import ExportFailed
-from coordinator.rounds.jobspec import JobSpecError, initial_model, normalize_job
+from coordinator.rounds.jobspec import JobSpecError, initial_model, normalize_job, weights_record
 from coordinator.storage.model_store import ModelStore, is_version
 from coordinator.services import Services, build_services
 from coordinator.rounds.validation import hash_token
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 API_VERSION = "v1"
 MAX_JSON_BYTES = 1 << 20
+MAX_WEIGHTS_BYTES = 1 << 30  # job creation with a weights file (multipart); every other request: MAX_JSON_BYTES
 
 api = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -125,16 +126,45 @@ def health() -> Any:
 
 # -------------------------------------------------------------------------------------------------- jobs
 
+def _job_request() -> tuple[dict[str, Any], bytes | None, str]:
+    """(job body, uploaded weights, their file name): plain JSON, or multipart with a 'job' JSON field and an
+    optional 'weights' file (a torch ``state_dict``), so that weights reach a remote coordinator over REST."""
+    if request.mimetype != "multipart/form-data":
+        return _body(None), None, ""  # normalize_job names unknown fields itself, with their path
+    request.max_content_length = MAX_WEIGHTS_BYTES
+    extra = sorted(set(request.form) - {"job"}) + sorted(set(request.files) - {"weights"})
+    if extra:
+        raise ApiError(400, f"unknown multipart field(s) {', '.join(map(repr, extra))}; allowed: 'job' (JSON), "
+                            "'weights' (file)")
+    raw = request.form.get("job")
+    if raw is None:
+        raise ApiError(400, "multipart job request needs a 'job' field holding the job JSON")
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise ApiError(400, f"multipart field 'job' is not valid JSON: {exc}") from None
+    upload = request.files.get("weights")
+    if upload is None:
+        return body, None, ""
+    data = upload.read()
+    if not data:
+        raise ApiError(400, "uploaded weights file is empty")
+    return body, data, upload.filename or "weights"
+
+
 @api.post("/jobs")
 def create_job() -> Any:
     svc = _svc()
-    body = _body(None)  # normalize_job names unknown fields itself, with their path
+    body, weights, filename = _job_request()
     try:
         config = normalize_job(body)
         job_id = f"job-{secrets.token_hex(4)}"
-        data = initial_model(job_id, config)
+        data = initial_model(job_id, config, weights)
     except JobSpecError as exc:
+        log.warning("job rejected: %s", exc)
         raise ApiError(400, str(exc)) from None
+    if weights is not None:
+        config["model"]["weights"] = weights_record(weights, filename)
     version = svc.models.put(data)
     job = svc.store.create_job(job_id, config["name"], config, version, len(data))
     log.info("created job %s (%s, %d rounds, initial version %s)", job_id, config["model"]["arch"],

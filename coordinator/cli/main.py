@@ -98,13 +98,27 @@ def job_body(args: argparse.Namespace) -> dict[str, Any]:
     body["model"] = pick(arch=args.arch, num_classes=args.num_classes, in_channels=args.in_channels,
                          image_size=args.image_size)
     body["train"] = pick(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mu=args.mu,
-                         freeze_backbone=args.freeze_backbone or None)
+                         freeze_backbone=args.freeze_backbone or None, backbone_lr_mult=args.backbone_lr_mult,
+                         bn_recalibrate=args.bn_recalibrate)
     body["eval"] = None if args.eval == "none" else {"dataset": args.eval}
     if (args.mean is None) != (args.std is None):
         raise CliError("--mean and --std go together", "give both, e.g. --mean 0.5 --std 0.5")
     if args.mean is not None:
         body["normalization"] = {"mean": args.mean, "std": args.std}
     return body
+
+
+def create_job(api: Api, body: dict[str, Any], weights: str | None) -> dict[str, Any]:
+    """POST /jobs: plain JSON, or multipart with the weights file so a remote coordinator receives it."""
+    if weights is None:
+        return api.request("POST", "/jobs", json=body)
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise CliError(f"weights file not found: {path}", "save one with torch.save(model.state_dict(), FILE)")
+    with path.open("rb") as fh:
+        return Api(api.base, timeout=max(api.timeout, 300.0)).request(
+            "POST", "/jobs", data={"job": json.dumps(body)},
+            files={"weights": (path.name, fh, "application/octet-stream")})
 
 
 def _job_id(job: dict[str, Any]) -> str:
@@ -114,7 +128,7 @@ def _job_id(job: dict[str, Any]) -> str:
 def cmd_job(args: argparse.Namespace) -> int:
     api = Api(args.coordinator)
     if args.job_command == "create":
-        job = api.request("POST", "/jobs", json=job_body(args))
+        job = create_job(api, job_body(args), args.weights)
         if args.start:
             job = api.request("POST", f"/jobs/{_job_id(job)}/start")
         print(json.dumps(job, indent=2) if args.json else _job_id(job))
