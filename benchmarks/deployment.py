@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,12 +86,13 @@ def main() -> None:
         args.archs, args.codecs = "small_cnn", "dense"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir) if args.workdir else Path(tmp)
-        results = run(args, work)
+        results = run(args, work, None if args.no_write else lambda rows: report(args, rows))
     if not args.no_write:
         report(args, results)
 
 
-def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+def run(args: argparse.Namespace, work: Path,
+        on_arch_done: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     train_dir, test_dir = write_task(work / "data", TARGET, args.per_class, args.test_per_class, seed=0)
     class_names = sorted(TARGET)  # ImageFolder's label order
     results = []
@@ -114,6 +116,14 @@ def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
             ceilings[arch] = centralised(arch, train_dir, test_dir, args.rounds * args.epochs, args.lr,
                                          args.batch_size)
             log.info("centralised %s: %.3f", arch, ceilings[arch]["accuracy"])
+            if on_arch_done is not None:
+                on_arch_done(finish(results, ceilings))
+    return finish(results, ceilings)
+
+
+def finish(results: list[dict[str, Any]], ceilings: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of the architectures whose ceiling is known, with their share of it."""
+    results = [dict(r) for r in results if r["arch"] in ceilings]
     for row in results:
         ceiling = ceilings[row["arch"]]["accuracy"]
         row["centralised_accuracy"] = ceiling

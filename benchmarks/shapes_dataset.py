@@ -1,10 +1,12 @@
 """Procedural 32 px colour shape images, written as ImageFolder directories (numpy + PIL, no download).
 
 Two disjoint 10-class tasks from one renderer: ``TARGET`` (the deployment benchmark's held-out task) and
-``PRETRAIN`` (other shapes, used to pre-train weights for the fine-tuning benchmark). Every image has a
-random background colour with a gradient, a random foreground colour, position, scale and rotation, a
-low-contrast distractor blob and pixel noise, so that no model reaches 100 %: small shapes at 32 px with
-noise are genuinely ambiguous (a small ring looks like a disk, a semicircle like a triangle).
+``PRETRAIN`` (other shapes, used to pre-train weights for the fine-tuning benchmark). A class is a shape *and*
+a typical hue: the foreground hue is drawn around ``class / 10`` of the colour wheel with a spread that makes
+neighbouring classes overlap, so colour alone gets a model part of the way and the shape must do the rest.
+Every image also has a random dull background with a gradient, random position, scale and rotation, a
+distractor blob and pixel noise, so that no model reaches 100 %: small shapes at 32 px with noise are
+genuinely ambiguous (a small ring looks like a disk, a semicircle like a triangle).
 """
 from __future__ import annotations
 
@@ -54,16 +56,20 @@ TARGET: tuple[str, ...] = tuple(list(_SHAPES)[:10])
 PRETRAIN: tuple[str, ...] = tuple(list(_SHAPES)[10:])
 
 
-def render(shape: str, rng: np.random.Generator, noise: float = 0.08) -> np.ndarray:
-    """One HxWx3 uint8 image of ``shape``."""
+def _hsv(h: float, s: float, v: float) -> np.ndarray:
+    k = (np.array([5.0, 3.0, 1.0]) + h * 6) % 6
+    return v - v * s * np.clip(np.minimum(k, 4 - k), 0, 1)
+
+
+def render(shape: str, rng: np.random.Generator, noise: float = 0.08, hue: float = 0.0,
+           hue_spread: float = 0.07) -> np.ndarray:
+    """One HxWx3 uint8 image of ``shape`` with a foreground hue around ``hue`` (0..1)."""
     n = SIZE * _SUPER
     yy, xx = (np.mgrid[0:n, 0:n] + 0.5) / _SUPER
-    bg = rng.uniform(0.0, 1.0, 3)
+    bg = _hsv(rng.uniform(), rng.uniform(0.0, 0.35), rng.uniform(0.1, 0.9))
     slope = rng.normal(0, 0.01, (2, 3))
     img = bg + xx[..., None] * slope[0] + yy[..., None] * slope[1] - 16 * slope.sum(0)
-    fg = rng.uniform(0.0, 1.0, 3)
-    while np.abs(fg - bg).sum() < 0.45:  # some contrast, not always much
-        fg = rng.uniform(0.0, 1.0, 3)
+    fg = _hsv((hue + rng.normal(0, hue_spread)) % 1.0, rng.uniform(0.5, 1.0), rng.uniform(0.45, 1.0))
     # distractor: a faint blob somewhere
     dc, dr = rng.uniform(4, SIZE - 4, 2), rng.uniform(1.5, 3.0)
     blob = ((xx - dc[0]) ** 2 + (yy - dc[1]) ** 2) < dr * dr
@@ -86,11 +92,11 @@ def write_split(root: Path, classes: tuple[str, ...], per_class: int, seed: int,
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    for name in classes:
+    for k, name in enumerate(classes):
         d = root / name
         d.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            Image.fromarray(render(name, rng, noise)).save(d / f"{i:05d}.png")
+            Image.fromarray(render(name, rng, noise, hue=k / len(classes))).save(d / f"{i:05d}.png")
     return root
 
 

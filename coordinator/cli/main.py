@@ -126,7 +126,7 @@ def _job_id(job: dict[str, Any]) -> str:
 
 
 def cmd_job(args: argparse.Namespace) -> int:
-    api = Api(args.coordinator)
+    api = Api(args.coordinator, timeout=120 if args.job_command == "create" else 30)  # create builds a model
     if args.job_command == "create":
         job = create_job(api, job_body(args), args.weights)
         if args.start:
