@@ -112,7 +112,7 @@ class Cluster:
         t0 = time.monotonic()
         job_id = fedsight("job", "create", "--coordinator", self.url, *create_flags, "--start").strip()
         while True:
-            time.sleep(5)
+            time.sleep(15)  # each poll is a CLI process start: keep them rare on a busy machine
             status = json.loads(fedsight("job", "status", job_id, "--coordinator", self.url, "--json"))
             state = status["job"]["status"]
             if state in ("finished", "failed", "stopped"):
