@@ -217,7 +217,8 @@ def load_weights(
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         guess = guess_arch(state)
-        origin = (f"The keys match arch {guess!r}: pass that arch, or weights saved from {what}."
+        origin = (f"The file holds a {guess!r} state_dict (another architecture): use arch {guess!r}, or "
+                  f"weights saved from {what}."
                   if guess and guess != arch else
                   f"Was the checkpoint saved from another architecture? Pass the arch it was trained with "
                   f"(one of {', '.join(ARCHS)}).")
