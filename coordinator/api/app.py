@@ -22,6 +22,7 @@ from werkzeug.exceptions import HTTPException
 from edge_sdk.protocol import topics
 from edge_sdk.protocol.patch import make_patch
 
+from coordinator.api.uploads import UploadError, multipart_job
 from coordinator.rounds.engine import JobStateError
 from coordinator.storage.exports import ExportFailed
 from coordinator.rounds.jobspec import JobSpecError, initial_model, normalize_job, weights_record
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 
 API_VERSION = "v1"
 MAX_JSON_BYTES = 1 << 20
-MAX_WEIGHTS_BYTES = 1 << 30  # job creation with a weights file (multipart); every other request: MAX_JSON_BYTES
 
 api = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -127,29 +127,13 @@ def health() -> Any:
 # -------------------------------------------------------------------------------------------------- jobs
 
 def _job_request() -> tuple[dict[str, Any], bytes | None, str]:
-    """(job body, uploaded weights, their file name): plain JSON, or multipart with a 'job' JSON field and an
-    optional 'weights' file (a torch ``state_dict``), so that weights reach a remote coordinator over REST."""
+    """(job body, uploaded weights, their file name): plain JSON, or multipart with the weights file."""
     if request.mimetype != "multipart/form-data":
         return _body(None), None, ""  # normalize_job names unknown fields itself, with their path
-    request.max_content_length = MAX_WEIGHTS_BYTES
-    extra = sorted(set(request.form) - {"job"}) + sorted(set(request.files) - {"weights"})
-    if extra:
-        raise ApiError(400, f"unknown multipart field(s) {', '.join(map(repr, extra))}; allowed: 'job' (JSON), "
-                            "'weights' (file)")
-    raw = request.form.get("job")
-    if raw is None:
-        raise ApiError(400, "multipart job request needs a 'job' field holding the job JSON")
     try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise ApiError(400, f"multipart field 'job' is not valid JSON: {exc}") from None
-    upload = request.files.get("weights")
-    if upload is None:
-        return body, None, ""
-    data = upload.read()
-    if not data:
-        raise ApiError(400, "uploaded weights file is empty")
-    return body, data, upload.filename or "weights"
+        return multipart_job(request)
+    except UploadError as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 @api.post("/jobs")
