@@ -18,6 +18,7 @@ Columns, all eval mode (= the exported ONNX model) except "batch stats":
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 import json
 import sys
 import tempfile
@@ -60,13 +61,13 @@ def _average(states: list[dict[str, np.ndarray]], weights: list[int]) -> dict[st
             if np.issubdtype(v.dtype, np.floating) else v for k, v in states[0].items()}
 
 
-def run(arch: str, train: TensorDataset, test: TensorDataset, rounds: int, lr: float) -> list[dict]:
+def run(arch: str, train: TensorDataset, test: TensorDataset, rounds: int, lr: float) -> Iterator[dict]:
+    """One federation; yields each round's accuracies as soon as they are measured."""
     torch.manual_seed(0)
     model = build_model(arch, 10, 3)
     shards = [Subset(train, s.tolist()) for s in dirichlet_partition(train.tensors[1].numpy(), 5, 0.5, seed=0)]
     trainer = LocalTrainer("cpu")
     stale = fresh = params.state_to_arrays(model)
-    rows = []
     for rnd in range(1, rounds + 1):
         kinds: dict[str, list[dict[str, np.ndarray]]] = {"stale": [], "fresh": []}
         for cid, shard in enumerate(shards):
@@ -92,8 +93,7 @@ def run(arch: str, train: TensorDataset, test: TensorDataset, rounds: int, lr: f
                               (train.tensors[0][i:i + 256] for i in range(0, len(train), 256)))
         row["oracle"] = eval_accuracy(model, test)
         print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
+        yield row
 
 
 def main() -> None:
@@ -107,13 +107,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         train_dir, test_dir = write_task(Path(tmp), TARGET, args.per_class, 100, seed=0)
         train, test = load_tensors(train_dir), load_tensors(test_dir)
-    results = []
+    results: list[dict] = []
     for arch in args.archs.split(","):
-        results += run(arch, train, test, args.rounds, args.lr)
+        for row in run(arch, train, test, args.rounds, args.lr):
+            results.append(row)
+            write(args, results, len(train), len(test))  # after every round: a cut-short run still reports
+
+
+def write(args: argparse.Namespace, results: list[dict], n_train: int, n_test: int) -> None:
     out = ROOT / "benchmarks" / "results" / "bn_stats.json"
     out.write_text(json.dumps(results, indent=2))
     lines = [f"5 devices, Dirichlet 0.5, {args.rounds} rounds x 1 local epoch, lr {args.lr}, dense FedAvg from "
-             f"random init, {len(train)} training / {len(test)} test images (generated shapes, 32 px). "
+             f"random init, {n_train} training / {n_test} test images (generated shapes, 32 px). "
              "Accuracy of the global model after each round.", "",
              "| arch | round | torchvision running averages | re-estimated (default) | oracle stats | "
              "batch stats |", "| --- | --- | --- | --- | --- | --- |"]
@@ -121,8 +126,6 @@ def main() -> None:
               f"| {r['oracle']:.3f} | {r['batch_stats']:.3f} |" for r in results]
     command = f"python benchmarks/bn_stats.py --rounds {args.rounds} --lr {args.lr} --archs {args.archs}"
     write_section("bn_stats", "BatchNorm statistics under federation", command, lines)
-    print("\n".join(lines))
-
 
 if __name__ == "__main__":
     main()
