@@ -25,7 +25,8 @@ from waitress.server import create_server
 from edge_sdk.coordinator_origin import CoordinatorOrigin
 from edge_sdk.transport import BrokerAddress
 
-from coordinator.api.app import MAX_JSON_BYTES, create_app
+from coordinator.api.app import create_app
+from coordinator.api.uploads import MAX_WEIGHTS_BYTES
 from coordinator.mqtt.bridge import MqttBridge
 from coordinator.mqtt.broker import EmbeddedBroker
 from coordinator.mqtt.packet_limit import MQTT_OVERHEAD_BYTES
@@ -161,7 +162,8 @@ def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fed
         bridge.start()
         app = create_app({"services": services})
         http = create_server(app, host=host, port=port, threads=threads, ident="fedsight",
-                             max_request_body_size=MAX_JSON_BYTES)  # waitress refuses bigger bodies unread
+                             max_request_body_size=MAX_WEIGHTS_BYTES)  # waitress refuses bigger bodies unread;
+        # the app's BodyLimit refuses anything but a job with its weights file over MAX_JSON_BYTES
         bound = int(http.effective_port)
         url_host = "127.0.0.1" if host in _ANY_HOST else host
         services.engine.config.public_url, services.broker_url = advertised(host, bound, address, public_url,

@@ -23,9 +23,10 @@ from edge_sdk.protocol import topics
 from edge_sdk.protocol.patch import make_patch
 
 from coordinator.api.body_limit import BodyLimit
+from coordinator.api.uploads import MAX_WEIGHTS_BYTES, UploadError, multipart_job
 from coordinator.rounds.engine import JobStateError
 from coordinator.storage.exports import ExportFailed
-from coordinator.rounds.jobspec import JobSpecError, initial_model, normalize_job
+from coordinator.rounds.jobspec import JobSpecError, initial_model, normalize_job, weights_record
 from coordinator.storage.model_store import ModelStore, is_version
 from coordinator.services import Services, build_services
 from coordinator.rounds.validation import hash_token
@@ -129,16 +130,29 @@ def health() -> Any:
 
 # -------------------------------------------------------------------------------------------------- jobs
 
+def _job_request() -> tuple[dict[str, Any], bytes | None, str]:
+    """(job body, uploaded weights, their file name): plain JSON, or multipart with the weights file."""
+    if request.mimetype != "multipart/form-data":
+        return _body(None), None, ""  # normalize_job names unknown fields itself, with their path
+    try:
+        return multipart_job(request)
+    except UploadError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
 @api.post("/jobs")
 def create_job() -> Any:
     svc = _svc()
-    body = _body(None)  # normalize_job names unknown fields itself, with their path
+    body, weights, filename = _job_request()
     try:
         config = normalize_job(body)
         job_id = f"job-{secrets.token_hex(4)}"
-        data = initial_model(job_id, config)
+        data = initial_model(job_id, config, weights)
     except JobSpecError as exc:
+        log.warning("job rejected: %s", exc)
         raise ApiError(400, str(exc)) from None
+    if weights is not None:
+        config["model"]["weights"] = weights_record(weights, filename)
     version = svc.models.put(data)
     job = svc.store.create_job(job_id, config["name"], config, version, len(data))
     log.info("created job %s (%s, %d rounds, initial version %s)", job_id, config["model"]["arch"],
@@ -384,7 +398,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
                              broker_url=config.pop("broker_url", None), evaluate=config.pop("evaluate", True))
     app = Flask("fedsight-coordinator")
     app.config["MAX_CONTENT_LENGTH"] = MAX_JSON_BYTES
-    app.wsgi_app = BodyLimit(app.wsgi_app, MAX_JSON_BYTES)  # type: ignore[method-assign]
+    app.wsgi_app = BodyLimit(app.wsgi_app, MAX_JSON_BYTES,  # type: ignore[method-assign]
+                             uploads={"/api/v1/jobs": MAX_WEIGHTS_BYTES})  # job + weights file (multipart)
     app.config["JSON_SORT_KEYS"] = False
     app.config.update({k: v for k, v in config.items() if k.isupper()})
     app.extensions["fedsight"] = svc

@@ -100,7 +100,8 @@ def job_body(args: argparse.Namespace) -> dict[str, Any]:
     body["model"] = pick(arch=args.arch, num_classes=args.num_classes, in_channels=args.in_channels,
                          image_size=args.image_size)
     body["train"] = pick(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mu=args.mu,
-                         freeze_backbone=args.freeze_backbone or None)
+                         freeze_backbone=args.freeze_backbone or None, backbone_lr_mult=args.backbone_lr_mult,
+                         bn_recalibrate=args.bn_recalibrate)
     kind, path = args.eval or (None, None)
     if kind == "none":
         if args.holdout:
@@ -115,14 +116,27 @@ def job_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
+def create_job(api: Api, body: dict[str, Any], weights: str | None) -> dict[str, Any]:
+    """POST /jobs: plain JSON, or multipart with the weights file so a remote coordinator receives it."""
+    if weights is None:
+        return api.request("POST", "/jobs", json=body)
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise CliError(f"weights file not found: {path}", "save one with torch.save(model.state_dict(), FILE)")
+    with path.open("rb") as fh:
+        return Api(api.base, timeout=max(api.timeout, 300.0)).request(
+            "POST", "/jobs", data={"job": json.dumps(body)},
+            files={"weights": (path.name, fh, "application/octet-stream")})
+
+
 def _job_id(job: dict[str, Any]) -> str:
     return str(job.get("id") or job.get("job_id"))
 
 
 def cmd_job(args: argparse.Namespace) -> int:
-    api = Api(args.coordinator)
+    api = Api(args.coordinator, timeout=120 if args.job_command == "create" else 30)  # create builds a model
     if args.job_command == "create":
-        job = api.request("POST", "/jobs", json=job_body(args))
+        job = create_job(api, job_body(args), args.weights)
         if args.start:
             job = api.request("POST", f"/jobs/{_job_id(job)}/start")
         print(json.dumps(job, indent=2) if args.json else _job_id(job))

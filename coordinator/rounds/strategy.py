@@ -127,7 +127,10 @@ class Strategy:
             codec["seed"] = seed
         return {"epochs": train.get("epochs", 1), "batch_size": train.get("batch_size", 32),
                 "lr": train.get("lr", 0.05), "mu": self._mu(train),
-                "freeze_backbone": train.get("freeze_backbone", False), "codec": codec, "seed": seed}
+                "freeze_backbone": train.get("freeze_backbone", False),
+                "backbone_lr_mult": train.get("backbone_lr_mult", 1.0),
+                "bn_recalibrate": train.get("bn_recalibrate", True),
+                "codec": codec, "seed": seed}
 
     def _mu(self, train: dict[str, Any]) -> float:
         return float(train.get("mu", 0.0))
