@@ -3,10 +3,13 @@
 An update is acked as accepted only after its exact bytes are written here, so a coordinator killed at any
 moment between accepting updates and committing the round can rebuild the round's aggregate on restart by
 re-folding the spooled updates (``coordinator/rounds/recovery.py``): nothing acked is lost, and because a
-round's spool is keyed by client id, nothing is counted twice. Strategy state (FedAdam/FedYogi moments) is
-saved per committed round, so a restart continues the optimiser instead of resetting it::
+round's spool is keyed by client id, nothing is counted twice. Updates are re-folded in the order they were
+accepted (the spool's ``order`` file): with an adaptive clip bound that moves after every update, the order
+decides the aggregate. Strategy state (FedAdam/FedYogi moments, the adaptive clip bound) is saved per
+committed round, so a restart continues the optimiser instead of resetting it::
 
     journal/spool/<job>/<round>-<attempt>/<client>.upd    raw update messages, deleted once the round commits
+    journal/spool/<job>/<round>-<attempt>/order           client ids in the order their updates were accepted
     journal/strategy/<job>/<round>.npz                     strategy state after round <round> (last two kept)
 
 Every file is written to a temporary name, fsynced and renamed, so a crash leaves whole files only.
@@ -44,12 +47,22 @@ class RoundJournal:
         directory = self._spool(job_id, round_, attempt)
         directory.mkdir(parents=True, exist_ok=True)
         _atomic_write(directory / f"{client_id}.upd", raw)
+        with (directory / "order").open("a", encoding="ascii") as fh:  # callers hold the round's lock
+            fh.write(client_id + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
 
     def load_updates(self, job_id: str, round_: int, attempt: int) -> list[tuple[str, bytes]]:
+        """(client id, raw message) of every spooled update, in the order they were accepted (an update whose
+        order line was lost to a crash was the last one written: it comes last)."""
         directory = self._spool(job_id, round_, attempt)
         if not directory.is_dir():
             return []
-        return [(p.stem, p.read_bytes()) for p in sorted(directory.glob("*.upd"))]
+        order_file = directory / "order"
+        listed = order_file.read_text(encoding="ascii", errors="replace").split() if order_file.exists() else []
+        rank = {cid: i for i, cid in reversed(list(enumerate(listed)))}  # first acceptance counts
+        files = sorted(directory.glob("*.upd"), key=lambda p: (rank.get(p.stem, len(rank)), p.stem))
+        return [(p.stem, p.read_bytes()) for p in files]
 
     def drop_round(self, job_id: str, round_: int, attempt: int) -> None:
         shutil.rmtree(self._spool(job_id, round_, attempt), ignore_errors=True)

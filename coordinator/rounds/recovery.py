@@ -32,7 +32,7 @@ def load_strategy_state(ctx: RunnerContext, job: dict[str, Any], strategy: Strat
     if state is not None:
         strategy.load_state(state)
         log.info("job %s: restored %s state of round %d", job["id"], strategy.name, job["current_round"])
-    elif strategy.state() == {} and strategy.name in ("fedadam", "fedyogi"):
+    elif "m" not in strategy.state() and strategy.name in ("fedadam", "fedyogi"):
         log.warning("job %s: no saved %s state for round %d; moments start from zero", job["id"], strategy.name,
                     job["current_round"])
 

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from coordinator.rounds.clipping import AdaptiveBound
 from coordinator.rounds.limits import UpdateLimits
 
 
@@ -143,11 +144,16 @@ class Strategy:
         return to_float32(global_vec.astype(np.float64) + delta)
 
     def state(self) -> dict[str, np.ndarray]:
-        """Server-side optimiser state to persist after each round (none for FedAvg/FedProx)."""
-        return {}
+        """Server-side state to persist after each round: the adaptive clip bound (it moves with every update,
+        so re-folding a round after a restart needs the bound it started from), plus a server optimiser's."""
+        bound = self.limits.bound
+        return {"clip_bound": np.array([bound.bound])} if isinstance(bound, AdaptiveBound) else {}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         """Restore what :meth:`state` returned (after a coordinator restart)."""
+        bound = self.limits.bound
+        if isinstance(bound, AdaptiveBound) and "clip_bound" in state and state["clip_bound"].size == 1:
+            bound.bound = float(state["clip_bound"][0])
 
 
 def round_seed(job_id: str, job_seed: int, round_: int, attempt: int) -> int:
@@ -198,9 +204,10 @@ class FedAdam(Strategy):
         return to_float32(global_vec.astype(np.float64) + p["eta"] * self.m / (np.sqrt(self.v) + p["tau"]))
 
     def state(self) -> dict[str, np.ndarray]:
-        return {} if self.m is None or self.v is None else {"m": self.m, "v": self.v}
+        return super().state() if self.m is None or self.v is None else {**super().state(), "m": self.m, "v": self.v}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
+        super().load_state(state)
         if "m" in state and "v" in state and state["m"].shape == state["v"].shape:
             self.m, self.v = np.array(state["m"]), np.array(state["v"])
 
