@@ -258,10 +258,10 @@ class EdgeClient:
                     return
                 newer.append(item)
             for t in newer:
-                if t.get("job_id") == task.get("job_id") and t.get("round", 0) >= task.get("round", 0):
+                if t.get("job_id") == task.get("job_id"):
+                    older, task = (task, t) if t.get("round", 0) >= task.get("round", 0) else (t, task)
                     log.info("skipping task for job %s round %s: a newer one (round %s) is queued",
-                             task.get("job_id"), task.get("round"), t.get("round"))
-                    task = t
+                             older.get("job_id"), older.get("round"), task.get("round"))
             try:
                 self.handle_task(task)
             except Exception as exc:  # one bad task must not end the device's participation
