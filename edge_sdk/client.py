@@ -331,8 +331,8 @@ class EdgeClient:
         report = RoundReport(job_id, rnd, int(result.num_samples), len(message), fetched.transferred,
                              float(result.wall_time_s), encode_time, metrics)
         self.history.append(report)
-        log.info("job %s round %d: %d samples, loss %.4f, acc %.3f, sent %d bytes (train %.2fs, encode %.3fs)",
-                 job_id, rnd, result.num_samples, result.loss, result.accuracy, len(message),
+        log.info("job %s round %d attempt %d: %d samples, loss %.4f, acc %.3f, sent %d bytes (train %.2fs, "
+                 "encode %.3fs)", job_id, rnd, attempt, result.num_samples, result.loss, result.accuracy, len(message),
                  result.wall_time_s, encode_time)
         if self.callbacks.on_update_sent:
             self.callbacks.on_update_sent({"job_id": job_id, "round": rnd, "bytes": len(message)})
