@@ -58,6 +58,8 @@ def main() -> None:
     args = ap.parse_args()
     rows: list[dict] = []
     issue = None
+    if args.skip_issue_run and RESULTS.exists():  # keep the last issue-10 run in the report
+        issue = json.loads(RESULTS.read_text()).get("issue_run")
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_issue_run:  # first: it is the end-to-end proof of issue 10
             fed = Federation(Path(tmp) / "issue", devices=6)
@@ -76,7 +78,11 @@ def main() -> None:
                         lambda f: sc.kill_coordinator(f, during_aggregation=False),
                         lambda f: sc.kill_coordinator(f, during_aggregation=True),
                         sc.restart_device, sc.disk_full):
-                rows.append(run(fed))
+                try:
+                    rows.append(run(fed))
+                except Exception as exc:  # noqa: BLE001 - record the failure in the table and go on
+                    rows.append({"scenario": getattr(run, "__name__", "scenario"), "status": f"ERROR: {exc}",
+                                 "rounds_lost": "?"})
                 print(json.dumps({k: rows[-1].get(k) for k in ("scenario", "status", "rounds_lost", "recover_s",
                                                                  "final_accuracy")}), flush=True)
                 report(rows, issue)  # after every scenario, so a cut-short run still leaves its numbers

@@ -263,10 +263,10 @@ class EdgeClient:
                     return
                 newer.append(item)
             for t in newer:
-                if t.get("job_id") == task.get("job_id") and t.get("round", 0) >= task.get("round", 0):
+                if t.get("job_id") == task.get("job_id"):
+                    older, task = (task, t) if t.get("round", 0) >= task.get("round", 0) else (t, task)
                     log.info("skipping task for job %s round %s: a newer one (round %s) is queued",
-                             task.get("job_id"), task.get("round"), t.get("round"))
-                    task = t
+                             older.get("job_id"), older.get("round"), task.get("round"))
             try:
                 self.handle_task(task)
             except Exception as exc:  # one bad task must not end the device's participation
@@ -355,8 +355,8 @@ class EdgeClient:
         report = RoundReport(job_id, rnd, int(result.num_samples), len(message), fetched.transferred,
                              float(result.wall_time_s), encode_time, metrics)
         self.history.append(report)
-        log.info("job %s round %d: %d samples, loss %.4f, acc %.3f, sent %d bytes (train %.2fs, encode %.3fs)",
-                 job_id, rnd, result.num_samples, result.loss, result.accuracy, len(message),
+        log.info("job %s round %d attempt %d: %d samples, loss %.4f, acc %.3f, sent %d bytes (train %.2fs, "
+                 "encode %.3fs)", job_id, rnd, attempt, result.num_samples, result.loss, result.accuracy, len(message),
                  result.wall_time_s, encode_time)
         if self.callbacks.on_update_sent:
             self.callbacks.on_update_sent({"job_id": job_id, "round": rnd, "bytes": len(message)})

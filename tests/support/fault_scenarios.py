@@ -201,8 +201,9 @@ def restart_device(fed: Federation) -> dict[str, Any]:
     job_id = row["job_id"]
     row["skipped_duplicate_task"] = (f"already sent an update for job {job_id} round {FAULT_ROUND}" in after
                                      or f"skipping task for job {job_id} round {FAULT_ROUND}" in after)
-    # what the device itself says it sent (old and new process): one update for the fault round, ever
-    row["victim_sends_in_fault_round"] = fed.device_log(idx).count(f"job {job_id} round {FAULT_ROUND}: ")
+    # what the device itself says it sent (old and new process): at most one update per attempt of the round
+    sends = re.findall(rf"job {job_id} round {FAULT_ROUND} attempt (\d+): ", fed.device_log(idx))
+    row["victim_max_sends_per_attempt"] = max((sends.count(a) for a in set(sends)), default=0)
     row["residual_resumed"] = "resumed error-feedback residual" in after
     row["victim_accepts_in_fault_round"] = sum(1 for u in fed.updates(row["job_id"]) if u["client_id"] == victim
                                                and u["round"] == FAULT_ROUND and u["status"] == "accepted")

@@ -24,7 +24,7 @@ HOLD_FILE = "hold-commit"
 STARTUP_S = 300.0  # device processes import torch; on a loaded 2-core machine six of them take minutes
 
 
-def job_body(name: str, rounds: int, devices: int, min_clients: int = 3, timeout_s: float = 10.0,
+def job_body(name: str, rounds: int, devices: int, min_clients: int = 3, timeout_s: float = 20.0,
              seed: int = 0, **extra: Any) -> dict[str, Any]:
     """small_cnn on digits, IID shards: any 3+ devices learn the same thing, so fault-free and faulty runs on
     the same seed end within a point of each other. Top-k with error feedback, so residuals matter.
