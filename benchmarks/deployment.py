@@ -33,6 +33,7 @@ from benchmarks.fedsim import load_tensors  # noqa: E402
 from benchmarks.report import write_section  # noqa: E402
 from benchmarks.shapes_dataset import TARGET, write_task  # noqa: E402
 from benchmarks.cli_cluster import Cluster  # noqa: E402
+from coordinator.cli.chart import human_bytes  # noqa: E402
 from edge_sdk.data import IMAGENET_NORMALIZATION  # noqa: E402
 from edge_sdk.models import build_model  # noqa: E402
 
@@ -161,7 +162,7 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
         ratio = f"{r['uplink_ratio_vs_dense']:.0f}x less" if r["uplink_ratio_vs_dense"] not in (None, 1.0) else "-"
         lines.append(f"| {r['arch']} | {r['codec']} | {r['onnx_accuracy']:.3f} | {r['centralised_accuracy']:.3f} "
                      f"| {100 * r['share_of_ceiling']:.0f} % | {'yes' if r['meets_target'] else '**no**'} "
-                     f"| {r['uplink_bytes'] / 1e6:,.1f} MB | {ratio} | {r['seconds']:.0f} s |")
+                     f"| {human_bytes(r['uplink_bytes'])} | {ratio} | {r['seconds']:.0f} s |")
     lines += ["", *getattr(args, "note", [])]
     command = (f"nice -n 10 python benchmarks/deployment.py --rounds {args.rounds} --epochs {args.epochs} "
                f"--archs {args.archs} --codecs {args.codecs} --per-class {args.per_class}")
