@@ -121,7 +121,7 @@ def run(args: argparse.Namespace, work: Path,
                      "--seed", "0", "--name", f"{arch}-{codec}"]
             row = cluster.train_export_infer(flags, test_dir, work / "exports" / f"{arch}-{codec}.onnx")
             row.update(arch=arch, codec=codec)
-            log.info("%s %s: ONNX accuracy %.3f", arch, codec, row["onnx_accuracy"])
+            log.info("%s %s: ONNX accuracy %.3f %s", arch, codec, row["onnx_accuracy"], json.dumps(row))
             results.append(row)
             if arch not in ceilings:
                 log.info("centralised %s, %d epochs", arch, args.rounds * args.epochs)
