@@ -163,7 +163,8 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
         lines.append(f"| {r['arch']} | {r['codec']} | {r['onnx_accuracy']:.3f} | {r['centralised_accuracy']:.3f} "
                      f"| {100 * r['share_of_ceiling']:.0f} % | {'yes' if r['meets_target'] else '**no**'} "
                      f"| {human_bytes(r['uplink_bytes'])} | {ratio} | {r['seconds']:.0f} s |")
-    lines += ["", *getattr(args, "note", [])]
+    for note in getattr(args, "note", []):
+        lines += ["", note]
     command = (f"nice -n 10 python benchmarks/deployment.py --rounds {args.rounds} --epochs {args.epochs} "
                f"--archs {args.archs} --codecs {args.codecs} --per-class {args.per_class}")
     write_section("deployment", "From demo to deployment (CLI end to end, ONNX scored)", command, lines)
