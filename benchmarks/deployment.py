@@ -33,6 +33,7 @@ from benchmarks.fedsim import load_tensors  # noqa: E402
 from benchmarks.report import write_section  # noqa: E402
 from benchmarks.shapes_dataset import TARGET, write_task  # noqa: E402
 from benchmarks.cli_cluster import Cluster  # noqa: E402
+from coordinator.cli.chart import human_bytes  # noqa: E402
 from edge_sdk.data import IMAGENET_NORMALIZATION  # noqa: E402
 from edge_sdk.models import build_model  # noqa: E402
 
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace, work: Path,
                      "--seed", "0", "--name", f"{arch}-{codec}"]
             row = cluster.train_export_infer(flags, test_dir, work / "exports" / f"{arch}-{codec}.onnx")
             row.update(arch=arch, codec=codec)
-            log.info("%s %s: ONNX accuracy %.3f", arch, codec, row["onnx_accuracy"])
+            log.info("%s %s: ONNX accuracy %.3f %s", arch, codec, row["onnx_accuracy"], json.dumps(row))
             results.append(row)
             if arch not in ceilings:
                 log.info("centralised %s, %d epochs", arch, args.rounds * args.epochs)
@@ -161,8 +162,9 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
         ratio = f"{r['uplink_ratio_vs_dense']:.0f}x less" if r["uplink_ratio_vs_dense"] not in (None, 1.0) else "-"
         lines.append(f"| {r['arch']} | {r['codec']} | {r['onnx_accuracy']:.3f} | {r['centralised_accuracy']:.3f} "
                      f"| {100 * r['share_of_ceiling']:.0f} % | {'yes' if r['meets_target'] else '**no**'} "
-                     f"| {r['uplink_bytes'] / 1e6:,.1f} MB | {ratio} | {r['seconds']:.0f} s |")
-    lines += ["", *getattr(args, "note", [])]
+                     f"| {human_bytes(r['uplink_bytes'])} | {ratio} | {r['seconds']:.0f} s |")
+    for note in getattr(args, "note", []):
+        lines += ["", note]
     command = (f"nice -n 10 python benchmarks/deployment.py --rounds {args.rounds} --epochs {args.epochs} "
                f"--archs {args.archs} --codecs {args.codecs} --per-class {args.per_class}")
     write_section("deployment", "From demo to deployment (CLI end to end, ONNX scored)", command, lines)

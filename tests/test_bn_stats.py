@@ -120,3 +120,16 @@ def test_no_batches_leave_statistics_untouched() -> None:
     assert recalibrate_batchnorm(model, norms, [torch.zeros(1, 3, 8, 8)]) == 0  # single samples are skipped
     assert all(torch.all(m.running_mean == 0.25) for m in norms)
     assert training_batchnorms(model.eval()) == []
+
+
+def test_aggregated_negative_variances_are_clamped() -> None:
+    """int8 blocks can carry a variance delta of about -var slightly too far: the model would output NaN."""
+    from edge_sdk.update import clamp_variances
+
+    arrays = {"bn.running_mean": np.array([-0.5, 0.2], np.float32),
+              "bn.running_var": np.array([-1e-3, 2.0], np.float32),
+              "bn.num_batches_tracked": np.array(3, np.int64), "fc.weight": np.array([-1.0], np.float32)}
+    assert clamp_variances(arrays) == 1
+    assert arrays["bn.running_var"].tolist() == [0.0, 2.0] and arrays["bn.running_var"].dtype == np.float32
+    assert arrays["bn.running_mean"].tolist() == [-0.5, pytest.approx(0.2)] and arrays["fc.weight"].tolist() == [-1.0]
+    assert clamp_variances(arrays) == 0

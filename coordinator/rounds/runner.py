@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from edge_sdk.protocol.modelfile import dump_model, flatten, layout_sizes, load_model, unflatten
+from edge_sdk.update import clamp_variances
 
 from coordinator.rounds.context import RunnerContext
 from coordinator.rounds.jobspec import holdout_fraction, model_meta
@@ -263,7 +264,10 @@ class JobRunner:
             log.error("job %s round %d: %s", self.job_id, rnd.round, reason)
             return False
         meta = model_meta(self.job_id, cfg, rnd.round, base_version=rnd.base_version, strategy=strategy.name)
-        data = dump_model(unflatten(new_vec, template), meta)
+        arrays = unflatten(new_vec, template)
+        if clamp_variances(arrays):  # lossy codecs can push a BatchNorm variance below 0 (NaN outputs)
+            log.info("job %s round %d: clamped negative BatchNorm variances", self.job_id, rnd.round)
+        data = dump_model(arrays, meta)
         evaluation = self._evaluate(data, cfg)
         pending = {"status": "pending", "reason": f"devices score this version on their held-out data in round "
                                                   f"{rnd.round + 1}"} if holdout_fraction(cfg) > 0 else None
