@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 _COMMIT_HOLD_ENV = "FEDSIGHT_FAULT_COMMIT_HOLD"
 
 
+def _job_strategy(cfg: dict[str, Any]) -> Strategy:
+    """The job's strategy with its limits (weighting, clipping), for a fresh start and a restart alike."""
+    return make_strategy(cfg.get("strategy"), UpdateLimits.from_config(cfg.get("limits")))
+
+
 class JobFailed(Exception):
     """The job cannot go on (e.g. stalled with ``on_stall: fail``); the message is recorded as its error."""
 
@@ -71,7 +76,7 @@ class JobRunner:
         thread, so updates that were queued for it while the coordinator was down find it open."""
         if self.restore:
             job = self._job()
-            self._strategy = make_strategy(job["config"].get("strategy"))
+            self._strategy = _job_strategy(job["config"])
             load_strategy_state(self.ctx, job, self._strategy)
             self._pending = restore_open_round(self.ctx, job, self._strategy)
             if self._pending is not None:
@@ -98,8 +103,7 @@ class JobRunner:
         try:
             job = self._job()
             cfg = job["config"]
-            strategy = self._strategy or make_strategy(cfg.get("strategy"),
-                                                       UpdateLimits.from_config(cfg.get("limits")))
+            strategy = self._strategy or _job_strategy(cfg)
             if self._strategy is None:
                 load_strategy_state(self.ctx, job, strategy)
             pending, self._pending = self._pending, None
