@@ -27,6 +27,7 @@ from edge_sdk.transport import BrokerAddress
 
 from coordinator.api.app import MAX_JSON_BYTES, create_app
 from coordinator.mqtt.accounts import BrokerAccounts, coordinator_credentials
+from coordinator.api.uploads import MAX_WEIGHTS_BYTES
 from coordinator.mqtt.bridge import MqttBridge
 from coordinator.mqtt.broker import EmbeddedBroker
 from coordinator.mqtt.dynsec import DynsecAccounts
@@ -181,10 +182,13 @@ def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fed
         services.broker_accounts = accounts
         engine_ref.append(services.engine)
         bridge = MqttBridge(services.engine, bridge_address, username=creds.username, password=creds.password)
+        if resume:
+            services.engine.hold_updates()  # queued updates wait for their re-opened rounds (issue 10)
         bridge.start()
         app = create_app({"services": services})
         http = create_server(app, host=host, port=port, threads=threads, ident="fedsight",
-                             max_request_body_size=MAX_JSON_BYTES)  # waitress refuses bigger bodies unread
+                             max_request_body_size=MAX_WEIGHTS_BYTES)  # waitress refuses bigger bodies unread;
+        # the app's BodyLimit refuses anything but a job with its weights file over MAX_JSON_BYTES
         bound = int(http.effective_port)
         url_host = "127.0.0.1" if host in _ANY_HOST else host
         services.engine.config.public_url, services.broker_url = advertised(host, bound, address, public_url,
@@ -198,10 +202,15 @@ def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fed
         thread = threading.Thread(target=http.run, name="waitress", daemon=True)
         thread.start()
         if resume:
-            resumed = services.engine.resume()
+            try:
+                resumed = services.engine.resume()
+            finally:
+                services.engine.release_updates()
             if resumed:
                 log.info("resumed running job(s): %s", ", ".join(resumed))
     except BaseException:
+        if services is not None:
+            services.engine.release_updates()
         if bridge is not None:
             bridge.stop()
         if services is not None:

@@ -7,6 +7,7 @@ RoundEngine; building them in one place keeps the data-dir layout defined exactl
     <data_dir>/models/ab/<sha256>.fsm   global versions, write-once
     <data_dir>/onnx/<job_id>/<sha256>.onnx(.json)   ONNX exports
     <data_dir>/master.key  operator-token  enroll-secret   secrets, mode 0600 (coordinator/auth/credentials.py)
+    <data_dir>/journal/         accepted updates of open rounds, strategy state (coordinator/rounds/journal.py)
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from coordinator.auth.rate_limit import RateLimiter
 from coordinator.mqtt.accounts import BrokerAccounts
 from coordinator.rounds.engine import EngineConfig, Publisher, RoundEngine
 from coordinator.rounds.evaluation import Evaluator
+from coordinator.rounds.journal import RoundJournal
 from coordinator.storage.exports import OnnxExports
 from coordinator.storage.model_store import ModelStore
 from coordinator.mqtt.presence import Presence
@@ -58,6 +60,7 @@ def build_services(data_dir: Path | str, *, public_url: str = "http://127.0.0.1:
     cfg = engine_config or EngineConfig()
     cfg.public_url = public_url
     engine = RoundEngine(store, models, publisher, cfg, Presence(), Evaluator() if evaluate else None, exports,
-                         device_key=credentials.device_key)
+                         device_key=credentials.device_key,
+                         journal=RoundJournal(data_dir / "journal"))
     return Services(data_dir, store, models, exports, engine, credentials, broker_url,
                     weights_dir=Path(weights_dir).resolve() if weights_dir else None)

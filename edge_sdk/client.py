@@ -35,6 +35,7 @@ from .protocol import codecs, topics
 from .protocol.errors import ProtocolError
 from .protocol.modelfile import flatten, layout_sizes, load_model
 from .protocol.wire import UpdateHeader, encode_update
+from .sent_journal import SentJournal
 from .trainer import LocalTrainer
 from .update import encode_delta, statistics_mask
 from .transport import BrokerRefused, MqttTransport
@@ -69,6 +70,8 @@ def check_task(task: Any, origin: CoordinatorOrigin) -> tuple[str, str]:
         return origin.url(path), origin.url(f"/api/v1/jobs/{job_id}/models/{version}/delta")
     except UnsafeUrlError as exc:
         raise ProtocolError(str(exc)) from None
+RETRY_LATER_CODE = "unavailable"  # ack code: the coordinator could not store the update; send it again later
+RETRY_LATER_S = 5.0
 
 
 @dataclass
@@ -136,6 +139,7 @@ class EdgeClient:
             self._mqtt_login = self._broker_login()
         self.models = ModelCache(self.cache_dir / "models", self._http, origin=self.origin)
         self.residuals = ResidualStore(self.cache_dir / "residual")
+        self.journal = SentJournal(self.cache_dir / "outbox")
         self.broker_url = broker_url or self._discover_broker()
         self.history: list[RoundReport] = []
         self._tasks: queue.Queue[dict[str, Any] | None] = queue.Queue()
@@ -148,8 +152,9 @@ class EdgeClient:
         return MqttTransport(
             self.broker_url, topics.device_mqtt_id(self.client_id), self._on_message,
             subscriptions=[topics.task_topic(self.client_id), topics.ack_topic(self.client_id),
-                           topics.JOB_EVENTS_WILDCARD],
-            will=(topics.status_topic(self.client_id), self._status("offline")), **self._mqtt_login)
+                           topics.JOB_EVENTS_WILDCARD, topics.PRESENCE_QUERY],
+            will=(topics.status_topic(self.client_id), self._status("offline")), on_connect=self._on_connected,
+            **self._mqtt_login)
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -298,8 +303,27 @@ class EdgeClient:
         """Presence message; ``ready`` is false until there is local data, so the device is not selected."""
         return json.dumps({"state": state, "jobs": self.jobs, "ready": self._has_data(), "ts": time.time()}).encode()
 
+    def _on_connected(self) -> None:
+        """Every (re)connect: announce presence again (a restarted broker may have lost it, or hold our will's
+        'offline') and re-send updates that were never acked. Runs on the network thread: no waiting."""
+        if self._stopped.is_set():
+            return
+        self._transport.publish(topics.status_topic(self.client_id), self._status("online"), retain=True)
+        self._resend_pending()
+
+    def _resend_pending(self) -> None:
+        if self._stopped.is_set():
+            return
+        for item in self.journal.pending():
+            log.info("re-sending unacknowledged update for job %s round %d", item.job_id, item.round)
+            self._transport.publish(topics.update_topic(self.client_id), item.message)
+
     # ----------------------------------------------------------------- messages
     def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == topics.PRESENCE_QUERY:
+            if not self._stopped.is_set():
+                self._transport.publish(topics.status_topic(self.client_id), self._status("online"), retain=True)
+            return
         if topic.startswith(f"{topics.PREFIX}/jobs/"):
             self._on_job_event(topics.parse_job_topic(topic), payload)
             return
@@ -315,6 +339,10 @@ class EdgeClient:
                 self._tasks.put(message)
         elif kind == topics.ACK:
             accepted = message.get("status") == "accepted"
+            if message.get("code") == RETRY_LATER_CODE:  # coordinator could not store it yet: keep and re-send
+                threading.Timer(RETRY_LATER_S, self._resend_pending).start()
+            elif isinstance(message.get("job"), str) and isinstance(message.get("round"), int):
+                self.journal.acked(message["job"], message["round"])
             if not accepted:
                 log.warning("update for job %s round %s rejected: %s", message.get("job"), message.get("round"),
                             message.get("reason"))
@@ -352,8 +380,10 @@ class EdgeClient:
                     return
                 newer.append(item)
             for t in newer:
-                if t.get("job_id") == task.get("job_id") and t.get("round", 0) >= task.get("round", 0):
-                    task = t
+                if t.get("job_id") == task.get("job_id"):
+                    older, task = (task, t) if t.get("round", 0) >= task.get("round", 0) else (t, task)
+                    log.info("skipping task for job %s round %s: a newer one (round %s) is queued",
+                             older.get("job_id"), older.get("round"), task.get("round"))
             try:
                 self.handle_task(task)
             except Exception as exc:  # one bad task must not end the device's participation
@@ -390,6 +420,14 @@ class EdgeClient:
             log.error("refusing task for job %s: %s", str(job)[:80], exc)
             return None
         job_id, rnd, version = str(task["job_id"]), int(task["round"]), str(task["base_version"])
+        attempt = int(task.get("attempt", 1))
+        if self.journal.already_sent(job_id, rnd, attempt):  # e.g. a task re-sent after a restart
+            log.info("already sent an update for job %s round %d attempt %d (or a later one); not training again",
+                     job_id, rnd, attempt)
+            for item in self.journal.pending():
+                if item.job_id == job_id and item.round == rnd:
+                    self._transport.publish(topics.update_topic(self.client_id), item.message)
+            return None
         if self.callbacks.on_round_start:
             self.callbacks.on_round_start(task)
         config = dict(task.get("config") or {})
@@ -425,13 +463,14 @@ class EdgeClient:
         if len(message) > limit:  # brokers drop oversize packets silently; say so here instead
             raise ProtocolError(f"update is {len(message)} bytes, over the job's limit of {limit}; "
                                 "use a sparser codec")
+        self.journal.record(job_id, rnd, attempt, message)
         if not self._transport.publish(topics.update_topic(self.client_id), message, wait=60):
             log.warning("update for job %s round %d was not confirmed by the broker", job_id, rnd)
         report = RoundReport(job_id, rnd, int(result.num_samples), len(message), fetched.transferred,
                              float(result.wall_time_s), encode_time, metrics)
         self.history.append(report)
-        log.info("job %s round %d: %d samples, loss %.4f, acc %.3f, sent %d bytes (train %.2fs, encode %.3fs)",
-                 job_id, rnd, result.num_samples, result.loss, result.accuracy, len(message),
+        log.info("job %s round %d attempt %d: %d samples, loss %.4f, acc %.3f, sent %d bytes (train %.2fs, "
+                 "encode %.3fs)", job_id, rnd, attempt, result.num_samples, result.loss, result.accuracy, len(message),
                  result.wall_time_s, encode_time)
         if self.callbacks.on_update_sent:
             self.callbacks.on_update_sent({"job_id": job_id, "round": rnd, "bytes": len(message)})

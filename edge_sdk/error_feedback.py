@@ -97,6 +97,8 @@ class ResidualStore:
             self._drop_files()
             return np.zeros(numel, dtype=np.float32)
         arr = self._read(path, numel) if path.is_file() else None
+        if arr is not None:
+            log.info("resumed error-feedback residual for job %s from %s", job_id, path.name)
         self._drop_files(keep=path if arr is not None else None)
         if arr is None:
             arr = np.zeros(numel, dtype=np.float32)

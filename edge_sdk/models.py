@@ -14,11 +14,15 @@ Loading user weights (``weights=``):
   ``strict_head=True`` to get an error instead.
 * A first-conv weight saved for 3 input channels is adapted to ``in_channels``: summed over RGB for 1 channel
   (a grey image replicated to RGB gives the same activations), channel-mean repeated otherwise.
-* Any other missing/unexpected key or shape mismatch raises :class:`WeightsMismatchError` saying what to do.
+* Any other missing/unexpected key or shape mismatch raises :class:`WeightsMismatchError` saying what to do;
+  when the keys fit another architecture built here, the message names it.
+* ``weights`` may also be the file's bytes (a coordinator receives the file over REST, never a path).
 """
 from __future__ import annotations
 
+import io
 import logging
+import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -117,7 +121,7 @@ def build_model(
     arch: str,
     num_classes: int,
     in_channels: int = 3,
-    weights: str | Path | Mapping[str, torch.Tensor] | None = None,
+    weights: Weights | None = None,
     *,
     strict_head: bool = False,
 ) -> nn.Module:
@@ -169,9 +173,19 @@ def backbone_and_head(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Par
     return backbone, head
 
 
-def _read_state(weights: str | Path | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+Weights = str | Path | bytes | Mapping[str, torch.Tensor]
+
+
+def _read_state(weights: Weights) -> dict[str, torch.Tensor]:
     if isinstance(weights, Mapping):
         state = dict(weights)
+    elif isinstance(weights, (bytes, bytearray)):
+        try:
+            state = torch.load(io.BytesIO(bytes(weights)), map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
+            raise WeightsMismatchError(
+                f"weights file is not a state_dict torch can load safely ({type(exc).__name__}); save it with "
+                "torch.save(model.state_dict(), path)") from None
     else:
         path = Path(weights)
         if not path.is_file():
@@ -190,7 +204,7 @@ def _read_state(weights: str | Path | Mapping[str, torch.Tensor]) -> dict[str, t
 
 def load_weights(
     model: nn.Module,
-    weights: str | Path | Mapping[str, torch.Tensor],
+    weights: Weights,
     *,
     strict_head: bool = False,
     arch: str | None = None,
@@ -202,10 +216,15 @@ def load_weights(
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
+        guess = guess_arch(state)
+        origin = (f"The file holds a {guess!r} state_dict (another architecture): use arch {guess!r}, or "
+                  f"weights saved from {what}."
+                  if guess and guess != arch else
+                  f"Was the checkpoint saved from another architecture? Pass the arch it was trained with "
+                  f"(one of {', '.join(ARCHS)}).")
         raise WeightsMismatchError(
             f"weights do not match {what}: {len(missing)} missing keys {missing[:5]}, "
-            f"{len(unexpected)} unexpected keys {unexpected[:5]}. Was the checkpoint saved from another "
-            f"architecture? Pass the arch it was trained with (one of {', '.join(ARCHS)})."
+            f"{len(unexpected)} unexpected keys {unexpected[:5]}. {origin}"
         )
     head_prefix = head_name(model) + "."
     conv_key = _first_conv(model)[0] + ".weight"
@@ -236,6 +255,17 @@ def load_weights(
     if reinit:
         log.warning("weights: head tensors %s did not match num_classes; they keep a random init", reinit)
     model.load_state_dict(merged, strict=True)
+
+
+def guess_arch(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The architecture built here whose state_dict has exactly these keys, if any (built on the meta device)."""
+    keys = set(state)
+    for arch in ARCHS:
+        with torch.device("meta"):
+            model = SmallCNN(10, 3) if arch == "small_cnn" else _BUILDERS[arch](10)
+        if set(model.state_dict()) == keys:
+            return arch
+    return None
 
 
 def _adapt_conv_weight(w: torch.Tensor, in_channels: int) -> torch.Tensor:

@@ -20,9 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from edge_sdk.bn_stats import recalibrate_batchnorm, training_batchnorms
 from edge_sdk.models import backbone_and_head, head_module
 
 log = logging.getLogger(__name__)
+
+RECALIBRATION_BATCH = 256       # batch statistics are averaged over batches; larger batches are just faster
+RECALIBRATION_SAMPLES = 4096    # one no-grad pass over at most this many local samples
 
 
 @dataclass
@@ -37,6 +41,8 @@ class TrainConfig:
     seed: int = 0
     momentum: float = 0.9
     weight_decay: float = 0.0
+    backbone_lr_mult: float = 1.0   # backbone lr = lr * this (head keeps lr); 0 freezes the backbone weights
+    bn_recalibrate: bool = True     # re-estimate BatchNorm running statistics after training (see bn_stats)
 
     @classmethod
     def coerce(cls, config: TrainConfig | Mapping[str, Any] | None) -> TrainConfig:
@@ -46,7 +52,7 @@ class TrainConfig:
             return config
         names = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in config.items() if k in names and v is not None})
-        if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0 or cfg.mu < 0:
+        if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0 or cfg.mu < 0 or not cfg.backbone_lr_mult >= 0:
             raise ValueError(f"invalid train config: {asdict(cfg)}")
         return cfg
 
@@ -193,18 +199,12 @@ class LocalTrainer:
             model.to(memory_format=torch.channels_last)
         was_training = model.training
         flags = [(p, p.requires_grad) for p in model.parameters()]
-        if cfg.freeze_backbone:
-            backbone, _head = backbone_and_head(model)
-            for p in backbone:
-                p.requires_grad_(False)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError("model has no trainable parameters")
+        trainable, groups = self._param_groups(model, cfg)
         gen = torch.Generator().manual_seed(cfg.seed)
         n, epoch_iter = self._batches(dataset, cfg.batch_size, gen, train=True)
         if n == 0:
             raise ValueError("cannot train on an empty dataset")
-        opt = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         anchor = [p.detach().clone() for p in trainable] if cfg.mu > 0 else None
         rng_devices = [dev.index] if dev.type == "cuda" else []
         bar = None
@@ -245,6 +245,8 @@ class LocalTrainer:
                         if bar is not None:
                             bar.update()
                 loss_v, correct_v = float(loss_sum), int(correct)  # the one sync
+                if cfg.bn_recalibrate:
+                    self._recalibrate(model, dataset)
         finally:
             if bar is not None:
                 bar.close()
@@ -260,6 +262,34 @@ class LocalTrainer:
         log.info("trained %d samples x %d epochs on %s in %.2fs: loss %.4f acc %.3f", n, cfg.epochs, dev,
                  wall, result.loss, result.accuracy)
         return result
+
+    @staticmethod
+    def _param_groups(model: nn.Module, cfg: TrainConfig) -> tuple[list[nn.Parameter], list[dict[str, Any]]]:
+        """(trainable params, SGD groups): frozen backbone, or a backbone lr of ``lr * backbone_lr_mult``."""
+        if cfg.freeze_backbone or cfg.backbone_lr_mult == 0:
+            backbone, _head = backbone_and_head(model)
+            for p in backbone:
+                p.requires_grad_(False)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("model has no trainable parameters")
+        if cfg.backbone_lr_mult in (0.0, 1.0) or cfg.freeze_backbone:
+            return trainable, [{"params": trainable}]
+        backbone, head = backbone_and_head(model)
+        groups = [{"params": [p for p in backbone if p.requires_grad], "lr": cfg.lr * cfg.backbone_lr_mult},
+                  {"params": [p for p in head if p.requires_grad]}]
+        return trainable, [g for g in groups if g["params"]]
+
+    def _recalibrate(self, model: nn.Module, dataset: Dataset) -> None:
+        """Recompute the running statistics of the BatchNorm layers that trained (frozen ones keep theirs)."""
+        norms = training_batchnorms(model)
+        if not norms:
+            return
+        _n, epoch_iter = self._batches(dataset, RECALIBRATION_BATCH, torch.Generator(), train=False)
+        batches = ((x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
+                   for x, _y in epoch_iter())
+        with self._autocast():
+            recalibrate_batchnorm(model, norms, batches, max_samples=RECALIBRATION_SAMPLES)
 
     @staticmethod
     def _prox(params: list[torch.Tensor], anchor: list[torch.Tensor], mu: float) -> None:

@@ -51,16 +51,19 @@ class MqttTransport:
     def __init__(self, broker: str | BrokerAddress, client_id: str, on_message: MessageHandler,
                  subscriptions: Iterable[str] = (), will: tuple[str, bytes] | None = None,
                  persistent: bool = True, keepalive: int = 30, username: str | None = None,
-                 password: str | None = None) -> None:
+                 password: str | None = None, on_connect: Callable[[], None] | None = None,
+                 max_reconnect_delay: float = 2.0) -> None:
         self.broker = broker if isinstance(broker, BrokerAddress) else BrokerAddress.parse(broker)
         self._subs = list(subscriptions)
         self._handler = on_message
+        self._connect_hook = on_connect  # runs after every (re)connect, once subscriptions are re-sent
         self._connected = threading.Event()
         self._refused: str | None = None  # the broker's reason when it turned the CONNECT down
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                    clean_session=not persistent, protocol=mqtt.MQTTv311)
         self._client.max_inflight_messages_set(20)
-        self._client.reconnect_delay_set(min_delay=1, max_delay=10)
+        # A short cap keeps recovery after a broker restart within a few seconds (issue 10: <= 5 s).
+        self._client.reconnect_delay_set(min_delay=1, max_delay=max(1, int(max_reconnect_delay)))
         if username is not None:  # the broker account registration handed out (brokers that enforce ACLs)
             self._client.username_pw_set(username, password)
         if will is not None:
@@ -131,6 +134,11 @@ class MqttTransport:
             client.subscribe(topic, qos=1)
         self._connected.set()
         log.debug("connected to %s", self.broker.url())
+        if self._connect_hook is not None:
+            try:
+                self._connect_hook()
+            except Exception:  # a hook bug must never kill the network thread
+                log.exception("on_connect hook failed")
 
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object, reason: object,
                        properties: object = None) -> None:

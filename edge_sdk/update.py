@@ -24,6 +24,21 @@ def statistics_mask(arrays: Arrays) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, bool)
 
 
+def clamp_variances(arrays: Arrays) -> int:
+    """Clamp aggregated BatchNorm ``running_var`` at 0 in place; returns how many entries were negative.
+
+    A lossy codec (int8 blocks, sparse selection) applied to large statistics deltas can carry a variance just
+    below zero; BatchNorm then takes the square root of a negative number and the model outputs NaN."""
+    clamped = 0
+    for name, a in arrays.items():
+        if name.endswith("running_var") and is_float(a):
+            neg = int((a < 0).sum())
+            if neg:
+                clamped += neg
+                arrays[name] = np.maximum(a, 0).astype(a.dtype)
+    return clamped
+
+
 def encode_delta(spec: dict, delta: np.ndarray, layout_sizes: list[int], residuals: ResidualStore | None,
                  job_id: str, stats: np.ndarray | None = None) -> tuple[bytes, Decoded]:
     """Codec payload for ``delta`` (local - global), applying and updating error feedback when enabled."""

@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from coordinator.api.app import MAX_JSON_BYTES, create_app
+from coordinator.api.uploads import MAX_WEIGHTS_BYTES
 from coordinator.mqtt.bridge import ByteBoundedQueue
 from coordinator.rounds import validation as V
 from coordinator.rounds.engine import EngineConfig
@@ -162,6 +163,23 @@ def test_oversize_content_length_is_refused_before_the_body_is_read(tmp_path):
     app = create_app({"data_dir": tmp_path, "evaluate": False})
     status, body = _call(app, "/api/v1/jobs", _Unreadable(), CONTENT_LENGTH=str(1 << 30))  # type: ignore[arg-type]
     assert status.startswith("413") and "limit" in json.loads(body)["error"]
+
+
+def test_only_a_multipart_job_gets_the_upload_body_limit(tmp_path):
+    app = create_app({"data_dir": tmp_path, "evaluate": False})
+    multipart = "multipart/form-data; boundary=x"
+    cases = [("/api/v1/clients", multipart, MAX_JSON_BYTES + 1),  # an upload limit only where uploads go
+             ("/api/v1/jobs", "application/json", MAX_JSON_BYTES + 1),  # a JSON job keeps the small limit
+             ("/api/v1/jobs", multipart, MAX_WEIGHTS_BYTES + 1)]
+    for path, ctype, size in cases:
+        status, body = _call(app, path, _Unreadable(), CONTENT_TYPE=ctype,  # type: ignore[arg-type]
+                             CONTENT_LENGTH=str(size))
+        assert status.startswith("413") and f"{size} bytes" in json.loads(body)["error"], (path, ctype)
+    job = (b'--x\r\nContent-Disposition: form-data; name="job"\r\n\r\n{"model": {"arch": "small_cnn"}}\r\n'
+           b'--x\r\nContent-Disposition: form-data; name="weights"; filename="w.pt"\r\n'
+           b"Content-Type: application/octet-stream\r\n\r\n" + b"w" * MAX_JSON_BYTES + b"\r\n--x--\r\n")
+    status, body = _call(app, "/api/v1/jobs", io.BytesIO(job), CONTENT_TYPE=multipart, CONTENT_LENGTH=str(len(job)))
+    assert status.startswith("400") and "not a state_dict" in json.loads(body)["error"]  # over 1 MiB, read by the app
 
 
 def _call(app, path: str, body: io.BytesIO, **extra: str) -> tuple[str, bytes]:

@@ -26,9 +26,10 @@ from coordinator.auth import access, enrollment
 from coordinator.auth.paths import PathRefused, confine
 from coordinator.auth.refused import Refused
 from coordinator.mqtt.accounts import BrokerAccountError
+from coordinator.api.uploads import MAX_WEIGHTS_BYTES, UploadError, multipart_job
 from coordinator.rounds.engine import JobStateError
 from coordinator.storage.exports import ExportFailed
-from coordinator.rounds.jobspec import JobSpecError, initial_model, normalize_job
+from coordinator.rounds.jobspec import JobSpecError, initial_model, normalize_job, weights_record
 from coordinator.storage.model_store import ModelStore, is_version
 from coordinator.services import Services, build_services
 
@@ -100,6 +101,7 @@ def _job_view(job: dict[str, Any]) -> dict[str, Any]:
         "round": rnd.round, "attempt": rnd.attempt, "selected": sorted(rnd.selected), "accepted": rnd.accepted,
         "rejected": rnd.rejected, "deadline": rnd.deadline, **rnd.traffic()}
     view["traffic"] = _svc().store.job_traffic(job["id"])
+    view["notice"] = _svc().engine.notice(job["id"])  # why it is not progressing now (stalled, disk full)
     return view
 
 
@@ -129,18 +131,31 @@ def health() -> Any:
 
 # -------------------------------------------------------------------------------------------------- jobs
 
+def _job_request() -> tuple[dict[str, Any], bytes | None, str]:
+    """(job body, uploaded weights, their file name): plain JSON, or multipart with the weights file."""
+    if request.mimetype != "multipart/form-data":
+        return _body(None), None, ""  # normalize_job names unknown fields itself, with their path
+    try:
+        return multipart_job(request)
+    except UploadError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
 @api.post("/jobs")
 def create_job() -> Any:
     svc = _svc()
-    body = _body(None)  # normalize_job names unknown fields itself, with their path
+    body, weights, filename = _job_request()
     try:
         config = normalize_job(body)
         if config["model"]["weights"] is not None:
             config["model"]["weights"] = str(confine(config["model"]["weights"], svc.weights_dir))
         job_id = f"job-{secrets.token_hex(4)}"
-        data = initial_model(job_id, config)
+        data = initial_model(job_id, config, weights)
     except (JobSpecError, PathRefused) as exc:
+        log.warning("job rejected: %s", exc)
         raise ApiError(400, str(exc)) from None
+    if weights is not None:
+        config["model"]["weights"] = weights_record(weights, filename)
     version = svc.models.put(data)
     job = svc.store.create_job(job_id, config["name"], config, version, len(data))
     log.info("created job %s (%s, %d rounds, initial version %s)", job_id, config["model"]["arch"],
@@ -427,7 +442,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
                              broker_url=config.pop("broker_url", None), evaluate=config.pop("evaluate", True))
     app = Flask("fedsight-coordinator")
     app.config["MAX_CONTENT_LENGTH"] = MAX_JSON_BYTES
-    app.wsgi_app = BodyLimit(app.wsgi_app, MAX_JSON_BYTES)  # type: ignore[method-assign]
+    app.wsgi_app = BodyLimit(app.wsgi_app, MAX_JSON_BYTES,  # type: ignore[method-assign]
+                             uploads={"/api/v1/jobs": MAX_WEIGHTS_BYTES})  # job + weights file (multipart)
     app.config["JSON_SORT_KEYS"] = False
     app.config.update({k: v for k, v in config.items() if k.isupper()})
     app.extensions["fedsight"] = svc

@@ -161,11 +161,13 @@ def job_body(args: argparse.Namespace) -> dict[str, Any]:
     body = pick(name=args.name, rounds=args.rounds, clients_per_round=args.clients_per_round,
                 min_clients=args.min_clients, round_timeout_s=args.round_timeout, codec=args.codec, seed=args.seed,
                 class_names=args.class_names.split(",") if args.class_names else None,
-                max_update_bytes=args.max_update_bytes, strategy=args.strategy, input_scale=args.input_scale)
+                max_update_bytes=args.max_update_bytes, strategy=args.strategy, input_scale=args.input_scale,
+                stall_timeout_s=args.stall_timeout, on_stall=args.on_stall)
     body["model"] = pick(arch=args.arch, num_classes=args.num_classes, in_channels=args.in_channels,
                          image_size=args.image_size)
     body["train"] = pick(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mu=args.mu,
-                         freeze_backbone=args.freeze_backbone or None)
+                         freeze_backbone=args.freeze_backbone or None, backbone_lr_mult=args.backbone_lr_mult,
+                         bn_recalibrate=args.bn_recalibrate)
     kind, path = args.eval or (None, None)
     if kind == "none":
         if args.holdout:
@@ -180,14 +182,27 @@ def job_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
+def create_job(api: Api, body: dict[str, Any], weights: str | None) -> dict[str, Any]:
+    """POST /jobs: plain JSON, or multipart with the weights file so a remote coordinator receives it."""
+    if weights is None:
+        return api.request("POST", "/jobs", json=body)
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise CliError(f"weights file not found: {path}", "save one with torch.save(model.state_dict(), FILE)")
+    with path.open("rb") as fh:
+        return Api(api.base, timeout=max(api.timeout, 300.0)).request(
+            "POST", "/jobs", data={"job": json.dumps(body)},
+            files={"weights": (path.name, fh, "application/octet-stream")})
+
+
 def _job_id(job: dict[str, Any]) -> str:
     return str(job.get("id") or job.get("job_id"))
 
 
 def cmd_job(args: argparse.Namespace) -> int:
-    api = operator_api(args)
+    api = operator_api(args, timeout=120 if args.job_command == "create" else 30)  # create builds a model
     if args.job_command == "create":
-        job = api.request("POST", "/jobs", json=job_body(args))
+        job = create_job(api, job_body(args), args.weights)
         if args.start:
             job = api.request("POST", f"/jobs/{_job_id(job)}/start")
         print(json.dumps(job, indent=2) if args.json else _job_id(job))
@@ -211,8 +226,10 @@ def cmd_job(args: argparse.Namespace) -> int:
         print(f"job {_job_id(job)} ({job.get('name', '')}): {job.get('status')}, round {job.get('current_round', 0)}"
               f"/{cfg.get('rounds', '?')}, {cfg['model']['arch']}, codec {spec_text.codec_label(cfg.get('codec'))}")
         print(f"evaluation: {eval_summary(cfg)}")
-        if job.get("error"):
-            print(f"error: {job['error']}")
+        if job.get("notice"):
+            print(f"notice: {job['notice']}")
+        if job.get("error") and job.get("error") != job.get("notice"):
+            print(f"{'waiting' if job.get('status') == 'paused' else 'error'}: {job['error']}")
         print(format_table(*rounds_table(rounds)) if rounds else "no rounds yet")
         for note in eval_notes(rounds):
             print(note)

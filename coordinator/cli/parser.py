@@ -191,6 +191,14 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     c.add_argument("--lr", type=float, help="local SGD learning rate (server default: 0.05)")
     c.add_argument("--mu", type=float, help="FedProx proximal strength (server default: 0)")
     c.add_argument("--freeze-backbone", action="store_true", help="train the classification head only")
+    c.add_argument("--weights", metavar="FILE",
+                   help="start from your torchvision state_dict (torch.save(model.state_dict(), FILE)) for --arch; "
+                        "the head is replaced for --num-classes. Sent to the coordinator with the job")
+    c.add_argument("--backbone-lr-mult", type=float, metavar="X",
+                   help="backbone learning rate = --lr * X, head keeps --lr; 0 freezes the backbone weights "
+                        "(server default: 1)")
+    c.add_argument("--bn-recalibrate", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-estimate BatchNorm running statistics after local training (server default: on)")
     c.add_argument("--eval", type=_typed(_eval_set, "eval"), metavar="digits|imagefolder:PATH|none",
                    help="server-side evaluation set: digits, or a held-out ImageFolder on the coordinator's disk "
                         "whose class folders match the class names; none = no evaluation at all "
@@ -208,6 +216,9 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
                    help='fedavg (server default), fedprox, fedadam, fedyogi, or JSON like {"name": "fedadam", ...}')
     c.add_argument("--seed", type=int)
     c.add_argument("--max-update-bytes", type=int)
+    c.add_argument("--stall-timeout", type=float, metavar="SECONDS",
+                   help="report a job with too few devices after this long (server default: 300)")
+    c.add_argument("--on-stall", choices=("pause", "fail"), help="then pause (default) or fail the job")
     c.add_argument("--start", action="store_true", help="start the job right away")
     c.add_argument("--json", action="store_true", help="print the job as JSON instead of its id")
     for action, text in (("start", "start a created job"), ("stop", "stop a running job"),

@@ -83,7 +83,8 @@ class MqttBridge:
         self.address = broker if isinstance(broker, BrokerAddress) else BrokerAddress.parse(broker)
         self.transport = transport_factory(self.address, client_id, self._on_message,
                                            subscriptions=[topics.STATUS_WILDCARD, topics.UPDATE_WILDCARD],
-                                           persistent=True, username=username, password=password)
+                                           persistent=True, username=username, password=password,
+                                           on_connect=self._on_connected)
 
     @property
     def connected(self) -> bool:
@@ -114,6 +115,11 @@ class MqttBridge:
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> bool:
         return self.transport.publish(topic, payload, qos=qos, retain=retain)
+
+    def _on_connected(self) -> None:
+        """After every (re)connect ask all devices to re-announce: with the re-subscription's retained statuses
+        this rebuilds presence even when a restarted broker lost its retained messages or fired stale wills."""
+        self.transport.publish(topics.PRESENCE_QUERY, b"", qos=1, retain=False)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         """Runs on paho's network thread; ``engine.submit`` never raises, so neither does this."""

@@ -57,6 +57,18 @@ class Presence:
         self.update(client_id, state == "online", jobs, ready)
         return self.get(client_id)
 
+    def touch(self, client_id: str) -> bool:
+        """Proof of life (an authenticated message arrived): mark online, keeping its jobs and readiness.
+        Returns True if the client was not known to be online before."""
+        with self._cond:
+            old = self._status.get(client_id)
+            if old is not None and old.online:
+                return False
+            self._status[client_id] = ClientStatus(True, old.jobs if old else None, time.time(),
+                                                   old.ready if old else True)
+            self._cond.notify_all()
+            return True
+
     def get(self, client_id: str) -> ClientStatus | None:
         with self._cond:
             return self._status.get(client_id)

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from coordinator.mqtt.presence import Presence
 from coordinator.rounds.jobspec import HARD_MAX_UPDATE_BYTES
+from coordinator.rounds.journal import RoundJournal
 from coordinator.storage.exports import OnnxExports
 from coordinator.storage.model_store import ModelStore
 from coordinator.storage.store import Store
@@ -30,6 +31,9 @@ class EngineConfig:
     # and round, so this only bites a flood; generous enough for sub-second rounds of tiny models
     update_rate_per_s: float = 5.0
     update_burst: int = 50  # messages a device may send back to back before the rate applies
+    stall_timeout_s: float = 300.0  # default for a job's "stall_timeout_s": no progress this long is reported
+    resume_hold_s: float = 60.0  # at most this long, updates wait for a restart to re-open their rounds
+    storage_retry_s: float = 2.0  # a round that cannot be committed (disk full) is retried this often
 
 
 class Evaluates(Protocol):
@@ -50,3 +54,4 @@ class RunnerContext:
     send_event: Callable[[str, dict[str, Any]], None]
     eligible_clients: Callable[[str], list[str]]
     model_path: Callable[[str, str], str]  # (job_id, version) -> '/api/v1/jobs/<id>/models/<v>'
+    journal: RoundJournal | None = None  # durable spool + strategy state; None: rounds restart after a crash

@@ -26,6 +26,7 @@ from coordinator.rounds.jobspec import DEFAULT_MAX_UPDATE_BYTES
 from coordinator.rounds.rate_limit import RateLimiter
 from coordinator.storage.model_store import ModelStore
 from coordinator.mqtt.presence import Presence
+from coordinator.rounds.journal import RoundJournal
 from coordinator.rounds.open_round import OpenRound
 from coordinator.rounds.replay import ReplayGuard
 from coordinator.rounds.runner import JobRunner
@@ -92,8 +93,9 @@ class RoundEngine:
     def __init__(self, store: Store, models: ModelStore, publisher: Publisher | None = None,
                  config: EngineConfig | None = None, presence: Presence | None = None,
                  evaluator: Any = None, exports: OnnxExports | None = None,
-                 device_key: Callable[[str], bytes] | None = None) -> None:
+                 device_key: Callable[[str], bytes] | None = None, journal: RoundJournal | None = None) -> None:
         self.store = store
+        self.journal = journal
         self.device_key = device_key or ephemeral_device_keys()
         self._replays = ReplayGuard()
         self.models = models
@@ -106,11 +108,24 @@ class RoundEngine:
         self._lock = threading.RLock()
         self.rate_limiter = RateLimiter(self.config.update_rate_per_s, self.config.update_burst)
         self.unfiled_junk = {"messages": 0, "bytes": 0}  # junk no open round could be charged with
+        self._intake_open = threading.Event()  # cleared while a restart re-opens rounds (hold_updates)
+        self._intake_open.set()
+
+    def hold_updates(self) -> None:
+        """Make ``submit`` wait (not reject) until :meth:`release_updates`: the server holds updates the broker
+        queued for us while we were down until ``resume`` has re-opened their rounds."""
+        self._intake_open.clear()
+
+    def release_updates(self) -> None:
+        self._intake_open.set()
 
     # ------------------------------------------------------------------------------------------- jobs
 
-    def start_job(self, job_id: str) -> None:
-        """Start (or resume) a job's round loop; KeyError if unknown, JobStateError if not startable."""
+    def start_job(self, job_id: str, restore: bool = False) -> None:
+        """Start (or resume) a job's round loop; KeyError if unknown, JobStateError if not startable.
+
+        ``restore``: after a coordinator restart, re-open the interrupted round from the journal instead of
+        aborting it (see ``coordinator/rounds/recovery.py``)."""
         with self._lock:
             job = self.store.get_job(job_id)
             if job is None:
@@ -119,9 +134,12 @@ class RoundEngine:
                 raise JobStateError(f"job {job_id} is finished; create a new job to train further")
             if job_id in self._runners:
                 raise JobStateError(f"job {job_id} is already running")
-            self.store.abort_open_rounds(job_id, reason="superseded by a restart of the job")
+            if not restore:
+                self.store.abort_open_rounds(job_id, reason="superseded by a restart of the job")
+                if self.journal is not None:
+                    self.journal.drop_spool(job_id)
             self.store.update_job(job_id, status="running", error=None)
-            runner = JobRunner(self._context(), job_id, self._runner_done)
+            runner = JobRunner(self._context(), job_id, self._runner_done, restore=restore)
             self._runners[job_id] = runner
             runner.start()
         log.info("job %s started at round %d", job_id, job["current_round"] + 1)
@@ -133,7 +151,7 @@ class RoundEngine:
                 raise KeyError(job_id)
             runner = self._runners.get(job_id)
             if runner is None:
-                if job["status"] != "running":
+                if job["status"] not in ("running", "paused"):
                     raise JobStateError(f"job {job_id} is not running (status {job['status']})")
                 self.store.update_job(job_id, status="stopped")
                 return
@@ -146,15 +164,22 @@ class RoundEngine:
             return job_id in self._runners
 
     def resume(self) -> list[str]:
-        """Restart jobs the store says are running (after a coordinator restart)."""
-        self.store.abort_open_rounds(reason="coordinator restarted")
+        """Restart jobs the store says are running or paused (after a coordinator restart); their interrupted
+        rounds are re-aggregated from the journal."""
         resumed = []
-        for job in self.store.list_jobs(status="running"):
-            if not self.is_running(job["id"]):
-                self.store.update_job(job["id"], status="stopped")
-                self.start_job(job["id"])
+        for job in self.store.list_jobs():
+            if job["status"] not in ("running", "paused"):
+                self.store.abort_open_rounds(job["id"], reason="coordinator restarted")
+            elif not self.is_running(job["id"]):
+                self.start_job(job["id"], restore=True)
                 resumed.append(job["id"])
         return resumed
+
+    def notice(self, job_id: str) -> str | None:
+        """Why a running job is not progressing right now (stalled, storage full), or None."""
+        with self._lock:
+            runner = self._runners.get(job_id)
+        return runner.notice if runner else None
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop every job thread; their jobs stay 'running' in the store and resume on the next start."""
@@ -169,7 +194,7 @@ class RoundEngine:
         return RunnerContext(store=self.store, models=self.models, config=self.config, presence=self.presence,
                              evaluator=self.evaluator, exports=self.exports, send_task=self.send_task,
                              send_event=self.send_event, eligible_clients=self.eligible_clients,
-                             model_path=self.model_path)
+                             model_path=self.model_path, journal=self.journal)
 
     def _runner_done(self, runner: JobRunner) -> None:
         with self._lock:
@@ -210,11 +235,23 @@ class RoundEngine:
 
     def on_status(self, client_id: str, payload: bytes) -> None:
         status = self.presence.update_from_payload(client_id, payload)
+        if status is not None and status.online:
+            self._resend_task(client_id)
         if status is not None:
             try:
                 self.store.set_client_state(client_id, "online" if status.online else "offline", status.ts)
             except Exception:  # noqa: BLE001
                 log.exception("could not record status of %s", client_id)
+
+    def _resend_task(self, client_id: str) -> None:
+        """A selected client that (re)appears mid-round gets its task again: it may have been lost with a
+        broker restart or a device restart. The device's journal stops it from answering the same attempt twice."""
+        with self._lock:
+            rounds = [r.current for r in self._runners.values() if r.current is not None]
+        for rnd in rounds:
+            if (rnd.task and not rnd.closed and client_id in rnd.selected
+                    and client_id not in rnd.accepted_clients):
+                self.send_task(client_id, rnd.task)
 
     def eligible_clients(self, job_id: str) -> list[str]:
         """Online (per retained status), registered, and willing to work on ``job_id``."""
@@ -269,6 +306,8 @@ class RoundEngine:
         """Validate, aggregate, record and ack one update message. Never raises.
 
         ``screened``: :meth:`screen` already admitted this message (the MQTT bridge screens before queueing)."""
+        if not self._intake_open.wait(self.config.resume_hold_s):
+            log.warning("updates still held after %.0f s; handling them anyway", self.config.resume_hold_s)
         nbytes = len(raw)
         if not screened:
             refused = self.screen(topic_client_id, nbytes)
@@ -322,6 +361,8 @@ class RoundEngine:
         tag = update_mac(raw)
         if self._replays.seen(tag):
             raise Rejected(validation.REPLAYED, "this exact message was already accepted once")
+        if self.presence.touch(header.client_id):  # an authenticated message is proof of life
+            log.info("client %s is alive (update received) although presence said offline", header.client_id)
         with self._lock:
             runner = self._runners.get(header.job_id)
         if runner is None:
@@ -333,9 +374,29 @@ class RoundEngine:
             validation.check_round(header, nbytes, rnd)
             assert rnd is not None
             decoded = validation.decode_payload(header, payload, rnd)
+            self._spool(rnd, header.client_id, raw)
             rnd.add(header.client_id, decoded, header.num_samples, nbytes, header.metrics)
             self._replays.remember(tag)
         return rnd
+
+    def _spool(self, rnd: OpenRound, client_id: str, raw: bytes) -> None:
+        """Durable before acked: an update that cannot be written is refused with 'retry later', never
+        accepted into memory only (it would be lost by a crash while the device believes it delivered)."""
+        if self.journal is None:
+            return
+        with self._lock:
+            runner = self._runners.get(rnd.job_id)
+        try:
+            self.journal.save_update(rnd.job_id, rnd.round, rnd.attempt, client_id, raw)
+        except OSError as exc:
+            log.error("cannot store an update of %s for job %s round %d: %s", client_id, rnd.job_id, rnd.round, exc)
+            if runner is not None:
+                runner.notice = (f"round {rnd.round}: cannot store incoming updates ({type(exc).__name__}: {exc}); "
+                                 "devices are told to send them again later")
+            raise Rejected(validation.UNAVAILABLE, f"coordinator storage is failing ({exc.strerror or exc}); "
+                                                   "the update was not counted, send it again later") from None
+        if runner is not None and runner.notice and "cannot store incoming updates" in runner.notice:
+            runner.notice = None
 
     def _file_rejection(self, client_id: str, header: UpdateHeader | None, nbytes: int,
                         junk: bool = False) -> OpenRound | None:

@@ -27,6 +27,7 @@ HARD_MAX_UPDATE_BYTES = 256 << 20
 EVAL_DATASETS = ("digits", "imagefolder")
 DEFAULT_HOLDOUT_FRACTION = 0.1  # federated evaluation when the job names no server-side set
 MAX_HOLDOUT_FRACTION = 0.5
+ON_STALL = ("pause", "fail")  # what a job does once no progress was possible for stall_timeout_s
 
 
 class JobSpecError(ValueError):
@@ -140,7 +141,7 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
     """Validate a job body and return the full config with every default filled in."""
     top = {"name", "model", "rounds", "clients_per_round", "min_clients", "round_timeout_s", "train", "codec",
            "eval", "seed", "class_names", "normalization", "input_scale", "max_update_bytes", "strategy",
-           "limits"}
+           "limits", "stall_timeout_s", "on_stall"}
     body = _object(body, top, "")
     name = _get(body, "name", str, "job", "")
     if not 1 <= len(name) <= 200:
@@ -161,17 +162,22 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
                            "use eval.dataset 'imagefolder' with a folder of your classes, or null")
     channels = _get(model, "in_channels", int, 1 if digits else 3, "model.", lo=1, hi=16)
     image_size = _get(model, "image_size", int, 8 if digits else 32, "model.", lo=2, hi=4096)
-    weights = _get(model, "weights", str, None, "model.", nullable=True)
+    if model.get("weights") is not None:
+        raise JobSpecError("'model.weights' cannot be set in the JSON body: send the weights file itself with the "
+                           "job (multipart field 'weights', as `fedsight job create --weights FILE` does)")
     rounds = _get(body, "rounds", int, 10, "", lo=1, hi=100_000)
     k = _get(body, "clients_per_round", int, 5, "", lo=1, hi=100_000)
     min_clients = _get(body, "min_clients", int, min(3, k), "", lo=1, hi=k)
     timeout = _get(body, "round_timeout_s", float, 60.0, "", lo=0.1, hi=7 * 24 * 3600)
-    train = _object(body.get("train", {}), {"epochs", "batch_size", "lr", "mu", "freeze_backbone"}, "train.")
+    train = _object(body.get("train", {}), {"epochs", "batch_size", "lr", "mu", "freeze_backbone",
+                                            "backbone_lr_mult", "bn_recalibrate"}, "train.")
     train_cfg = {"epochs": _get(train, "epochs", int, 1, "train.", lo=1, hi=1000),
                  "batch_size": _get(train, "batch_size", int, 32, "train.", lo=1, hi=65536),
                  "lr": _get(train, "lr", float, 0.05, "train.", lo=0.0, hi=100.0),
                  "mu": _get(train, "mu", float, 0.0, "train.", lo=0.0, hi=1e6),
-                 "freeze_backbone": _get(train, "freeze_backbone", bool, False, "train.")}
+                 "freeze_backbone": _get(train, "freeze_backbone", bool, False, "train."),
+                 "backbone_lr_mult": _get(train, "backbone_lr_mult", float, 1.0, "train.", lo=0.0, hi=1000.0),
+                 "bn_recalibrate": _get(train, "bn_recalibrate", bool, True, "train.")}
     codec_in = body.get("codec", {"name": "dense", "dtype": "float32"})
     if isinstance(codec_in, dict) and codec_in.get("name") == "randk" and "seed" not in codec_in:
         codec_in = {**codec_in, "seed": 0}  # placeholder: the coordinator announces a fresh seed per round
@@ -185,6 +191,10 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
     if input_scale <= 0:
         raise JobSpecError(f"'input_scale' must be > 0, got {input_scale}")
     max_bytes = _get(body, "max_update_bytes", int, DEFAULT_MAX_UPDATE_BYTES, "", lo=1024, hi=HARD_MAX_UPDATE_BYTES)
+    stall = _get(body, "stall_timeout_s", float, None, "", lo=1.0, hi=7 * 24 * 3600, nullable=True)
+    on_stall = _get(body, "on_stall", str, "pause", "")
+    if on_stall not in ON_STALL:
+        raise JobSpecError(f"'on_stall' must be one of {', '.join(ON_STALL)}, got {on_stall!r}")
     try:
         strategy = make_strategy(body.get("strategy")).spec()
     except ValueError as exc:
@@ -194,11 +204,12 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
     except ValueError as exc:
         raise JobSpecError(str(exc)) from None
     return {"name": name, "model": {"arch": arch, "num_classes": num_classes, "in_channels": channels,
-                                    "image_size": image_size, "weights": weights},
+                                    "image_size": image_size, "weights": None},
             "rounds": rounds, "clients_per_round": k, "min_clients": min_clients, "round_timeout_s": timeout,
             "train": train_cfg, "codec": codec, "eval": eval_cfg, "seed": seed, "class_names": class_names,
             "normalization": _normalization(body, channels, digits), "input_scale": input_scale,
-            "max_update_bytes": max_bytes, "strategy": strategy, "limits": limits}
+            "max_update_bytes": max_bytes, "strategy": strategy, "limits": limits,
+            "stall_timeout_s": stall, "on_stall": on_stall}
 
 
 def job_input_scale(config: dict[str, Any]) -> float:
@@ -226,8 +237,17 @@ def model_meta(job_id: str, config: dict[str, Any], round_: int, **extra: Any) -
     return meta
 
 
-def initial_model(job_id: str, config: dict[str, Any]) -> bytes:
-    """Version 0: ``build_model`` seeded by the job seed (same seed, same bytes)."""
+def weights_record(data: bytes, filename: str) -> dict[str, Any]:
+    """What the job config keeps about uploaded weights (the file itself lives on only in version 0)."""
+    from edge_sdk.protocol.modelfile import sha256_hex
+
+    return {"sha256": sha256_hex(data), "bytes": len(data), "filename": filename[:200]}
+
+
+def initial_model(job_id: str, config: dict[str, Any], weights: bytes | None = None) -> bytes:
+    """Version 0: ``build_model`` seeded by the job seed (same seed, same bytes), from uploaded ``weights``.
+
+    A weights file that does not fit ``model.arch`` raises :class:`JobSpecError` naming what mismatched."""
     import torch
 
     from edge_sdk.models import build_model
@@ -237,7 +257,7 @@ def initial_model(job_id: str, config: dict[str, Any]) -> bytes:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config["seed"])
         try:
-            model = build_model(m["arch"], m["num_classes"], in_channels=m["in_channels"], weights=m["weights"])
+            model = build_model(m["arch"], m["num_classes"], in_channels=m["in_channels"], weights=weights)
         except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
             raise JobSpecError(f"cannot build model {m['arch']!r}: {exc}") from None
     return dump_model(state_to_arrays(model), model_meta(job_id, config, 0))

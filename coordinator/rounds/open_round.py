@@ -33,6 +33,7 @@ class OpenRound:
     accumulator: Accumulator
     deadline: float
     started_at: float = field(default_factory=time.time)
+    task: dict[str, Any] | None = None  # the task every selected client got (re-sent to one that reconnects)
     closed: bool = False
     accepted_clients: dict[str, int] = field(default_factory=dict)  # client -> raw message bytes
     rejected: int = 0  # authenticated senders' rejected updates (each also stored as an ``updates`` row)

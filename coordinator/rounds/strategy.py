@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from coordinator.rounds.clipping import AdaptiveBound
 from coordinator.rounds.limits import UpdateLimits
 
 
@@ -127,7 +128,10 @@ class Strategy:
             codec["seed"] = seed
         return {"epochs": train.get("epochs", 1), "batch_size": train.get("batch_size", 32),
                 "lr": train.get("lr", 0.05), "mu": self._mu(train),
-                "freeze_backbone": train.get("freeze_backbone", False), "codec": codec, "seed": seed}
+                "freeze_backbone": train.get("freeze_backbone", False),
+                "backbone_lr_mult": train.get("backbone_lr_mult", 1.0),
+                "bn_recalibrate": train.get("bn_recalibrate", True),
+                "codec": codec, "seed": seed}
 
     def _mu(self, train: dict[str, Any]) -> float:
         return float(train.get("mu", 0.0))
@@ -138,6 +142,18 @@ class Strategy:
     def _step(self, global_vec: np.ndarray, delta: np.ndarray) -> np.ndarray:
         """Apply the round's weighted mean delta; server optimisers override this."""
         return to_float32(global_vec.astype(np.float64) + delta)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Server-side state to persist after each round: the adaptive clip bound (it moves with every update,
+        so re-folding a round after a restart needs the bound it started from), plus a server optimiser's."""
+        bound = self.limits.bound
+        return {"clip_bound": np.array([bound.bound])} if isinstance(bound, AdaptiveBound) else {}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`state` returned (after a coordinator restart)."""
+        bound = self.limits.bound
+        if isinstance(bound, AdaptiveBound) and "clip_bound" in state and state["clip_bound"].size == 1:
+            bound.bound = float(state["clip_bound"][0])
 
 
 def round_seed(job_id: str, job_seed: int, round_: int, attempt: int) -> int:
@@ -186,6 +202,14 @@ class FedAdam(Strategy):
         self.m = p["beta1"] * self.m + (1.0 - p["beta1"]) * delta
         self.v = self._second_moment(self.v, delta * delta)
         return to_float32(global_vec.astype(np.float64) + p["eta"] * self.m / (np.sqrt(self.v) + p["tau"]))
+
+    def state(self) -> dict[str, np.ndarray]:
+        return super().state() if self.m is None or self.v is None else {**super().state(), "m": self.m, "v": self.v}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        super().load_state(state)
+        if "m" in state and "v" in state and state["m"].shape == state["v"].shape:
+            self.m, self.v = np.array(state["m"]), np.array(state["v"])
 
 
 class FedYogi(FedAdam):

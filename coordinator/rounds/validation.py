@@ -38,10 +38,11 @@ BAD_PAYLOAD = "bad_payload"
 NON_FINITE = "non_finite"
 INTERNAL_ERROR = "internal_error"
 RATE_LIMITED = "rate_limited"
+UNAVAILABLE = "unavailable"  # the coordinator could not store the update durably (e.g. disk full): send it later
 
 REASON_CODES = (OVERSIZE, MALFORMED, TRUNCATED, UNKNOWN_CLIENT, BAD_MAC, CLIENT_MISMATCH, REPLAYED, WRONG_JOB,
                 STALE_ROUND, NOT_SELECTED, OLD_BASE_VERSION, DUPLICATE, WRONG_CODEC, WRONG_NUMEL, BAD_PAYLOAD,
-                NON_FINITE, INTERNAL_ERROR, RATE_LIMITED)
+                NON_FINITE, INTERNAL_ERROR, RATE_LIMITED, UNAVAILABLE)
 
 # Rejections that do not prove who sent the message: counted per round as junk (messages, bytes) but not
 # stored as ``updates`` rows, so a flood of garbage costs the coordinator no database growth. A replay

@@ -247,6 +247,27 @@ class Store:
             db.execute(f"UPDATE rounds SET {sets} WHERE job_id = ? AND round = ? AND attempt = ?",
                        (*values, job_id, round_, attempt))
 
+    def commit_round(self, job_id: str, round_: int, attempt: int, version: str, size: int,
+                     fields: dict[str, Any], metrics: Iterable[tuple[dict[str, float], str]] = ()) -> None:
+        """Close a round and advance its job in ONE transaction: after a crash the store shows either the
+        round still open (and re-aggregated on restart) or the round closed and the job moved on, never half."""
+        fields = {**fields, "new_version": version}
+        bad = set(fields) - _ROUND_FIELDS
+        if bad:
+            raise KeyError(f"not round fields: {sorted(bad)}")
+        values = [_dump(v) if k in _JSON_COLUMNS and v is not None else v for k, v in fields.items()]
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        now = time.time()
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?)", (job_id, version, round_, size, now))
+            db.execute(f"UPDATE rounds SET {sets} WHERE job_id = ? AND round = ? AND attempt = ?",
+                       (*values, job_id, round_, attempt))
+            db.execute("UPDATE jobs SET current_round = ?, current_version = ?, updated_at = ? WHERE id = ?",
+                       (round_, version, now, job_id))
+            for vals, source in metrics:
+                db.executemany("INSERT INTO metrics (job_id, round, source, name, value, ts) VALUES (?,?,?,?,?,?)",
+                               [(job_id, round_, source, k, float(v), now) for k, v in vals.items()])
+
     def get_rounds(self, job_id: str) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM rounds WHERE job_id = ? ORDER BY round, attempt", (job_id,))
 

@@ -15,6 +15,9 @@ ACK = "ack"
 CLIENT_KINDS = (STATUS, TASK, UPDATE, ACK)
 
 STATUS_WILDCARD = f"{PREFIX}/clients/+/{STATUS}"
+# The coordinator publishes here (not retained) after each (re)connect; every device answers by re-publishing
+# its retained ``status``, so presence is rebuilt even when the broker lost its retained messages.
+PRESENCE_QUERY = f"{PREFIX}/presence/query"
 UPDATE_WILDCARD = f"{PREFIX}/clients/+/{UPDATE}"
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
