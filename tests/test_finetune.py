@@ -34,7 +34,10 @@ def _state_bytes(arch: str, num_classes: int, seed: int = 1) -> tuple[bytes, dic
 @pytest.fixture
 def http(tmp_path):
     app = create_app({"data_dir": tmp_path, "evaluate": False, "broker_url": "mqtt://127.0.0.1:1999"})
-    yield app.test_client()
+    client = app.test_client()
+    token = app.extensions["fedsight"].credentials.path("operator-token").read_text().strip()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"  # job creation is an operator endpoint
+    yield client
     app.extensions["fedsight"].close()
 
 
@@ -93,20 +96,22 @@ def test_unknown_multipart_fields_are_refused(http) -> None:
 
 
 def test_cli_sends_the_weights_file_to_a_remote_coordinator(coordinator, tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+                                                            capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDSIGHT_TOKEN", coordinator.token)  # job creation is an operator endpoint
     good, mismatched = tmp_path / "mb.pt", tmp_path / "rn.pt"
     good.write_bytes(_state_bytes("mobilenet_v3_small", 1000)[0])
     mismatched.write_bytes(_state_bytes("resnet18", 1000)[0])
     common = ["job", "create", "--coordinator", coordinator.url, "--arch", "mobilenet_v3_small", "--num-classes",
               "4", "--in-channels", "3", "--image-size", "32", "--eval", "none"]
-    before = requests.get(f"{coordinator.api}/jobs", timeout=10).json()["jobs"]
+    before = coordinator.http.get(f"{coordinator.api}/jobs", timeout=10).json()["jobs"]
     assert cli.main([*common, "--weights", str(mismatched)]) == 2
     err = capsys.readouterr().err
     assert "HTTP 400" in err and "'resnet18'" in err
-    assert requests.get(f"{coordinator.api}/jobs", timeout=10).json()["jobs"] == before
+    assert coordinator.http.get(f"{coordinator.api}/jobs", timeout=10).json()["jobs"] == before
     assert cli.main([*common, "--weights", str(good), "--backbone-lr-mult", "0.1"]) == 0
     job_id = capsys.readouterr().out.strip()
-    cfg = requests.get(f"{coordinator.api}/jobs/{job_id}", timeout=10).json()["config"]
+    cfg = coordinator.http.get(f"{coordinator.api}/jobs/{job_id}", timeout=10).json()["config"]
     assert cfg["model"]["weights"]["filename"] == "mb.pt" and cfg["train"]["backbone_lr_mult"] == 0.1
     assert cli.main([*common, "--weights", str(tmp_path / "missing.pt")]) == 2
     assert "weights file not found" in capsys.readouterr().err

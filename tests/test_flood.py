@@ -178,7 +178,9 @@ def test_only_a_multipart_job_gets_the_upload_body_limit(tmp_path):
     job = (b'--x\r\nContent-Disposition: form-data; name="job"\r\n\r\n{"model": {"arch": "small_cnn"}}\r\n'
            b'--x\r\nContent-Disposition: form-data; name="weights"; filename="w.pt"\r\n'
            b"Content-Type: application/octet-stream\r\n\r\n" + b"w" * MAX_JSON_BYTES + b"\r\n--x--\r\n")
-    status, body = _call(app, "/api/v1/jobs", io.BytesIO(job), CONTENT_TYPE=multipart, CONTENT_LENGTH=str(len(job)))
+    token = app.extensions["fedsight"].credentials.path("operator-token").read_text().strip()
+    status, body = _call(app, "/api/v1/jobs", io.BytesIO(job), CONTENT_TYPE=multipart, CONTENT_LENGTH=str(len(job)),
+                         HTTP_AUTHORIZATION=f"Bearer {token}")
     assert status.startswith("400") and "not a state_dict" in json.loads(body)["error"]  # over 1 MiB, read by the app
 
 

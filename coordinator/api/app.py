@@ -148,6 +148,10 @@ def create_job() -> Any:
     try:
         config = normalize_job(body)
         if config["model"]["weights"] is not None:
+            if weights is not None or svc.weights_dir is None:
+                raise JobSpecError("'model.weights' names a file on the coordinator, which needs its --weights-dir; "
+                                   "otherwise send the weights file itself with the job (multipart field 'weights', "
+                                   "as `fedsight job create --weights FILE` does)")
             config["model"]["weights"] = str(confine(config["model"]["weights"], svc.weights_dir))
         job_id = f"job-{secrets.token_hex(4)}"
         data = initial_model(job_id, config, weights)

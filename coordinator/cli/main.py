@@ -6,6 +6,7 @@ Commands import what they need lazily: ``fedsight infer`` runs on onnxruntime + 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -190,7 +191,9 @@ def create_job(api: Api, body: dict[str, Any], weights: str | None) -> dict[str,
     if not path.is_file():
         raise CliError(f"weights file not found: {path}", "save one with torch.save(model.state_dict(), FILE)")
     with path.open("rb") as fh:
-        return Api(api.base, timeout=max(api.timeout, 300.0)).request(
+        upload = copy.copy(api)  # same coordinator, token and CA; a longer timeout for the file
+        upload.timeout = max(api.timeout, 300.0)
+        return upload.request(
             "POST", "/jobs", data={"job": json.dumps(body)},
             files={"weights": (path.name, fh, "application/octet-stream")})
 

@@ -162,9 +162,7 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
                            "use eval.dataset 'imagefolder' with a folder of your classes, or null")
     channels = _get(model, "in_channels", int, 1 if digits else 3, "model.", lo=1, hi=16)
     image_size = _get(model, "image_size", int, 8 if digits else 32, "model.", lo=2, hi=4096)
-    if model.get("weights") is not None:
-        raise JobSpecError("'model.weights' cannot be set in the JSON body: send the weights file itself with the "
-                           "job (multipart field 'weights', as `fedsight job create --weights FILE` does)")
+    weights = _get(model, "weights", str, None, "model.", nullable=True)  # a server path; the API confines it
     rounds = _get(body, "rounds", int, 10, "", lo=1, hi=100_000)
     k = _get(body, "clients_per_round", int, 5, "", lo=1, hi=100_000)
     min_clients = _get(body, "min_clients", int, min(3, k), "", lo=1, hi=k)
@@ -204,7 +202,7 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
     except ValueError as exc:
         raise JobSpecError(str(exc)) from None
     return {"name": name, "model": {"arch": arch, "num_classes": num_classes, "in_channels": channels,
-                                    "image_size": image_size, "weights": None},
+                                    "image_size": image_size, "weights": weights},
             "rounds": rounds, "clients_per_round": k, "min_clients": min_clients, "round_timeout_s": timeout,
             "train": train_cfg, "codec": codec, "eval": eval_cfg, "seed": seed, "class_names": class_names,
             "normalization": _normalization(body, channels, digits), "input_scale": input_scale,
@@ -257,7 +255,8 @@ def initial_model(job_id: str, config: dict[str, Any], weights: bytes | None = N
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config["seed"])
         try:
-            model = build_model(m["arch"], m["num_classes"], in_channels=m["in_channels"], weights=weights)
+            model = build_model(m["arch"], m["num_classes"], in_channels=m["in_channels"],
+                                weights=weights if weights is not None else m["weights"])
         except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
             raise JobSpecError(f"cannot build model {m['arch']!r}: {exc}") from None
     return dump_model(state_to_arrays(model), model_meta(job_id, config, 0))
