@@ -31,7 +31,7 @@ from .protocol.modelfile import flatten, layout_sizes, load_model
 from .protocol.wire import UpdateHeader, encode_update
 from .trainer import LocalTrainer
 from .update import encode_delta, statistics_mask
-from .transport import MqttTransport
+from .transport import BrokerAddress, MqttTransport
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +70,16 @@ class EdgeClient:
     ``model`` may be ``None`` (built from the job's architecture), an architecture name (checked against the
     job), or an ``nn.Module`` whose state matches the job's model. ``dataset`` is any torch ``Dataset`` of
     ``(image_tensor, label)``, e.g. a ``SampleBuffer`` the camera app fills frame by frame.
+    ``ca_file``: the coordinator's CA (``ca.pem``) that both its HTTPS API and its mqtts broker are verified
+    against; None trusts the system's CAs (a publicly trusted certificate).
     """
 
     def __init__(self, coordinator_url: str, dataset: Dataset, model: str | nn.Module | None = None, *,
                  client_id: str | None = None, token: str | None = None, name: str | None = None,
                  broker_url: str | None = None, cache_dir: str | Path = "~/.cache/fedsight",
                  jobs: list[str] | None = None, trainer: LocalTrainer | None = None,
-                 callbacks: ClientCallbacks | None = None, request_timeout: float = 30.0) -> None:
+                 callbacks: ClientCallbacks | None = None, request_timeout: float = 30.0,
+                 ca_file: str | Path | None = None) -> None:
         self.base_url = coordinator_url.rstrip("/")
         self.api = f"{self.base_url}/api/v1"
         self.dataset = dataset
@@ -89,6 +92,10 @@ class EdgeClient:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._timeout = request_timeout
         self._http = requests.Session()
+        if ca_file is not None:
+            if not Path(ca_file).expanduser().is_file():
+                raise FileNotFoundError(f"CA file not found: {ca_file} (copy the coordinator's tls/ca.pem here)")
+            self._http.verify = str(Path(ca_file).expanduser())
         self.client_id, self.token = self._credentials(client_id, token, name)
         self._http.headers["Authorization"] = f"Bearer {self.token}"
         self.models = ModelCache(self.cache_dir / "models", self._http)
@@ -103,7 +110,8 @@ class EdgeClient:
             self.broker_url, f"fedsight-{self.client_id}", self._on_message,
             subscriptions=[topics.task_topic(self.client_id), topics.ack_topic(self.client_id),
                            topics.JOB_EVENTS_WILDCARD],
-            will=(topics.status_topic(self.client_id), self._status("offline")))
+            will=(topics.status_topic(self.client_id), self._status("offline")),
+            tls_ca=self._http.verify if isinstance(self._http.verify, str) and self._broker_tls() else None)
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -174,6 +182,9 @@ class EdgeClient:
         if not url:
             raise ValueError("coordinator did not advertise a broker; pass broker_url='mqtt://HOST:PORT'")
         return str(url)
+
+    def _broker_tls(self) -> bool:
+        return BrokerAddress.parse(self.broker_url).tls
 
     def _has_data(self) -> bool:
         return len(self.dataset) > 0  # type: ignore[arg-type]

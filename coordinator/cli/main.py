@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from converters import spec_text
 
 from coordinator.cli import parser
-from coordinator.cli.rest_client import Api, CliError
+from coordinator.cli.rest_client import TLS_HINT, Api, CliError
 
 EXIT_USER_ERROR = 2
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -27,12 +27,38 @@ log = logging.getLogger("fedsight")
 
 # ------------------------------------------------------------------------------------------- commands
 def cmd_coordinator(args: argparse.Namespace) -> int:
+    from coordinator.security.certs import ServerTls
     from coordinator.server import serve  # handles SIGINT/SIGTERM itself: clean shutdown
 
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CliError("--tls-cert and --tls-key go together", "or give neither: a certificate is generated")
+    if args.insecure and (args.tls_cert or args.tls_ca or args.tls_san or args.broker_ca):
+        raise CliError("--insecure turns TLS off; it cannot be combined with --tls-* or --broker-ca options")
+    for path in (args.tls_cert, args.tls_key, args.tls_ca, args.broker_ca):
+        if path and not Path(path).is_file():
+            raise CliError(f"no such file: {path}", "`fedsight certs` creates a CA and certificates")
+    tls = ServerTls(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_ca) if args.tls_ca else None) \
+        if args.tls_cert else None
+    port = args.mqtt_port if args.mqtt_port is not None else (1883 if args.insecure else 8883)
     try:
-        serve(args.host, args.port, Path(args.data_dir), broker=args.broker, broker_port=args.mqtt_port)
+        serve(args.host, args.port, Path(args.data_dir), broker=args.broker, broker_port=port, tls=tls,
+              insecure=args.insecure, tls_names=tuple(args.tls_san), broker_ca=args.broker_ca)
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from coordinator.security.certs import ensure_server_cert, sans_of, load_cert
+
+    try:
+        files = ensure_server_cert(Path(args.out), args.san, name=args.name, force=args.force)
+    except ValueError as exc:
+        raise CliError(str(exc), "e.g. fedsight certs --san coord.example.com --san 192.0.2.10") from None
+    print(f"CA for devices:   {files.ca}  (fedsight client --ca {files.ca})")
+    print(f"CA key (secret):  {Path(args.out) / 'ca-key.pem'}")
+    print(f"certificate:      {files.cert}  valid for {', '.join(sans_of(load_cert(files.cert)))}")
+    print(f"key (0600):       {files.key}")
     return 0
 
 
@@ -77,7 +103,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     try:
         client = EdgeClient(args.coordinator, dataset=shard, client_id=args.client_id, token=args.token,
                             name=args.name or f"sim-{args.partition_index}", broker_url=args.broker,
-                            cache_dir=cache, jobs=args.job or None)
+                            cache_dir=cache, jobs=args.job or None, ca_file=args.ca)
     except RuntimeError as exc:  # registration refused: wrong URL or not a FedSight coordinator
         raise CliError(str(exc), "check --coordinator (and --client-id/--token if given)") from None
     log.info("device %s: %d local samples (partition %d of %d)", client.client_id, len(shard),
@@ -112,7 +138,7 @@ def _job_id(job: dict[str, Any]) -> str:
 
 
 def cmd_job(args: argparse.Namespace) -> int:
-    api = Api(args.coordinator)
+    api = Api(args.coordinator, verify=args.ca)
     if args.job_command == "create":
         job = api.request("POST", "/jobs", json=job_body(args))
         if args.start:
@@ -194,7 +220,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.data_dir:
         data, version = export_local(Path(args.data_dir), args.job, args.version)
     else:
-        resp = Api(args.coordinator, timeout=180).request(
+        resp = Api(args.coordinator, timeout=180, verify=args.ca).request(
             "GET", f"/jobs/{args.job}/onnx", raw=True, params={"version": args.version} if args.version else None)
         data, version = resp.content, resp.headers.get("X-Model-Version", args.version or "")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -273,7 +299,8 @@ def _sigterm_as_interrupt() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     return parser.build_parser({"coordinator": cmd_coordinator, "client": cmd_client, "job": cmd_job,
-                                    "export": cmd_export, "infer": cmd_infer, "demo": cmd_demo})
+                                    "export": cmd_export, "infer": cmd_infer, "demo": cmd_demo,
+                                    "certs": cmd_certs})
 
 
 def _user_error(exc: BaseException) -> CliError | None:
@@ -289,6 +316,8 @@ def _user_error(exc: BaseException) -> CliError | None:
         if cls is not None and isinstance(exc, cls):
             if module == "requests":  # its messages are walls of urllib3 detail
                 url = getattr(getattr(exc, "request", None), "url", None) or "the server"
+                if isinstance(exc, sys.modules["requests"].exceptions.SSLError):
+                    return CliError(f"TLS verification of {url} failed", TLS_HINT)
                 return CliError(f"cannot reach {url} ({type(exc).__name__})",
                                 "is `fedsight coordinator` running there? check --coordinator / --broker")
             first, *rest = str(exc).splitlines() or [type(exc).__name__]

@@ -3,7 +3,8 @@
 Uses the project's one MQTT wrapper (``edge_sdk.transport.MqttTransport``: paho 2.2, MQTT 3.1.1, QoS 1,
 persistent session, automatic reconnect) under the fixed client id ``fedsight-coordinator``, so updates
 published while the coordinator is briefly away are queued by the broker and delivered on reconnect.
-The broker address is a parameter (embedded amqtt, Mosquitto, anything MQTT 3.1.1).
+The broker address is a parameter (embedded amqtt, Mosquitto, anything MQTT 3.1.1); an ``mqtts://`` broker is
+verified against ``tls_ca``.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from edge_sdk.protocol import topics
 from edge_sdk.transport import BrokerAddress, MqttTransport
@@ -33,14 +35,15 @@ class MqttBridge:
     """
 
     def __init__(self, engine: RoundEngine, broker: str | BrokerAddress, client_id: str = COORDINATOR_CLIENT_ID,
-                 transport_factory: TransportFactory = MqttTransport, queue_size: int = 32) -> None:
+                 transport_factory: TransportFactory = MqttTransport, queue_size: int = 32,
+                 tls_ca: str | Path | None = None) -> None:
         self.engine = engine
         self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=queue_size)
         self._worker = threading.Thread(target=self._work, name="update-worker", daemon=True)
         self.address = broker if isinstance(broker, BrokerAddress) else BrokerAddress.parse(broker)
         self.transport = transport_factory(self.address, client_id, self._on_message,
                                            subscriptions=[topics.STATUS_WILDCARD, topics.UPDATE_WILDCARD],
-                                           persistent=True)
+                                           persistent=True, tls_ca=tls_ca)
 
     @property
     def connected(self) -> bool:

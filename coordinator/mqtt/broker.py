@@ -23,21 +23,26 @@ MQTT_MAX_PACKET_BYTES = 268_435_455  # protocol limit of the remaining-length fi
 class EmbeddedBroker:
     """``EmbeddedBroker(port=0).start()`` -> listening on ``self.port``; ``stop()`` shuts it down cleanly."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 1883, allow_anonymous: bool = True) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 1883, allow_anonymous: bool = True,
+                 tls: tuple[str, str] | None = None) -> None:
         self.host = host
         self.port = port
         self.allow_anonymous = allow_anonymous
+        self.tls = tls  # (certfile, keyfile): the listener speaks only MQTT over TLS (mqtts)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._broker: Any = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
     def _config(self, port: int) -> dict[str, Any]:
+        listener: dict[str, Any] = {"type": "tcp", "bind": f"{self.host}:{port}", "max_connections": 0}
+        if self.tls is not None:
+            listener.update(ssl=True, certfile=str(self.tls[0]), keyfile=str(self.tls[1]))
         return {
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{port}", "max_connections": 0}},
+            "listeners": {"default": listener},
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": self.allow_anonymous}},
         }
 
