@@ -29,6 +29,7 @@ from .protocol import codecs, topics
 from .protocol.errors import ProtocolError
 from .protocol.modelfile import flatten, layout_sizes, load_model
 from .protocol.wire import UpdateHeader, encode_update
+from .tls import PinnedSession
 from .trainer import LocalTrainer
 from .update import encode_delta, statistics_mask
 from .transport import BrokerAddress, MqttTransport
@@ -91,11 +92,7 @@ class EdgeClient:
         self.cache_dir = Path(cache_dir).expanduser()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._timeout = request_timeout
-        self._http = requests.Session()
-        if ca_file is not None:
-            if not Path(ca_file).expanduser().is_file():
-                raise FileNotFoundError(f"CA file not found: {ca_file} (copy the coordinator's tls/ca.pem here)")
-            self._http.verify = str(Path(ca_file).expanduser())
+        self._http = requests.Session() if ca_file is None else PinnedSession(ca_file)
         self.client_id, self.token = self._credentials(client_id, token, name)
         self._http.headers["Authorization"] = f"Bearer {self.token}"
         self.models = ModelCache(self.cache_dir / "models", self._http)

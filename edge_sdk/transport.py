@@ -16,6 +16,8 @@ from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
 
+from .tls import tls_context
+
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
@@ -141,9 +143,3 @@ class MqttTransport:
         except Exception:  # a handler bug must never kill the network thread
             log.exception("message handler failed for topic %s", msg.topic)
 
-
-def tls_context(ca_file: str | Path | None) -> ssl.SSLContext:
-    """Client TLS: certificate chain and hostname verified, TLS 1.2 or newer; ``ca_file`` None: system CAs."""
-    ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
