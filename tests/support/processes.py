@@ -1,4 +1,8 @@
-"""Real processes for integration tests: a Mosquitto broker, the coordinator server, simulated devices."""
+"""Real processes for integration tests: a Mosquitto broker, the coordinator server, simulated devices.
+
+All of them speak TLS only (mqtts, HTTPS) with certificates from one private test CA (``make_pki``), as a
+real deployment does; ``coordinator.http`` is a session that verifies against that CA.
+"""
 from __future__ import annotations
 
 import os
@@ -10,6 +14,9 @@ import time
 from pathlib import Path
 
 import requests
+
+from coordinator.security.certs import ServerTls, ensure_server_cert
+from edge_sdk.tls import PinnedSession
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,16 +47,26 @@ def mosquitto_binary() -> str:
     return found
 
 
-class Mosquitto:
-    """A private Mosquitto broker on a free loopback port with a generated config."""
+def make_pki(directory: Path) -> ServerTls:
+    """A private CA and a server certificate for localhost / 127.0.0.1, as `fedsight certs` makes them."""
+    return ensure_server_cert(directory)
 
-    def __init__(self, workdir: Path) -> None:
+
+class Mosquitto:
+    """A private Mosquitto broker with one TLS listener (mqtts) on a free loopback port and a generated config."""
+
+    def __init__(self, workdir: Path, tls: ServerTls) -> None:
         self.port = free_port()
+        self.ca = tls.ca
         workdir.mkdir(parents=True, exist_ok=True)
         workdir.chmod(0o755)
         self.config = workdir / "mosquitto.conf"
+        # Started as root, Mosquitto switches to user 'mosquitto' before it reads the 0600 key: stay root here
+        # (a deployment chowns the key to that user instead, docs/security.md).
         self.config.write_text(
-            f"listener {self.port} 127.0.0.1\n"
+            ("user root\n" if os.geteuid() == 0 else "")
+            + f"listener {self.port} 127.0.0.1\n"
+            f"cafile {tls.ca}\ncertfile {tls.cert}\nkeyfile {tls.key}\ntls_version tlsv1.2\n"
             "allow_anonymous true\n"
             "persistence false\n"
             "max_queued_messages 10000\n"
@@ -64,7 +81,7 @@ class Mosquitto:
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"mqtts://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -88,25 +105,28 @@ def cli(*args: str) -> list[str]:
 
 
 class Coordinator:
-    """``fedsight coordinator`` as a real process with a real HTTP server."""
+    """``fedsight coordinator`` as a real process with a real HTTPS server (certificate from ``tls``)."""
 
-    def __init__(self, workdir: Path, broker_url: str) -> None:
+    def __init__(self, workdir: Path, broker_url: str, tls: ServerTls) -> None:
         self.port = free_port()
+        self.ca = tls.ca
+        self.http = PinnedSession(str(tls.ca))
         self.data_dir = workdir / "coordinator-data"
         self.log_path = workdir / "coordinator.log"
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             cli("coordinator", "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(self.data_dir),
-                "--broker", broker_url),
+                "--broker", broker_url, "--tls-cert", str(tls.cert), "--tls-key", str(tls.key),
+                "--tls-ca", str(tls.ca)),
             stdout=self.log, stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"https://127.0.0.1:{self.port}"
         self.api = f"{self.url}/api/v1"
         deadline = time.monotonic() + 60
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"coordinator exited early:\n{self.log_path.read_text()[-3000:]}")
             try:
-                if requests.get(f"{self.api}/health", timeout=1).ok:
+                if self.http.get(f"{self.api}/health", timeout=1).ok:
                     break
             except requests.RequestException:
                 pass
@@ -116,17 +136,18 @@ class Coordinator:
 
     def stop(self) -> None:
         stop_process(self.proc)
+        self.http.close()
         self.log.close()
 
 
 def start_device(workdir: Path, coordinator_url: str, index: int, partitions: int, alpha: str = "0.5",
-                 extra: tuple[str, ...] = ()) -> subprocess.Popen:
-    """One simulated device process on its Dirichlet shard of digits."""
+                 extra: tuple[str, ...] = (), ca: Path | None = None) -> subprocess.Popen:
+    """One simulated device process on its Dirichlet shard of digits (``ca``: the coordinator's CA file)."""
     log = open(workdir / f"device-{index}.log", "wb")
     return subprocess.Popen(
         cli("client", "--coordinator", coordinator_url, "--dataset", "digits", "--partition", f"dirichlet:{alpha}",
             "--num-partitions", str(partitions), "--partition-index", str(index),
-            "--cache-dir", str(workdir / f"device-{index}"), *extra),
+            "--cache-dir", str(workdir / f"device-{index}"), *(("--ca", str(ca)) if ca else ()), *extra),
         stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT)
 
 
