@@ -29,7 +29,7 @@ def test_broker_address_parsing() -> None:
     try:
         BrokerAddress.parse("http://x:1")
     except ValueError as exc:
-        assert "mqtt://HOST:PORT" in str(exc)
+        assert "mqtts://HOST:PORT" in str(exc)
     else:
         raise AssertionError("http scheme accepted")
 
