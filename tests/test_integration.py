@@ -1,4 +1,5 @@
-"""End to end over real parts: Mosquitto, the coordinator's HTTP server, device processes, onnxruntime.
+"""End to end over real parts, all over TLS: Mosquitto (mqtts), the coordinator's HTTPS server, device
+processes that pin the deployment's CA, onnxruntime.
 
 One module-scoped federation (broker + coordinator + 4 device processes) runs a dense job with a rogue
 device that sends every kind of bad update in its first round, then a top-k job; both must reach 90 %
@@ -20,6 +21,7 @@ import requests
 from edge_sdk.protocol import codecs, topics
 from edge_sdk.protocol.modelfile import flatten, layout_sizes, load_model
 from edge_sdk.protocol.wire import UpdateHeader, encode_update
+from edge_sdk.tls import PinnedSession
 from edge_sdk.transport import MqttTransport
 from tests.support.processes import Coordinator, Mosquitto, start_device, stop_process
 
@@ -36,10 +38,10 @@ def job_body(name: str, codec: dict, rounds: int, clients: int, min_clients: int
             "seed": 0, "max_update_bytes": MAX_UPDATE}
 
 
-def wait_finished(api: str, job_id: str, timeout: float) -> dict:
+def wait_finished(http: requests.Session, api: str, job_id: str, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = requests.get(f"{api}/jobs/{job_id}", timeout=5).json()
+        job = http.get(f"{api}/jobs/{job_id}", timeout=5).json()
         if job["status"] in ("finished", "failed", "stopped"):
             return job
         time.sleep(0.5)
@@ -49,10 +51,11 @@ def wait_finished(api: str, job_id: str, timeout: float) -> dict:
 class Rogue:
     """A registered device that, in its first task, sends one of every kind of bad update."""
 
-    def __init__(self, api: str, broker_url: str) -> None:
-        creds = requests.post(f"{api}/clients", json={"name": "rogue"}, timeout=5).json()
+    def __init__(self, api: str, broker_url: str, ca: Path) -> None:
+        self.http = http = PinnedSession(ca)  # its own: it serves tasks from a thread of its own
+        creds = http.post(f"{api}/clients", json={"name": "rogue"}, timeout=5).json()
         self.id, self.token, self.api = creds["client_id"], creds["token"], api
-        victim = requests.post(f"{api}/clients", json={"name": "victim"}, timeout=5).json()
+        victim = http.post(f"{api}/clients", json={"name": "victim"}, timeout=5).json()
         self.victim_id, self.victim_token = victim["client_id"], victim["token"]
         self.acks: queue.Queue = queue.Queue()
         self.tasks: queue.Queue = queue.Queue()
@@ -61,7 +64,8 @@ class Rogue:
         subs = [topics.ack_topic("ghost")]
         for cid in self.tokens:
             subs += [topics.task_topic(cid), topics.ack_topic(cid)]
-        self.transport = MqttTransport(broker_url, f"rogue-{self.id}", self.on_message, subscriptions=subs)
+        self.transport = MqttTransport(broker_url, f"rogue-{self.id}", self.on_message, subscriptions=subs,
+                                       tls_ca=ca)
         self.transport.start()
         for cid in self.tokens:  # both identities online, so both are selected
             self.transport.publish(topics.status_topic(cid), json.dumps({"state": "online"}), retain=True, wait=5)
@@ -83,7 +87,7 @@ class Rogue:
     def answer(self, task: dict, sabotage: bool, as_client: str | None = None) -> dict[str, str]:
         """Send the bad variants (when ``sabotage``), then one good update and its duplicate."""
         me = as_client or self.id
-        model = requests.get(f"{self.api}/jobs/{task['job_id']}/models/{task['base_version']}",
+        model = self.http.get(f"{self.api}/jobs/{task['job_id']}/models/{task['base_version']}",
                              headers={"Authorization": f"Bearer {self.token}"}, timeout=10).content
         arrays, _ = load_model(model)
         numel, sizes = flatten(arrays).size, layout_sizes(arrays)
@@ -145,16 +149,17 @@ class Rogue:
         for cid in self.tokens:
             self.transport.publish(topics.status_topic(cid), json.dumps({"state": "offline"}), retain=True, wait=5)
         self.transport.stop()
+        self.http.close()
 
 
 @pytest.fixture(scope="module")
 def federation(coordinator: Coordinator, mosquitto: Mosquitto, tmp_path_factory: pytest.TempPathFactory
                ) -> Iterator[tuple[Coordinator, Mosquitto, Path]]:
     workdir = tmp_path_factory.mktemp("devices")
-    procs = [start_device(workdir, coordinator.url, i, DEVICES) for i in range(DEVICES)]
+    procs = [start_device(workdir, coordinator.url, i, DEVICES, ca=coordinator.ca) for i in range(DEVICES)]
     deadline = time.monotonic() + 90
-    while sum(c.get("online", False) for c in requests.get(f"{coordinator.api}/clients", timeout=5).json()
-              ["clients"]) < DEVICES:
+    while sum(c.get("online", False) for c in coordinator.http.get(f"{coordinator.api}/clients", timeout=5)
+              .json()["clients"]) < DEVICES:
         assert time.monotonic() < deadline, f"devices did not come online: {[p.poll() for p in procs]}"
         time.sleep(0.5)
     yield coordinator, mosquitto, workdir
@@ -165,19 +170,20 @@ def federation(coordinator: Coordinator, mosquitto: Mosquitto, tmp_path_factory:
 def test_dense_job_with_rogue_device(federation: tuple[Coordinator, Mosquitto, Path]) -> None:
     coordinator, mosquitto, _ = federation
     api = coordinator.api
-    rogue = Rogue(api, mosquitto.url)
+    http = coordinator.http
+    rogue = Rogue(api, mosquitto.url, mosquitto.ca)
     try:
-        job = requests.post(f"{api}/jobs", json=job_body("dense", {"name": "dense", "dtype": "float32"},
+        job = http.post(f"{api}/jobs", json=job_body("dense", {"name": "dense", "dtype": "float32"},
                                                          rounds=6, clients=DEVICES + 2, min_clients=DEVICES),
                             timeout=10).json()
-        assert requests.post(f"{api}/jobs/{job['id']}/start", timeout=10).ok
+        assert http.post(f"{api}/jobs/{job['id']}/start", timeout=10).ok
         first = rogue.first_tasks()
         # The victim identity answers last, so round 1 is still open while the rogue misbehaves.
         reasons = rogue.answer(first[rogue.id], sabotage=True)
         assert rogue.answer(first[rogue.victim_id], sabotage=False, as_client=rogue.victim_id)["good"] == "accepted"
         helper = threading.Thread(target=rogue.serve, daemon=True)  # later rounds: honest zero updates
         helper.start()
-        finished = wait_finished(api, job["id"], timeout=300)
+        finished = wait_finished(http, api, job["id"], timeout=300)
     finally:
         rogue.stop()
     assert finished["status"] == "finished"
@@ -189,18 +195,18 @@ def test_dense_job_with_rogue_device(federation: tuple[Coordinator, Mosquitto, P
     for name, needle in expect.items():
         assert reasons[name].startswith(needle + ":"), (name, reasons[name])
 
-    rounds = requests.get(f"{api}/jobs/{job['id']}/rounds", timeout=5).json()["rounds"]
+    rounds = http.get(f"{api}/jobs/{job['id']}/rounds", timeout=5).json()["rounds"]
     closed = [r for r in rounds if r["status"] == "closed"]
     assert [r["round"] for r in closed] == list(range(1, 7))
     assert closed[0]["rejected"] >= len(expect) - 2 and closed[0]["accepted"] >= DEVICES
     assert all(r["uplink_bytes"] > 0 for r in closed)
     assert closed[-1]["eval"]["accuracy"] >= 0.90
-    updates = requests.get(f"{api}/jobs/{job['id']}/updates", timeout=5).json()["updates"]
+    updates = http.get(f"{api}/jobs/{job['id']}/updates", timeout=5).json()["updates"]
     assert sum(u["status"] == "rejected" for u in updates) >= len(expect) - 2
     assert all(u["reason"] for u in updates if u["status"] == "rejected")
 
     # The exported ONNX model runs in onnxruntime and matches the PyTorch accuracy.
-    onnx_bytes = requests.get(f"{api}/jobs/{job['id']}/onnx", timeout=120).content
+    onnx_bytes = http.get(f"{api}/jobs/{job['id']}/onnx", timeout=120).content
     from edge_sdk.data import load_digits_split
     from edge_sdk.inference import OnnxClassifier
     _, test = load_digits_split()
@@ -212,27 +218,27 @@ def test_dense_job_with_rogue_device(federation: tuple[Coordinator, Mosquitto, P
 
 def test_topk_job_reaches_target(federation: tuple[Coordinator, Mosquitto, Path]) -> None:
     coordinator, _, _ = federation
-    api = coordinator.api
+    api, http = coordinator.api, coordinator.http
     codec = {"name": "topk", "density": 0.1, "values": "int8", "error_feedback": True}
-    job = requests.post(f"{api}/jobs", json=job_body("topk", codec, rounds=10, clients=DEVICES,
+    job = http.post(f"{api}/jobs", json=job_body("topk", codec, rounds=10, clients=DEVICES,
                                                      min_clients=DEVICES - 1), timeout=10).json()
-    assert requests.post(f"{api}/jobs/{job['id']}/start", timeout=10).ok
-    assert wait_finished(api, job["id"], timeout=400)["status"] == "finished"
-    rounds = [r for r in requests.get(f"{api}/jobs/{job['id']}/rounds", timeout=5).json()["rounds"]
+    assert http.post(f"{api}/jobs/{job['id']}/start", timeout=10).ok
+    assert wait_finished(http, api, job["id"], timeout=400)["status"] == "finished"
+    rounds = [r for r in http.get(f"{api}/jobs/{job['id']}/rounds", timeout=5).json()["rounds"]
               if r["status"] == "closed"]
     assert rounds[-1]["eval"]["accuracy"] >= 0.90
     assert all(r["compression_ratio"] >= 10 for r in rounds)
 
 
 def test_bad_rest_input_is_rejected_readably(coordinator: Coordinator) -> None:
-    api = coordinator.api
-    r = requests.post(f"{api}/jobs", data="{not json", headers={"Content-Type": "application/json"}, timeout=5)
+    api, http = coordinator.api, coordinator.http
+    r = http.post(f"{api}/jobs", data="{not json", headers={"Content-Type": "application/json"}, timeout=5)
     assert r.status_code == 400 and "json" in r.json()["error"].lower()
     body = job_body("bad", {"name": "dense", "dtype": "float32"}, 1, 1, 1)
     body["model"]["arch"] = "alexnet9000"
-    r = requests.post(f"{api}/jobs", json=body, timeout=5)
+    r = http.post(f"{api}/jobs", json=body, timeout=5)
     assert r.status_code == 400 and "alexnet9000" in r.json()["error"]
-    r = requests.post(f"{api}/jobs", json={**body, "rounds": -1}, timeout=5)
+    r = http.post(f"{api}/jobs", json={**body, "rounds": -1}, timeout=5)
     assert r.status_code == 400 and "rounds" in r.json()["error"]
-    assert requests.get(f"{api}/jobs/nope", timeout=5).status_code == 404
-    assert requests.get(f"{api}/health", timeout=5).json()["status"] == "ok"
+    assert http.get(f"{api}/jobs/nope", timeout=5).status_code == 404
+    assert http.get(f"{api}/health", timeout=5).json()["status"] == "ok"
