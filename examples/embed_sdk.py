@@ -22,8 +22,9 @@ def camera_frames():
 # --- the app developer's code -----------------------------------------------------------------------
 buffer = SampleBuffer(capacity=512, image_size=8, channels=1,                   # what the job's model takes
                       normalization={"mean": [0.5], "std": [0.5]}, input_scale=16)
-client = EdgeClient(sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8080",
-                    dataset=buffer, cache_dir="~/.cache/fedsight/camera-app")
+client = EdgeClient(sys.argv[1] if len(sys.argv) > 1 else "https://127.0.0.1:8080",
+                    dataset=buffer, cache_dir="~/.cache/fedsight/camera-app",
+                    ca_file=sys.argv[2] if len(sys.argv) > 2 else "fedsight-data/tls/ca.pem")  # coordinator's CA
 client.start()                                   # online now; selected once the buffer holds frames
 try:
     for frame, label in camera_frames():         # frames never leave the device

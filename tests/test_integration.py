@@ -175,7 +175,7 @@ def test_dense_job_with_rogue_device(federation: tuple[Coordinator, Mosquitto, P
     try:
         job = http.post(f"{api}/jobs", json=job_body("dense", {"name": "dense", "dtype": "float32"},
                                                          rounds=6, clients=DEVICES + 2, min_clients=DEVICES),
-                            timeout=10).json()
+                            timeout=60).json()  # the first job loads torch + the eval set
         assert http.post(f"{api}/jobs/{job['id']}/start", timeout=10).ok
         first = rogue.first_tasks()
         # The victim identity answers last, so round 1 is still open while the rogue misbehaves.
