@@ -1,8 +1,8 @@
 """Round overhead: round wall time minus the slowest client's local training time.
 
 Everything that is not training (announce, model download, encode, MQTT transfer, validation, aggregation,
-storing the new version, server-side evaluation) shows up here. Real parts: a Mosquitto broker (or the
-embedded one when Mosquitto is not installed), the coordinator process and N device processes on loopback.
+storing the new version, server-side evaluation) shows up here. Real parts: a Mosquitto broker (TLS listener),
+the coordinator process (HTTPS) and N device processes on loopback, all pinned to one private test CA.
 
     python benchmarks/round_overhead.py --clients 10 --rounds 5
 """
@@ -16,25 +16,25 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import write_section  # noqa: E402
-from tests.support.processes import Coordinator, Mosquitto, start_device, stop_process  # noqa: E402
+from tests.support.processes import Coordinator, Mosquitto, make_pki, start_device, stop_process  # noqa: E402
 
 
 def run(clients: int, rounds: int, codec: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        broker = Mosquitto(work / "broker")
-        server = Coordinator(work, broker.url)
-        procs = [start_device(work, server.url, i, clients) for i in range(clients)]
+        pki = make_pki(work / "pki")
+        broker = Mosquitto(work / "broker", pki)
+        server = Coordinator(work, broker.url, pki)
+        http = server.http
+        procs = [start_device(work, server.url, i, clients, ca=pki.ca) for i in range(clients)]
         try:
             deadline = time.monotonic() + 180
             while sum(c.get("online", False) for c in
-                      requests.get(f"{server.api}/clients", timeout=5).json()["clients"]) < clients:
+                      http.get(f"{server.api}/clients", timeout=5).json()["clients"]) < clients:
                 if time.monotonic() > deadline:
                     raise TimeoutError("devices did not come online")
                 time.sleep(0.5)
@@ -43,14 +43,14 @@ def run(clients: int, rounds: int, codec: dict) -> dict:
                     "rounds": rounds, "clients_per_round": clients, "min_clients": clients,
                     "round_timeout_s": 120, "train": {"epochs": 1, "batch_size": 32, "lr": 0.05},
                     "codec": codec, "eval": None, "seed": 0}
-            job = requests.post(f"{server.api}/jobs", json=body, timeout=10).json()
-            requests.post(f"{server.api}/jobs/{job['id']}/start", timeout=10).raise_for_status()
-            while requests.get(f"{server.api}/jobs/{job['id']}", timeout=5).json()["status"] not in (
+            job = http.post(f"{server.api}/jobs", json=body, timeout=10).json()
+            http.post(f"{server.api}/jobs/{job['id']}/start", timeout=10).raise_for_status()
+            while http.get(f"{server.api}/jobs/{job['id']}", timeout=5).json()["status"] not in (
                     "finished", "failed", "stopped"):
                 time.sleep(0.5)
-            recs = [r for r in requests.get(f"{server.api}/jobs/{job['id']}/rounds", timeout=5).json()["rounds"]
+            recs = [r for r in http.get(f"{server.api}/jobs/{job['id']}/rounds", timeout=5).json()["rounds"]
                     if r["status"] == "closed"]
-            updates = requests.get(f"{server.api}/jobs/{job['id']}/updates", timeout=5).json()["updates"]
+            updates = http.get(f"{server.api}/jobs/{job['id']}/updates", timeout=5).json()["updates"]
         finally:
             for p in procs:
                 stop_process(p)
@@ -82,7 +82,7 @@ def main() -> None:
               for r in result["rounds"]]
     verdict = "meets" if result["median_overhead_s"] <= 0.5 else "misses"
     lines += ["", f"Median overhead after round 1: **{result['median_overhead_s']:.3f} s** (max "
-              f"{result['max_overhead_s']:.3f} s), {args.clients} device processes, Mosquitto on loopback: "
+              f"{result['max_overhead_s']:.3f} s), {args.clients} device processes, Mosquitto on loopback, all over TLS: "
               f"{verdict} the 0.5 s target. Flower 1.42 on this machine: 11-28 s per round with 4 nodes."]
     write_section("round_overhead", "Round overhead",
                   f"python benchmarks/round_overhead.py --clients {args.clients} --rounds {args.rounds}", lines)
