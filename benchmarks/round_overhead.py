@@ -82,7 +82,8 @@ def main() -> None:
               for r in result["rounds"]]
     verdict = "meets" if result["median_overhead_s"] <= 0.5 else "misses"
     lines += ["", f"Median overhead after round 1: **{result['median_overhead_s']:.3f} s** (max "
-              f"{result['max_overhead_s']:.3f} s), {args.clients} device processes, Mosquitto on loopback, all over TLS: "
+              f"{result['max_overhead_s']:.3f} s), {args.clients} device processes, Mosquitto on loopback, "
+              "all over TLS: "
               f"{verdict} the 0.5 s target. Flower 1.42 on this machine: 11-28 s per round with 4 nodes."]
     write_section("round_overhead", "Round overhead",
                   f"python benchmarks/round_overhead.py --clients {args.clients} --rounds {args.rounds}", lines)
