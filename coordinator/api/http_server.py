@@ -2,7 +2,9 @@
 
 waitress cannot terminate TLS, cheroot can (Python's ``ssl`` through its builtin adapter), so the coordinator
 needs no reverse proxy to be secure; one can still sit in front of it (docs/security.md, "TLS").
-A plain-HTTP request to the HTTPS port is answered with 400 and never reaches the app.
+The TLS handshake runs on the worker thread that serves the connection: cheroot's own adapter does it on
+its single accept thread, where one client that connects and stays silent stalls every other client for the
+socket timeout. A plain-HTTP request to the HTTPS port fails its handshake and never reaches the app.
 """
 from __future__ import annotations
 
@@ -12,11 +14,14 @@ import threading
 from typing import Any
 
 from cheroot import wsgi
+from cheroot.server import HTTPConnection
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 
 from coordinator.security.certs import ServerTls
 
 log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class HttpServer:
@@ -28,9 +33,10 @@ class HttpServer:
                                    timeout=30, shutdown_timeout=5)
         self._server.error_log = _error_log  # cheroot writes to stderr; failed handshakes belong in the log
         if tls is not None:
-            adapter = BuiltinSSLAdapter(str(tls.cert), str(tls.key))
+            adapter = _DeferredHandshakeAdapter(str(tls.cert), str(tls.key))
             adapter.context.minimum_version = ssl.TLSVersion.TLSv1_2
             self._server.ssl_adapter = adapter
+            self._server.ConnectionClass = _TlsConnection
         self._thread: threading.Thread | None = None
 
     @property
@@ -61,3 +67,29 @@ class HttpServer:
 
 def _error_log(msg: str = "", level: int = logging.INFO, traceback: bool = False) -> None:
     log.log(level, "%s", msg, exc_info=traceback)
+
+
+class _DeferredHandshakeAdapter(BuiltinSSLAdapter):
+    """Wraps accepted sockets without the handshake; ``_TlsConnection`` does it on a worker thread."""
+
+    def wrap(self, sock: Any) -> tuple[ssl.SSLSocket, dict[str, str]]:
+        tls_sock = self.context.wrap_socket(sock, do_handshake_on_connect=False, server_side=True)
+        return tls_sock, {"wsgi.url_scheme": "https", "HTTPS": "on"}
+
+
+class _TlsConnection(HTTPConnection):  # type: ignore[misc]
+    """Completes the TLS handshake (under the server's socket timeout) before reading the first request."""
+
+    _handshake_done = False
+
+    def communicate(self) -> bool:
+        if not self._handshake_done:
+            try:
+                self.socket.settimeout(HANDSHAKE_TIMEOUT_S)  # a silent client holds a worker this long at most
+                self.socket.do_handshake()
+                self.socket.settimeout(self.server.timeout)
+            except (ssl.SSLError, OSError) as exc:  # wrong CA on the client, plain HTTP, silence, reset
+                log.info("TLS handshake with %s failed: %s", self.remote_addr, exc)
+                return False
+            self._handshake_done = True
+        return bool(super().communicate())
