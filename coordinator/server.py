@@ -132,7 +132,7 @@ def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fed
         bridge = MqttBridge(services.engine, address, tls_ca=broker_ca)
         bridge.start()
         app = create_app({"services": services})
-        http = HttpServer(app, host, port, threads=threads, tls=cert).start()
+        http = HttpServer(app, host, port, threads=threads, tls=cert).bind()
         bound = http.port
         url_host = "127.0.0.1" if host in _ANY_HOST else host
         services.engine.config.public_url = (public_url or f"{http.scheme}://{url_host}:{bound}").rstrip("/")
@@ -144,6 +144,7 @@ def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fed
         if host in _ANY_HOST and public_url is None:
             log.warning("bound to all interfaces but devices are told %s; pass public_url for remote devices",
                         services.engine.config.public_url)
+        http.start()
         if resume:
             resumed = services.engine.resume()
             if resumed:

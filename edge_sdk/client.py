@@ -92,6 +92,7 @@ class EdgeClient:
         self.cache_dir = Path(cache_dir).expanduser()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._timeout = request_timeout
+        self.ca_file = ca_file
         self._http = requests.Session() if ca_file is None else PinnedSession(ca_file)
         self.client_id, self.token = self._credentials(client_id, token, name)
         self._http.headers["Authorization"] = f"Bearer {self.token}"
@@ -108,7 +109,7 @@ class EdgeClient:
             subscriptions=[topics.task_topic(self.client_id), topics.ack_topic(self.client_id),
                            topics.JOB_EVENTS_WILDCARD],
             will=(topics.status_topic(self.client_id), self._status("offline")),
-            tls_ca=self._http.verify if isinstance(self._http.verify, str) and self._broker_tls() else None)
+            tls_ca=ca_file if BrokerAddress.parse(self.broker_url).tls else None)
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -179,9 +180,6 @@ class EdgeClient:
         if not url:
             raise ValueError("coordinator did not advertise a broker; pass broker_url='mqtt://HOST:PORT'")
         return str(url)
-
-    def _broker_tls(self) -> bool:
-        return BrokerAddress.parse(self.broker_url).tls
 
     def _has_data(self) -> bool:
         return len(self.dataset) > 0  # type: ignore[arg-type]

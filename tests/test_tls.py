@@ -203,6 +203,10 @@ def test_insecure_cannot_be_mixed_with_tls_options(capsys: pytest.CaptureFixture
     assert "--insecure turns TLS off" in capsys.readouterr().err
     assert cli.main(["coordinator", "--tls-cert", "c.pem"]) == 2
     assert "--tls-cert and --tls-key go together" in capsys.readouterr().err
+    assert cli.main(["coordinator", "--broker", "mqtt://127.0.0.1:1883"]) == 2
+    assert "plain MQTT" in capsys.readouterr().err
+    assert cli.main(["coordinator", "--tls-san", "bad name"]) == 2
+    assert "neither an IP address nor a DNS name" in capsys.readouterr().err
 
 
 def test_client_with_a_missing_ca_file_is_a_user_error(tmp_path: Path) -> None:

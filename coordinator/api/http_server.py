@@ -47,9 +47,15 @@ class HttpServer:
     def port(self) -> int:
         return int(self._server.bind_addr[1])
 
+    def bind(self) -> HttpServer:
+        """Bind and listen (errors such as 'port in use' raise here); connections wait until ``start()``."""
+        if not self._server.ready:
+            self._server.prepare()
+        return self
+
     def start(self) -> HttpServer:
-        """Bind and listen now (errors such as 'port in use' raise here), then serve on a daemon thread."""
-        self._server.prepare()
+        """Serve on a daemon thread (binding first if ``bind()`` was not called)."""
+        self.bind()
         self._thread = threading.Thread(target=self._server.serve, name="http-server", daemon=True)
         self._thread.start()
         return self
@@ -58,11 +64,11 @@ class HttpServer:
         return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self._thread is None:
-            return
-        self._server.stop()
-        self._thread.join(timeout)
-        self._thread = None
+        if self._server.ready:  # bound (serving or not): close the socket and the worker threads
+            self._server.stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
 
 
 def _error_log(msg: str = "", level: int = logging.INFO, traceback: bool = False) -> None:

@@ -27,7 +27,7 @@ log = logging.getLogger("fedsight")
 
 # ------------------------------------------------------------------------------------------- commands
 def cmd_coordinator(args: argparse.Namespace) -> int:
-    from coordinator.security.certs import ServerTls
+    from coordinator.security.certs import ServerTls, parse_san
     from coordinator.server import serve  # handles SIGINT/SIGTERM itself: clean shutdown
 
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -37,6 +37,14 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     for path in (args.tls_cert, args.tls_key, args.tls_ca, args.broker_ca):
         if path and not Path(path).is_file():
             raise CliError(f"no such file: {path}", "`fedsight certs` creates a CA and certificates")
+    if args.broker.startswith("mqtt://") and not args.insecure:
+        raise CliError(f"--broker {args.broker} is plain MQTT", "give the broker a TLS listener and use "
+                       "mqtts://HOST:PORT (docs/security.md), or add --insecure")
+    for name in args.tls_san:
+        try:
+            parse_san(name)
+        except ValueError as exc:
+            raise CliError(f"--tls-san: {exc}") from None
     tls = ServerTls(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_ca) if args.tls_ca else None) \
         if args.tls_cert else None
     port = args.mqtt_port if args.mqtt_port is not None else (1883 if args.insecure else 8883)
@@ -49,7 +57,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from coordinator.security.certs import ensure_server_cert, sans_of, load_cert
+    from coordinator.security.certs import ensure_server_cert, load_cert, sans_of
 
     try:
         files = ensure_server_cert(Path(args.out), args.san, name=args.name, force=args.force)
