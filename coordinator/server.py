@@ -109,20 +109,21 @@ def start(host: str = "127.0.0.1", port: int = 8080, data_dir: Path | str = "fed
     ``tls``: certificate for HTTPS and the embedded broker (default: provisioned in ``<data_dir>/tls`` for
     loopback, the bind hosts, the advertised hosts and ``tls_names``); ``insecure``: no TLS at all.
     """
+    external = BrokerAddress.parse(broker) if broker != "embedded" else None
+    if external is not None and not external.tls and not insecure:
+        raise ValueError(f"broker {broker} is plain MQTT: use mqtts://HOST:PORT (a TLS listener, "
+                         "docs/security.md) or pass --insecure")
     cert = server_tls(data_dir, tls, insecure, [host, broker_host, *tls_names, urlparse(public_url or "").hostname,
                                                  urlparse(advertised_broker_url or "").hostname])
     ca_file = cert.ca if cert is not None else None
     embedded: EmbeddedBroker | None = None
-    if broker == "embedded":
+    if external is None:
         embedded = EmbeddedBroker(broker_host, broker_port,
                                   tls=(str(cert.cert), str(cert.key)) if cert is not None else None).start()
         local = "127.0.0.1" if broker_host in _ANY_HOST else broker_host  # a name the certificate carries
         address, broker_ca = BrokerAddress(local, embedded.port, tls=cert is not None), ca_file
     else:
-        address = BrokerAddress.parse(broker)
-        if not address.tls and not insecure:
-            raise ValueError(f"broker {broker} is plain MQTT: use mqtts://HOST:PORT (a TLS listener, "
-                             "docs/security.md) or pass --insecure")
+        address = external
         broker_ca = (broker_ca or ca_file) if address.tls else None
     services: Services | None = None
     bridge: MqttBridge | None = None

@@ -158,6 +158,7 @@ def test_broker_hostname_is_checked(tmp_path: Path) -> None:
 def test_plain_external_broker_needs_insecure(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="plain MQTT.*--insecure"):
         start("127.0.0.1", 0, tmp_path, "mqtt://127.0.0.1:1", evaluate=False)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
 def test_insecure_is_plain_http_and_mqtt(tmp_path: Path) -> None:
