@@ -53,9 +53,9 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
         prog="fedsight", formatter_class=_formatter, parents=[common],
         description="Federated fine-tuning of vision models on edge devices.",
         epilog="quick start:\n  fedsight demo                      # everything on this machine, ~2 min\n"
-               "  fedsight coordinator --port 8080   # HTTPS + mqtts; prints its CA file; then, per device:\n"
-               "  fedsight client --coordinator https://127.0.0.1:8080 --ca fedsight-data/tls/ca.pem \\\n"
-               "      --num-partitions 5 --partition-index 0\n"
+               "  fedsight coordinator --port 8080   # HTTPS + mqtts; prints its CA file\n"
+               "  export FEDSIGHT_CA=fedsight-data/tls/ca.pem   # what devices and the CLI verify it with\n"
+               "  fedsight client --coordinator https://127.0.0.1:8080 --num-partitions 5 --partition-index 0\n"
                "  fedsight job create --rounds 10 --codec topk:0.01:int8 --start\n"
                "  fedsight job status JOB_ID\n  fedsight export --job JOB_ID --out model.onnx\n"
                "  fedsight infer model.onnx photo.png\n\nsee docs/cli.md for every option")
@@ -65,7 +65,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
                        epilog="example:\n  fedsight coordinator --port 8080 --data-dir ./fedsight-data "
                               "--broker embedded")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8080, help="HTTP port (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8080, help="HTTPS port (default: %(default)s)")
     p.add_argument("--data-dir", default="./fedsight-data", help="state, models, exports (default: %(default)s)")
     p.add_argument("--broker", default="embedded", type=_typed(spec_text.parse_broker, "broker"),
                    help="'embedded' (built-in MQTT broker) or mqtts://HOST:PORT (default: %(default)s)")
@@ -84,7 +84,8 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
 
     p = sub.add_parser("client", parents=[common, rest], formatter_class=_formatter,
                        help="run a simulated device on a dataset shard",
-                       epilog="example:\n  fedsight client --coordinator http://127.0.0.1:8080 --dataset digits \\\n"
+                       epilog="example:\n  fedsight client --coordinator https://127.0.0.1:8080 --ca ca.pem "
+                              "--dataset digits \\\n"
                               "      --partition dirichlet:0.5 --num-partitions 10 --partition-index 3")
     p.add_argument("--broker", type=_typed(spec_text.parse_broker, "broker"), metavar="mqtts://HOST:PORT",
                    help="MQTT broker (default: the one the coordinator advertises)")
