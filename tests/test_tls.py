@@ -62,7 +62,9 @@ def test_certs_command_rejects_a_bad_name_and_writes_nothing(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["certs", "--out", str(tmp_path / "tls"), "--san", "not a host"]) == 2
     assert "neither an IP address nor a DNS name" in capsys.readouterr().err
-    assert not (tmp_path / "tls" / "server.pem").exists()
+    assert cli.main(["certs", "--out", str(tmp_path / "tls"), "--name", "ca"]) == 2  # would overwrite the CA
+    assert "not 'ca'" in capsys.readouterr().err
+    assert not (tmp_path / "tls").exists()  # refused before anything was written
 
 
 def test_server_cert_is_reissued_for_a_new_name_by_the_same_ca(tmp_path: Path) -> None:

@@ -215,8 +215,8 @@ def ensure_server_cert(directory: Path, sans: Iterable[str] = (), name: str = "s
 
     Keeps a suitable existing certificate; otherwise (or with ``force``) issues a new one, creating the CA
     first when the directory has none."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name) or name.startswith("ca"):
-        raise ValueError(f"certificate name {name!r}: use letters, digits, '-', '_' and not 'ca...'")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name) or name == "ca" or name.endswith("-key"):
+        raise ValueError(f"certificate name {name!r}: use letters, digits, '-', '_' (not 'ca', not ending '-key')")
     directory = Path(directory)
     wanted = with_defaults(sans)
     ca_key, ca_cert, _ = ensure_ca(directory)
