@@ -226,19 +226,20 @@ def test_job_commands_and_export_against_a_real_coordinator(coordinator, tmp_pat
 def test_client_list_and_revoke(coordinator, capsys: pytest.CaptureFixture[str],
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDSIGHT_TOKEN", coordinator.token)
+    ca = str(coordinator.ca)
     reg = requests.post(f"{coordinator.api}/clients", json={"name": "doomed", "enroll_secret": coordinator.enroll_secret},
-                        timeout=5).json()
+                        timeout=5, verify=ca).json()
     as_device = {"Authorization": f"Bearer {reg['token']}"}
     own = f"{coordinator.api}/clients/{reg['client_id']}"
-    assert requests.get(own, headers=as_device, timeout=5).status_code == 200
-    assert cli.main(["client", "list", "--coordinator", coordinator.url]) == 0
+    assert requests.get(own, headers=as_device, timeout=5, verify=ca).status_code == 200
+    assert cli.main(["client", "list", "--coordinator", coordinator.url, "--ca", ca]) == 0
     assert reg["client_id"] in capsys.readouterr().out
-    assert cli.main(["client", "revoke", reg["client_id"], "--coordinator", coordinator.url]) == 0
+    assert cli.main(["client", "revoke", reg["client_id"], "--coordinator", coordinator.url, "--ca", ca]) == 0
     assert "revoked" in capsys.readouterr().out
-    assert requests.get(own, headers=as_device, timeout=5).status_code == 401  # the token is dead
-    assert cli.main(["client", "list", "--coordinator", coordinator.url]) == 0
+    assert requests.get(own, headers=as_device, timeout=5, verify=ca).status_code == 401  # the token is dead
+    assert cli.main(["client", "list", "--coordinator", coordinator.url, "--ca", ca]) == 0
     assert reg["client_id"] not in capsys.readouterr().out
-    assert cli.main(["client", "revoke", reg["client_id"], "--coordinator", coordinator.url]) == 2
+    assert cli.main(["client", "revoke", reg["client_id"], "--coordinator", coordinator.url, "--ca", ca]) == 2
     assert "HTTP 404" in capsys.readouterr().err
 
 
