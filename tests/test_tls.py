@@ -16,6 +16,7 @@ from coordinator.cli import main as cli
 from coordinator.mqtt.broker import EmbeddedBroker
 from coordinator.security import certs
 from coordinator.server import CoordinatorHandle, start
+from edge_sdk.protocol import topics
 from edge_sdk.tls import PinnedSession
 from edge_sdk.transport import MqttTransport
 from tests.support.processes import ROOT, child_env, cli as cli_command, free_port, make_pki, stop_process
@@ -87,6 +88,20 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoordinatorHand
     handle.stop()
 
 
+def enroll(url: str, data_dir: Path, ca: Path) -> dict[str, str]:
+    """Register a device with the fleet secret (TLS adds to auth: the broker still refuses anonymous clients)."""
+    secret = (data_dir / "enroll-secret").read_text().strip()
+    with PinnedSession(ca) as http:
+        resp = http.post(f"{url}/api/v1/clients", json={"name": "tls-test", "enroll_secret": secret}, timeout=5)
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+def device_transport(broker_url: str, reg: dict[str, str], ca: Path) -> MqttTransport:
+    return MqttTransport(broker_url, topics.device_mqtt_id(reg["client_id"]), lambda *_: None,
+                         username=reg["mqtt_username"], password=reg["mqtt_password"], tls_ca=ca)
+
+
 def test_secure_by_default_serves_https_with_its_own_ca(server: CoordinatorHandle) -> None:
     assert server.url.startswith("https://") and server.broker_url.startswith("mqtts://")
     assert server.ca_file == server.services.data_dir / "tls" / "ca.pem"
@@ -104,7 +119,9 @@ def test_https_with_the_wrong_ca_fails(server: CoordinatorHandle, tmp_path: Path
 
 
 def test_cli_with_the_wrong_ca_is_a_readable_error(server: CoordinatorHandle, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDSIGHT_TOKEN", server.services.credentials.path("operator-token").read_text().strip())
     foreign = make_pki(tmp_path)
     assert cli.main(["job", "list", "--coordinator", server.url, "--ca", str(foreign.ca)]) == 2
     err = capsys.readouterr().err
@@ -140,7 +157,8 @@ def test_embedded_broker_refuses_plain_mqtt_and_foreign_cas(server: CoordinatorH
         MqttTransport(f"mqtt://127.0.0.1:{port}", "t-plain", lambda *_: None).start(timeout=3)
     with pytest.raises(ConnectionError, match="TLS handshake"):
         MqttTransport(server.broker_url, "t-foreign", lambda *_: None, tls_ca=make_pki(tmp_path).ca).start(timeout=5)
-    ok = MqttTransport(server.broker_url, "t-ok", lambda *_: None, tls_ca=server.ca_file)
+    ok = device_transport(server.broker_url, enroll(server.url, server.services.data_dir, server.ca_file),
+                          server.ca_file)
     ok.start(timeout=10)
     ok.stop()
 
@@ -193,7 +211,7 @@ def test_coordinator_command_provisions_tls_and_says_where_the_ca_is(tmp_path: P
         with PinnedSession(ca) as http:
             health = http.get(f"https://127.0.0.1:{port}/api/v1/health", timeout=5).json()
         assert health["broker_url"] == f"mqtts://127.0.0.1:{mqtt_port}"
-        device = MqttTransport(health["broker_url"], "t-cli", lambda *_: None, tls_ca=ca)
+        device = device_transport(health["broker_url"], enroll(f"https://127.0.0.1:{port}", data, ca), ca)
         device.start(timeout=10)
         device.stop()
     finally:

@@ -99,6 +99,6 @@ def test_tls_with_a_foreign_ca_is_refused(mosquitto: Mosquitto, tmp_path) -> Non
     client = MqttTransport(mosquitto.url, "t-foreign", lambda *_: None, tls_ca=foreign.ca)
     with pytest.raises(ConnectionError, match="TLS handshake .* failed.*CERTIFICATE_VERIFY_FAILED"):
         client.start(timeout=5)
-    trusting = MqttTransport(mosquitto.url, "t-trusting", lambda *_: None, tls_ca=mosquitto.ca)
+    trusting = MqttTransport(mosquitto.url, "t-trusting", lambda *_: None, **mosquitto.login, tls_ca=mosquitto.ca)
     trusting.start(timeout=10)  # the same broker with the right CA: the refusal was about trust
     trusting.stop()
