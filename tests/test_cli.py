@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import requests
 
 from converters import spec_text
 from coordinator.cli import main as cli

@@ -38,6 +38,14 @@ def secret(handle: CoordinatorHandle) -> str:
     return handle.services.credentials.path("enroll-secret").read_text().strip()
 
 
+@pytest.fixture(scope="module")
+def http(server: CoordinatorHandle) -> Iterator[requests.Session]:
+    """The operator's session: pinned to the coordinator's CA, with the operator token."""
+    with PinnedSession(server.ca_file) as session:
+        session.headers.update(operator(server))
+        yield session
+
+
 def client_row(handle: CoordinatorHandle, cid: str) -> dict:
     rows = requests.get(f"{handle.url}/api/v1/clients", headers=operator(handle), timeout=5, verify=str(handle.ca_file)).json()["clients"]
     return next(r for r in rows if r["id"] == cid)
@@ -252,7 +260,7 @@ def test_devices_get_broker_identities_and_only_their_own(server: CoordinatorHan
         given.stop()
     # The secret from registration was replaced, so it no longer opens the broker.
     from tests.support.mqtt_probe import Probe
-    stale = Probe(server.broker_url, f"fedsight-{reg['client_id']}", reg["mqtt_username"], reg["mqtt_password"])
+    stale = Probe(server.broker_url, f"fedsight-{reg['client_id']}", reg["mqtt_username"], reg["mqtt_password"], tls_ca=server.ca_file)
     assert not stale.accepted
     stale.close()
     # Credentials saved before broker ACLs existed are completed and kept owner-only.
@@ -290,7 +298,7 @@ def test_devices_get_broker_identities_and_only_their_own(server: CoordinatorHan
     # A revoked device loses its broker account with its token (and cannot renew it).
     assert requests.delete(f"{api}/clients/{other['client_id']}", headers=operator(server), timeout=5, verify=str(server.ca_file)).ok
     gone = Probe(server.broker_url, f"fedsight-{other['client_id']}", other["client_id"],
-                 json.loads((cache / "credentials.json").read_text())["mqtt_password"])
+                 json.loads((cache / "credentials.json").read_text())["mqtt_password"], tls_ca=server.ca_file)
     assert not gone.accepted
     gone.close()
     assert requests.post(url, headers={"Authorization": f"Bearer {other['token']}"}, timeout=5, verify=str(server.ca_file)).status_code == 401
