@@ -44,7 +44,8 @@ class Broker:
         return cid, password
 
     def connect_device(self, cid: str, password: str, **kw: object) -> Probe:
-        probe = Probe(self.url, f"fedsight-{cid}", cid, password, mqtt5=self.mqtt5, tls_ca=self.ca, **kw)  # type: ignore[arg-type]
+        probe = Probe(self.url, f"fedsight-{cid}", cid, password, mqtt5=self.mqtt5,  # type: ignore[arg-type]
+                      tls_ca=self.ca, **kw)
         assert probe.accepted, probe.connack
         return probe
 

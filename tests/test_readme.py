@@ -4,7 +4,8 @@ Every ``fedsight ...`` line in their code blocks is parsed by the real argument 
 "Run it for real" block is run end to end: whatever its lines say, scaled down (2 rounds, 2 devices, 32-pixel
 images, a tiny generated ImageFolder as ``photos/``) and moved onto loopback (host names become 127.0.0.x,
 ports become free ones), over TLS as the README's coordinator serves it: every client verifies the CA the
-coordinator writes into its data directory (``export FEDSIGHT_CA=...`` in the README is applied here too). The test waits for the job to finish before the ``export`` line, as a reader would.
+coordinator writes into its data directory (``export FEDSIGHT_CA=...`` in the README is applied here too).
+The test waits for the job to finish before the ``export`` line, as a reader would.
 """
 from __future__ import annotations
 

@@ -94,7 +94,8 @@ def test_devices_use_only_the_advertised_addresses(remote: tuple[str, int, Path]
                                                               verify=str(ca)).json()["clients"]) < 2:
             assert time.monotonic() < deadline, f"devices not online: {[d.poll() for d in devices]}"
             time.sleep(0.3)
-        out = subprocess.run(cli("job", "create", "--coordinator", url, "--ca", str(ca), "--rounds", "2", "--clients-per-round", "2",
+        out = subprocess.run(cli("job", "create", "--coordinator", url, "--ca", str(ca), "--rounds", "2",
+                                 "--clients-per-round", "2",
                                  "--min-clients", "2", "--eval", "digits", "--start"),
                              capture_output=True, text=True, env={**child_env(), "FEDSIGHT_TOKEN": token}, cwd=ROOT,
                              timeout=60)
