@@ -4,7 +4,8 @@
 ``fedsight infer``); extras add the rest:
 
 * ``[edge]``   a device that also trains (torch, torchvision, MQTT, HTTP client, scikit-learn digits)
-* ``[server]`` the coordinator, ``fedsight demo``, ONNX export (Flask, waitress, amqtt, onnx, ...)
+* ``[server]`` the coordinator, ``fedsight demo``, ONNX export (Flask, cheroot, cryptography, amqtt,
+  onnx, ...)
 * ``[all]``    both; ``[test]`` adds what the test suite itself needs (``bash tests/run.sh`` installs
   ``.[all,test]``).
 """
@@ -20,7 +21,8 @@ EDGE = [
 ]
 SERVER = EDGE + [
     "flask>=3.0",
-    "waitress>=3.0",
+    "cheroot>=10.0",  # the HTTPS server (coordinator/api/http_server.py)
+    "cryptography>=42",  # the private CA and server certificates (coordinator/security/certs.py)
     "amqtt>=0.12.1,<0.13",  # embedded_acl.GuardedBroker overrides a 0.12.1 internal
     "onnx>=1.16",
     "onnxscript>=0.1",  # torch.onnx needs it to export

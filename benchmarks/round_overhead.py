@@ -1,8 +1,8 @@
 """Round overhead: round wall time minus the slowest client's local training time.
 
 Everything that is not training (announce, model download, encode, MQTT transfer, validation, aggregation,
-storing the new version, server-side evaluation) shows up here. Real parts: a Mosquitto broker (or the
-embedded one when Mosquitto is not installed), the coordinator process and N device processes on loopback.
+storing the new version, server-side evaluation) shows up here. Real parts: a Mosquitto broker (TLS listener),
+the coordinator process (HTTPS) and N device processes on loopback, all pinned to one private test CA.
 
     python benchmarks/round_overhead.py --clients 10 --rounds 5
 """
@@ -20,14 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import write_section  # noqa: E402
-from tests.support.processes import Coordinator, Mosquitto, start_device, stop_process  # noqa: E402
+from tests.support.processes import Coordinator, Mosquitto, make_pki, start_device, stop_process  # noqa: E402
 
 
 def run(clients: int, rounds: int, codec: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        broker = Mosquitto(work / "broker")
-        server = Coordinator(work, broker.url)
+        pki = make_pki(work / "pki")
+        broker = Mosquitto(work / "broker", pki)
+        server = Coordinator(work, broker.url, pki, broker.admin)
         procs = [start_device(work, server, i, clients) for i in range(clients)]
         try:
             deadline = time.monotonic() + 180
@@ -80,7 +81,8 @@ def main() -> None:
               for r in result["rounds"]]
     verdict = "meets" if result["median_overhead_s"] <= 0.5 else "misses"
     lines += ["", f"Median overhead after round 1: **{result['median_overhead_s']:.3f} s** (max "
-              f"{result['max_overhead_s']:.3f} s), {args.clients} device processes, Mosquitto on loopback: "
+              f"{result['max_overhead_s']:.3f} s), {args.clients} device processes, Mosquitto on loopback, "
+              "all over TLS: "
               f"{verdict} the 0.5 s target. Flower 1.42 on this machine: 11-28 s per round with 4 nodes."]
     write_section("round_overhead", "Round overhead",
                   f"python benchmarks/round_overhead.py --clients {args.clients} --rounds {args.rounds}", lines)

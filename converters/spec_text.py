@@ -96,11 +96,12 @@ def parse_dataset(text: str) -> tuple[str, Path | None]:
 
 
 def parse_broker(text: str) -> str:
-    """``embedded`` or ``mqtt://HOST:PORT`` (port required: no silent default port)."""
-    host, _, port = text.removeprefix("mqtt://").rpartition(":")
-    if text == "embedded" or (text.startswith("mqtt://") and host and port.isdigit() and 0 < int(port) < 65536):
+    """``embedded``, ``mqtts://HOST:PORT`` (TLS) or ``mqtt://HOST:PORT`` (port required: no silent default)."""
+    scheme, _, rest = text.partition("://")
+    host, _, port = rest.rpartition(":")
+    if text == "embedded" or (scheme in ("mqtt", "mqtts") and host and port.isdigit() and 0 < int(port) < 65536):
         return text
-    raise ValueError(f"broker must be 'embedded' or mqtt://HOST:PORT, got {text!r}")
+    raise ValueError(f"broker must be 'embedded', mqtts://HOST:PORT or mqtt://HOST:PORT, got {text!r}")
 
 
 def parse_floats(text: str) -> list[float]:

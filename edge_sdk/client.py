@@ -36,9 +36,10 @@ from .protocol.errors import ProtocolError
 from .protocol.modelfile import flatten, layout_sizes, load_model
 from .protocol.wire import UpdateHeader, encode_update
 from .sent_journal import SentJournal
+from .tls import PinnedSession
 from .trainer import LocalTrainer
 from .update import encode_delta, statistics_mask
-from .transport import BrokerRefused, MqttTransport
+from .transport import BrokerAddress, BrokerRefused, MqttTransport
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,8 @@ class EdgeClient:
     ``model`` may be ``None`` (built from the job's architecture), an architecture name (checked against the
     job), or an ``nn.Module`` whose state matches the job's model. ``dataset`` is any torch ``Dataset`` of
     ``(image_tensor, label)``, e.g. a ``SampleBuffer`` the camera app fills frame by frame.
+    ``ca_file``: the coordinator's CA (``ca.pem``) that both its HTTPS API and its mqtts broker are verified
+    against; None trusts the system's CAs (a publicly trusted certificate).
     """
 
     def __init__(self, coordinator_url: str, dataset: Dataset, model: str | nn.Module | None = None, *,
@@ -114,7 +117,8 @@ class EdgeClient:
                  broker_url: str | None = None, cache_dir: str | Path = "~/.cache/fedsight",
                  jobs: list[str] | None = None, trainer: LocalTrainer | None = None,
                  callbacks: ClientCallbacks | None = None, request_timeout: float = 30.0,
-                 mqtt_username: str | None = None, mqtt_password: str | None = None) -> None:
+                 mqtt_username: str | None = None, mqtt_password: str | None = None,
+                 ca_file: str | Path | None = None) -> None:
         self.origin = CoordinatorOrigin(coordinator_url)  # every URL this device requests is built from it
         self.base_url = self.origin.base_url
         self.api = self.origin.api
@@ -127,7 +131,8 @@ class EdgeClient:
         self.cache_dir = Path(cache_dir).expanduser()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._timeout = request_timeout
-        self._http = requests.Session()
+        self.ca_file = ca_file
+        self._http = requests.Session() if ca_file is None else PinnedSession(ca_file)
         self._mqtt_login: dict[str, str | None] = {"username": mqtt_username, "password": mqtt_password}
         creds = self._credentials(client_id, token, device_key, enroll_secret, name)
         self.client_id, self.token = str(creds["client_id"]), str(creds["token"])
@@ -154,7 +159,7 @@ class EdgeClient:
             subscriptions=[topics.task_topic(self.client_id), topics.ack_topic(self.client_id),
                            topics.JOB_EVENTS_WILDCARD, topics.PRESENCE_QUERY],
             will=(topics.status_topic(self.client_id), self._status("offline")), on_connect=self._on_connected,
-            **self._mqtt_login)
+            **self._mqtt_login, tls_ca=self.ca_file if BrokerAddress.parse(self.broker_url).tls else None)
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import ssl
 import threading
 import urllib.error
 import urllib.request
@@ -62,6 +63,15 @@ class _Loaded:
     report: dict[str, Any]
 
 
+def _tls(ca_file: str | Path | None) -> ssl.SSLContext:
+    """Chain and hostname verified, TLS 1.2+, against the pinned CA (as ``edge_sdk.tls``, which needs requests)."""
+    if ca_file is not None and not Path(ca_file).expanduser().is_file():
+        raise FileNotFoundError(f"CA file not found: {ca_file} (copy the coordinator's tls/ca.pem here)")
+    ctx = ssl.create_default_context(cafile=str(Path(ca_file).expanduser()) if ca_file is not None else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
         raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl[:200]} refused (the device token "
@@ -85,23 +95,24 @@ def verify_report(report: Any, version: str) -> dict[str, Any]:
 
 
 class LiveModel:
-    """``LiveModel("http://coordinator:8080", job_id).start()``; then ``live.predict(frames)`` from any thread.
+    """``LiveModel("https://coordinator:8080", job_id, ca_file=...).start()``; then ``live.predict(frames)``.
 
-    ``token``: the device's bearer token (sent only to ``coordinator_url``). ``cache_dir``: keeps the last good
+    ``token``: the device's bearer token (sent only to ``coordinator_url``). ``ca_file``: the coordinator's
+    ``ca.pem`` an https coordinator is verified against (chain and hostname; None: the system's CAs). ``cache_dir``: keeps the last good
     version (ONNX + report) so a restarted device classifies at once, before the coordinator is reachable.
     ``on_swap(old_version | None, new_version)`` is called after each swap.
     """
 
     def __init__(self, coordinator_url: str, job_id: str, *, token: str | None = None,
                  cache_dir: str | Path | None = None, poll_s: float = 30.0, timeout: float = 120.0,
-                 intra_op_threads: int | None = None, on_swap: Callable[[str | None, str], None] | None = None
-                 ) -> None:
+                 intra_op_threads: int | None = None, on_swap: Callable[[str | None, str], None] | None = None,
+                 ca_file: str | Path | None = None) -> None:
         self.origin = CoordinatorOrigin(coordinator_url)
         if not valid_id(job_id):
             raise ValueError(f"invalid job id {job_id[:80]!r}")
         self.job_id = job_id
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._opener = urllib.request.build_opener(_NoRedirect)
+        self._opener = urllib.request.build_opener(_NoRedirect, urllib.request.HTTPSHandler(context=_tls(ca_file)))
         self._timeout = timeout
         self._threads = intra_op_threads
         self.poll_s = poll_s

@@ -7,13 +7,17 @@ awaited so a caller knows its update left the device.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
+
+from .tls import tls_context
 
 log = logging.getLogger(__name__)
 
@@ -24,17 +28,20 @@ MessageHandler = Callable[[str, bytes], None]
 class BrokerAddress:
     host: str
     port: int
+    tls: bool = False
 
     @classmethod
     def parse(cls, url: str) -> "BrokerAddress":
-        """``mqtt://host:port`` (or ``host:port``) -> address; ValueError with a hint otherwise."""
+        """``mqtts://host:port`` (TLS, default port 8883), ``mqtt://host:port`` (plain, 1883) or ``host:port``
+        -> address; ValueError with a hint otherwise."""
         parsed = urlparse(url if "://" in url else f"mqtt://{url}")
-        if parsed.scheme not in ("mqtt", "tcp") or not parsed.hostname:
-            raise ValueError(f"broker URL {url!r} not understood: use mqtt://HOST:PORT")
-        return cls(parsed.hostname, parsed.port or 1883)
+        if parsed.scheme not in ("mqtt", "tcp", "mqtts") or not parsed.hostname:
+            raise ValueError(f"broker URL {url!r} not understood: use mqtts://HOST:PORT (or mqtt:// without TLS)")
+        tls = parsed.scheme == "mqtts"
+        return cls(parsed.hostname, parsed.port or (8883 if tls else 1883), tls)
 
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
 class BrokerRefused(ConnectionError):
@@ -45,15 +52,19 @@ class MqttTransport:
     """One MQTT connection with a fixed subscription set and a single message callback.
 
     ``username``/``password``: the broker identity (devices get theirs at registration); brokers run with
-    ACLs refuse anonymous connections.
+    ACLs refuse anonymous connections. An ``mqtts://`` broker is verified against ``tls_ca`` (a PEM CA file,
+    e.g. the coordinator's ``ca.pem``; None: the system's trusted CAs), with hostname checking: the broker's
+    certificate must name the host in the URL.
     """
 
     def __init__(self, broker: str | BrokerAddress, client_id: str, on_message: MessageHandler,
                  subscriptions: Iterable[str] = (), will: tuple[str, bytes] | None = None,
                  persistent: bool = True, keepalive: int = 30, username: str | None = None,
-                 password: str | None = None, on_connect: Callable[[], None] | None = None,
-                 max_reconnect_delay: float = 2.0) -> None:
+                 password: str | None = None, tls_ca: str | Path | None = None,
+                 on_connect: Callable[[], None] | None = None, max_reconnect_delay: float = 2.0) -> None:
         self.broker = broker if isinstance(broker, BrokerAddress) else BrokerAddress.parse(broker)
+        if tls_ca is not None and not self.broker.tls:
+            raise ValueError(f"tls_ca given but {self.broker.url()} is plain MQTT; use mqtts://")
         self._subs = list(subscriptions)
         self._handler = on_message
         self._connect_hook = on_connect  # runs after every (re)connect, once subscriptions are re-sent
@@ -66,6 +77,8 @@ class MqttTransport:
         self._client.reconnect_delay_set(min_delay=1, max_delay=max(1, int(max_reconnect_delay)))
         if username is not None:  # the broker account registration handed out (brokers that enforce ACLs)
             self._client.username_pw_set(username, password)
+        if self.broker.tls:
+            self._client.tls_set_context(tls_context(tls_ca))
         if will is not None:
             self._client.will_set(will[0], will[1], qos=1, retain=True)
         self._client.on_connect = self._on_connect
@@ -81,6 +94,10 @@ class MqttTransport:
         """Connect and start the network thread; raises ConnectionError if the broker is unreachable."""
         try:
             self._client.connect(self.broker.host, self.broker.port, keepalive=self._keepalive)
+        except ssl.SSLError as exc:
+            raise ConnectionError(f"TLS handshake with MQTT broker {self.broker.url()} failed: {exc}. Is the CA "
+                                  "file the one that signed the broker's certificate, and does it name "
+                                  f"{self.broker.host}?") from exc
         except OSError as exc:
             raise ConnectionError(f"cannot reach MQTT broker at {self.broker.url()}: {exc}. "
                                   "Is the coordinator (or Mosquitto) running?") from exc
@@ -91,7 +108,8 @@ class MqttTransport:
             if self._refused is not None or time.monotonic() > deadline:
                 self.stop()
                 if self._refused is None:
-                    raise ConnectionError(f"MQTT broker at {self.broker.url()} did not accept the connection")
+                    hint = "" if self.broker.tls else " (a TLS listener? then use mqtts://)"
+                    raise ConnectionError(f"MQTT broker at {self.broker.url()} did not accept the connection{hint}")
                 raise BrokerRefused(f"MQTT broker at {self.broker.url()} refused the connection ({self._refused}); "
                                     "check the broker username/password")
 
@@ -150,3 +168,4 @@ class MqttTransport:
             self._handler(msg.topic, msg.payload)
         except Exception:  # a handler bug must never kill the network thread
             log.exception("message handler failed for topic %s", msg.topic)
+

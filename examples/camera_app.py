@@ -1,6 +1,7 @@
 """A camera app that classifies every frame with the job's live global model, hot-swapped as training goes on.
 
-    python examples/camera_app.py --coordinator http://127.0.0.1:8080 --job JOB_ID frames/ [--train]
+    python examples/camera_app.py --coordinator https://127.0.0.1:8080 --ca fedsight-data/tls/ca.pem \
+        --job JOB_ID frames/ [--train]
 
 Frames come from a folder of images (sorted; with ``--train`` the sub-folder name is the user-confirmed
 label, as in ``imagefolder``) or from a video file when OpenCV (``cv2``) is installed. Without ``--train``
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -61,21 +63,25 @@ def start_training(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
 
     # the job's spec is an operator endpoint (--token); the device enrolls with $FEDSIGHT_ENROLL_SECRET
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
-    resp = requests.get(f"{args.coordinator}/api/v1/jobs/{args.job}", timeout=30, headers=headers)
+    resp = requests.get(f"{args.coordinator}/api/v1/jobs/{args.job}", timeout=30, headers=headers,
+                        verify=args.ca or True)
     if not resp.ok:
         raise SystemExit(f"cannot read job {args.job}: HTTP {resp.status_code} {resp.text[:200]} (pass --token)")
     cfg = resp.json()["config"]
     model = cfg["model"]
     buffer = SampleBuffer(capacity=args.buffer, image_size=model["image_size"], channels=model["in_channels"],
                           normalization=cfg.get("normalization"))
-    client = EdgeClient(args.coordinator, dataset=buffer, cache_dir=args.cache_dir, jobs=[args.job])
+    client = EdgeClient(args.coordinator, dataset=buffer, cache_dir=args.cache_dir, jobs=[args.job],
+                        ca_file=args.ca)
     return client, buffer, list(cfg.get("class_names") or [])
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("source", type=Path, help="folder of frames, or a video file (needs cv2)")
-    p.add_argument("--coordinator", default="http://127.0.0.1:8080")
+    p.add_argument("--coordinator", default="https://127.0.0.1:8080")
+    p.add_argument("--ca", default=os.environ.get("FEDSIGHT_CA"), metavar="CA.pem",
+                   help="the coordinator's CA file, e.g. fedsight-data/tls/ca.pem (default: $FEDSIGHT_CA)")
     p.add_argument("--job", required=True, metavar="JOB_ID")
     p.add_argument("--train", action="store_true", help="also fine-tune on labelled frames (needs torch)")
     p.add_argument("--token", help="token for ONNX downloads: exports are operator-only (docs/security.md), so the "
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.train:
         client, buffer, labels = start_training(args)
     token = args.token or (client.token if client else None)
-    live = LiveModel(args.coordinator, args.job, token=token, poll_s=args.poll,
+    live = LiveModel(args.coordinator, args.job, token=token, poll_s=args.poll, ca_file=args.ca,
                      cache_dir=Path(args.cache_dir).expanduser() / "live").start()
     if client is not None:  # announced versions go live at once, polling is the fallback
         client.callbacks.on_model_updated = live.on_model_updated

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.processes import Coordinator, Mosquitto
+from coordinator.security.certs import ServerTls
+from tests.support.processes import Coordinator, Mosquitto, make_pki
 
 
 @pytest.fixture(scope="module")
@@ -20,16 +21,23 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(prev)
 
 
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> ServerTls:
+    """One private test CA; its server certificate (localhost, 127.0.0.1) serves Mosquitto and the coordinator."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
 @pytest.fixture(scope="module")
-def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
+def mosquitto(pki: ServerTls, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"), pki)
     yield broker
     broker.stop()
 
 
 @pytest.fixture(scope="module")
-def coordinator(mosquitto: Mosquitto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
+def coordinator(mosquitto: Mosquitto, pki: ServerTls, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[Coordinator]:
     workdir: Path = tmp_path_factory.mktemp("coordinator")
-    server = Coordinator(workdir, mosquitto.url, mosquitto.admin)
+    server = Coordinator(workdir, mosquitto.url, pki, mosquitto.admin)
     yield server
     server.stop()

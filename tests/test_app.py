@@ -254,7 +254,7 @@ def test_downlink_delta_patch(http, anon, app, job, client_token):
 
 
 def test_server_in_process_with_embedded_broker(tmp_path):
-    """start() brings up broker + bridge + engine + waitress; presence flows over real MQTT; stop() is clean."""
+    """start() brings up broker + bridge + engine + HTTPS; presence flows over real mqtts; stop() is clean."""
     import json
     import threading
     import time
@@ -269,10 +269,13 @@ def test_server_in_process_with_embedded_broker(tmp_path):
     handle = start("127.0.0.1", 0, tmp_path, "embedded", broker_port=0, evaluate=False)
     try:
         api = f"{handle.url}/api/v1"
-        health = requests.get(f"{api}/health", timeout=5).json()
+        ca = str(handle.ca_file)  # secure by default: a CA provisioned in <data_dir>/tls on first start
+        assert handle.url.startswith("https://") and handle.broker_url.startswith("mqtts://")
+        health = requests.get(f"{api}/health", timeout=5, verify=ca).json()
         assert health["status"] == "ok" and health["broker_url"] == handle.broker_url
         secret = handle.services.credentials.path("enroll-secret").read_text().strip()
-        reg = requests.post(f"{api}/clients", json={"name": "dev", "enroll_secret": secret}, timeout=5).json()
+        reg = requests.post(f"{api}/clients", json={"name": "dev", "enroll_secret": secret}, timeout=5,
+                            verify=ca).json()
         as_device = {"Authorization": f"Bearer {reg['token']}"}
         acks: list[dict] = []
         got_ack = threading.Event()
@@ -284,7 +287,7 @@ def test_server_in_process_with_embedded_broker(tmp_path):
         assert reg["mqtt_username"] == reg["client_id"] and len(reg["mqtt_password"]) >= 32
         dev = MqttTransport(handle.broker_url, f"fedsight-{reg['client_id']}", on_message,
                             subscriptions=[topics.ack_topic(reg["client_id"])], username=reg["mqtt_username"],
-                            password=reg["mqtt_password"])
+                            password=reg["mqtt_password"], tls_ca=ca)
         dev.start()
         # a 12 MB message crosses the embedded broker to the bridge and is judged (it is not an update)
         assert dev.publish(topics.update_topic(reg["client_id"]), b"\x01" * (12 << 20), wait=30)
@@ -293,14 +296,15 @@ def test_server_in_process_with_embedded_broker(tmp_path):
         dev.publish(topics.status_topic(reg["client_id"]), json.dumps({"state": "online", "jobs": None}),
                     retain=True, wait=5)
         deadline = time.time() + 5
-        while not requests.get(f"{api}/clients/{reg['client_id']}", headers=as_device, timeout=5).json()["online"]:
+        while not requests.get(f"{api}/clients/{reg['client_id']}", headers=as_device, timeout=5,
+                               verify=ca).json()["online"]:
             assert time.time() < deadline, "presence never reached the coordinator"
             time.sleep(0.05)
         dev.stop()
     finally:
         handle.stop()
     with pytest.raises(requests.ConnectionError):
-        requests.get(f"{handle.url}/api/v1/health", timeout=2)
+        requests.get(f"{handle.url}/api/v1/health", timeout=2, verify=ca)
     time.sleep(0.2)
     leftover = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
     assert leftover == []

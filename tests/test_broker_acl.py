@@ -31,6 +31,7 @@ class Broker:
     url: str
     accounts: BrokerAccounts
     coordinator: Credentials
+    ca: Path  # both brokers listen on TLS only, like a deployment
 
     @property
     def mqtt5(self) -> bool:
@@ -43,13 +44,14 @@ class Broker:
         return cid, password
 
     def connect_device(self, cid: str, password: str, **kw: object) -> Probe:
-        probe = Probe(self.url, f"fedsight-{cid}", cid, password, mqtt5=self.mqtt5, **kw)  # type: ignore[arg-type]
+        probe = Probe(self.url, f"fedsight-{cid}", cid, password, mqtt5=self.mqtt5,  # type: ignore[arg-type]
+                      tls_ca=self.ca, **kw)
         assert probe.accepted, probe.connack
         return probe
 
     def connect_coordinator(self) -> Probe:
         probe = Probe(self.url, self.coordinator.client_id, self.coordinator.username, self.coordinator.password,
-                      mqtt5=self.mqtt5)
+                      mqtt5=self.mqtt5, tls_ca=self.ca)
         assert probe.accepted, probe.connack
         assert not any(c.is_failure for c in probe.subscribe(f"{topics.PREFIX}/#"))
         return probe
@@ -60,14 +62,15 @@ def broker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     creds = Credentials("fedsight-coordinator", secrets.token_urlsafe(32))
     if request.param == "embedded":
         accounts = EmbeddedAccounts(tmp_path_factory.mktemp("acl") / "mqtt-accounts.json", creds)
-        embedded = EmbeddedBroker(port=0, accounts=accounts).start()
-        yield Broker("embedded", embedded.url, accounts, creds)
+        pki = request.getfixturevalue("pki")
+        embedded = EmbeddedBroker(port=0, accounts=accounts, tls=(str(pki.cert), str(pki.key))).start()
+        yield Broker("embedded", embedded.url, accounts, creds, pki.ca)
         embedded.stop()
     else:
         mosquitto: Mosquitto = request.getfixturevalue("mosquitto")
         dynsec = mosquitto.accounts()
         dynsec.provision(creds)
-        yield Broker("mosquitto", mosquitto.url, dynsec, creds)
+        yield Broker("mosquitto", mosquitto.url, dynsec, creds, mosquitto.ca)
         dynsec.stop()
 
 
@@ -144,7 +147,7 @@ def test_anonymous_wrong_password_and_unknown_users_are_refused(broker: Broker) 
     attempts = {"anonymous": (f"fedsight-{a}", None, None), "wrong password": (f"fedsight-{a}", a, "not-it"),
                 "unknown user": ("fedsight-nobody", "nobody", a_pw), "no password": (f"fedsight-{a}", a, None)}
     for what, (client_id, user, password) in attempts.items():
-        probe = Probe(broker.url, client_id, user, password, mqtt5=broker.mqtt5)
+        probe = Probe(broker.url, client_id, user, password, mqtt5=broker.mqtt5, tls_ca=broker.ca)
         try:
             assert not probe.accepted, what
             if broker.mqtt5:
@@ -163,7 +166,7 @@ def test_nobody_can_take_the_coordinators_or_another_devices_client_id(broker: B
                     (broker.coordinator.client_id, broker.coordinator.username, "guess", False),
                     (f"fedsight-{b}", a, a_pw, True), ("", a, a_pw, True)]
         for client_id, user, password, clean in attempts:
-            probe = Probe(broker.url, client_id, user, password, mqtt5=broker.mqtt5, clean=clean)
+            probe = Probe(broker.url, client_id, user, password, mqtt5=broker.mqtt5, clean=clean, tls_ca=broker.ca)
             try:
                 assert not probe.accepted, (client_id, user, clean)
             finally:
@@ -184,7 +187,7 @@ def test_a_last_will_on_someone_elses_topic_is_never_delivered(broker: Broker) -
     try:
         dev_b.subscribe(topics.task_topic(b))
         rogue = Probe(broker.url, f"fedsight-{a}", a, a_pw, mqtt5=broker.mqtt5,
-                      will=(topics.task_topic(b), b"will as a task"))
+                      will=(topics.task_topic(b), b"will as a task"), tls_ca=broker.ca)
         if rogue.accepted:  # Mosquitto accepts the CONNECT and drops the will; amqtt refuses the CONNECT
             rogue.drop()
         else:
@@ -201,7 +204,7 @@ def test_a_removed_device_can_no_longer_connect_or_publish(broker: Broker) -> No
     try:
         broker.accounts.remove_device(a)
         dev_a.publish(topics.update_topic(a), b"after removal")  # open connection: kicked or refused per message
-        again = Probe(broker.url, f"fedsight-{a}", a, a_pw, mqtt5=broker.mqtt5)
+        again = Probe(broker.url, f"fedsight-{a}", a, a_pw, mqtt5=broker.mqtt5, tls_ca=broker.ca)
         assert not again.accepted
         again.close()
         assert coord.drain(settle=1.0) == []
@@ -220,7 +223,7 @@ def test_dynsec_never_touches_an_identity_that_is_not_a_fedsight_device(mosquitt
                 dynsec.remove_device(name)
         roles = dynsec.command({"command": "getClient", "username": mosquitto.tester[0]})[0]["data"]["client"]["roles"]
         assert [r["rolename"] for r in roles] == ["tester"]  # untouched
-        probe = Probe(mosquitto.url, "admin-check", *mosquitto.admin, mqtt5=True)
+        probe = Probe(mosquitto.url, "admin-check", *mosquitto.admin, mqtt5=True, tls_ca=mosquitto.ca)
         assert probe.accepted  # admin password unchanged
         probe.close()
     finally:
@@ -272,7 +275,7 @@ def test_external_broker_without_admin_identity_is_a_readable_usage_error(
 
     monkeypatch.delenv("FEDSIGHT_BROKER_ADMIN_USER", raising=False)
     monkeypatch.delenv("FEDSIGHT_BROKER_ADMIN_PASSWORD", raising=False)
-    base = ["coordinator", "--port", "0", "--data-dir", str(tmp_path), "--broker", "mqtt://127.0.0.1:1"]
+    base = ["coordinator", "--port", "0", "--data-dir", str(tmp_path), "--broker", "mqtts://127.0.0.1:1"]
     assert main(base) == 2
     err = capsys.readouterr().err
     assert "dynamic-security admin identity" in err and "mosquitto_ctrl dynsec init" in err

@@ -63,9 +63,11 @@ def test_partition_dataset_broker_specs(tmp_path: Path) -> None:
     assert spec_text.parse_dataset("digits") == ("digits", None)
     assert spec_text.parse_dataset(f"imagefolder:{tmp_path}") == ("imagefolder", tmp_path)
     assert spec_text.parse_broker("mqtt://10.0.0.2:1883") == "mqtt://10.0.0.2:1883"
+    assert spec_text.parse_broker("mqtts://broker.lan:8883") == "mqtts://broker.lan:8883"
     for bad, fn in [("dirichlet:0", spec_text.parse_partition), ("dirichlet", spec_text.parse_partition),
                     ("cifar10", spec_text.parse_dataset), ("mnist", spec_text.parse_dataset),
-                    ("mqtt://host", spec_text.parse_broker), ("tcp://h:1", spec_text.parse_broker)]:
+                    ("mqtt://host", spec_text.parse_broker), ("tcp://h:1", spec_text.parse_broker),
+                    ("mqtts://host", spec_text.parse_broker), ("https://h:1", spec_text.parse_broker)]:
         with pytest.raises(ValueError):
             fn(bad)
 
@@ -74,7 +76,7 @@ def test_partition_dataset_broker_specs(tmp_path: Path) -> None:
 def test_console_help_lists_every_command() -> None:
     result = run_cli("--help", timeout=60)
     assert result.returncode == 0
-    for command in ("coordinator", "client", "job", "export", "infer", "demo", "quick start"):
+    for command in ("coordinator", "client", "job", "export", "infer", "demo", "certs", "quick start"):
         assert command in result.stdout
 
 
@@ -82,6 +84,7 @@ def test_console_help_lists_every_command() -> None:
     (["coordinator"], "fedsight coordinator --port 8080"), (["client"], "--partition dirichlet:0.5"),
     (["job", "create"], "--codec topk:0.01:int8"), (["job", "status"], "fedsight job status"),
     (["export"], "fedsight export --job"), (["infer"], "fedsight infer"), (["demo"], "fedsight demo --clients"),
+    (["certs"], "fedsight certs --san"),
 ])
 def test_every_command_has_help_with_an_example(argv: list[str], example: str,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
@@ -184,33 +187,33 @@ def test_missing_files_are_user_errors(tmp_path: Path, capsys: pytest.CaptureFix
 def test_job_commands_and_export_against_a_real_coordinator(coordinator, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    url = coordinator.url
+    url, ca = coordinator.url, str(coordinator.ca)  # an https:// coordinator, verified against its CA
     monkeypatch.delenv("FEDSIGHT_TOKEN", raising=False)
     monkeypatch.delenv("FEDSIGHT_TOKEN_FILE", raising=False)
     monkeypatch.chdir(tmp_path)  # no ./fedsight-data/operator-token here
-    assert cli.main(["job", "list", "--coordinator", url]) == 2
+    assert cli.main(["job", "list", "--coordinator", url, "--ca", ca]) == 2
     err = capsys.readouterr().err
     assert "HTTP 401" in err and "FEDSIGHT_TOKEN" in err
     token_file = str(coordinator.data_dir / "operator-token")
-    assert cli.main(["job", "create", "--coordinator", url, "--token-file", token_file, "--name", "cli-test",
-                     "--rounds", "3", "--clients-per-round", "2", "--min-clients", "1", "--codec",
+    assert cli.main(["job", "create", "--coordinator", url, "--ca", ca, "--token-file", token_file, "--name",
+                     "cli-test", "--rounds", "3", "--clients-per-round", "2", "--min-clients", "1", "--codec",
                      "topk:0.05:int8"]) == 0
     job_id = capsys.readouterr().out.strip()
     monkeypatch.setenv("FEDSIGHT_TOKEN", coordinator.token)  # the rest find it in the environment
     job = coordinator.http.get(f"{coordinator.api}/jobs/{job_id}", timeout=10).json()
     assert job["config"]["codec"]["density"] == 0.05 and job["config"]["clients_per_round"] == 2
 
-    assert cli.main(["job", "list", "--coordinator", url]) == 0
+    assert cli.main(["job", "list", "--coordinator", url, "--ca", ca]) == 0
     listing = capsys.readouterr().out
     assert job_id in listing and "topk:0.05:int8" in listing and "created" in listing
 
-    assert cli.main(["job", "status", job_id, "--coordinator", url]) == 0
+    assert cli.main(["job", "status", job_id, "--coordinator", url, "--ca", ca]) == 0
     assert "no rounds yet" in capsys.readouterr().out
-    assert cli.main(["job", "status", "job-nope", "--coordinator", url]) == 2
+    assert cli.main(["job", "status", "job-nope", "--coordinator", url, "--ca", ca]) == 2
     assert "HTTP 404" in capsys.readouterr().err
 
     out = tmp_path / "exports" / "model.onnx"
-    assert cli.main(["export", "--job", job_id, "--out", str(out), "--coordinator", url]) == 0
+    assert cli.main(["export", "--job", job_id, "--out", str(out), "--coordinator", url, "--ca", ca]) == 0
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert props["fedsight.job_id"] == job_id and props["fedsight.round"] == "0"
     assert props["fedsight.version"] == job["current_version"]
@@ -224,19 +227,20 @@ def test_job_commands_and_export_against_a_real_coordinator(coordinator, tmp_pat
 def test_client_list_and_revoke(coordinator, capsys: pytest.CaptureFixture[str],
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDSIGHT_TOKEN", coordinator.token)
+    ca = str(coordinator.ca)
     reg = requests.post(f"{coordinator.api}/clients", json={"name": "doomed", "enroll_secret": coordinator.enroll_secret},
-                        timeout=5).json()
+                        timeout=5, verify=ca).json()
     as_device = {"Authorization": f"Bearer {reg['token']}"}
     own = f"{coordinator.api}/clients/{reg['client_id']}"
-    assert requests.get(own, headers=as_device, timeout=5).status_code == 200
-    assert cli.main(["client", "list", "--coordinator", coordinator.url]) == 0
+    assert requests.get(own, headers=as_device, timeout=5, verify=ca).status_code == 200
+    assert cli.main(["client", "list", "--coordinator", coordinator.url, "--ca", ca]) == 0
     assert reg["client_id"] in capsys.readouterr().out
-    assert cli.main(["client", "revoke", reg["client_id"], "--coordinator", coordinator.url]) == 0
+    assert cli.main(["client", "revoke", reg["client_id"], "--coordinator", coordinator.url, "--ca", ca]) == 0
     assert "revoked" in capsys.readouterr().out
-    assert requests.get(own, headers=as_device, timeout=5).status_code == 401  # the token is dead
-    assert cli.main(["client", "list", "--coordinator", coordinator.url]) == 0
+    assert requests.get(own, headers=as_device, timeout=5, verify=ca).status_code == 401  # the token is dead
+    assert cli.main(["client", "list", "--coordinator", coordinator.url, "--ca", ca]) == 0
     assert reg["client_id"] not in capsys.readouterr().out
-    assert cli.main(["client", "revoke", reg["client_id"], "--coordinator", coordinator.url]) == 2
+    assert cli.main(["client", "revoke", reg["client_id"], "--coordinator", coordinator.url, "--ca", ca]) == 2
     assert "HTTP 404" in capsys.readouterr().err
 
 

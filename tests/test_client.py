@@ -1,4 +1,5 @@
-"""EdgeClient against an in-process coordinator with the embedded broker: identity, readiness, patches."""
+"""EdgeClient against an in-process coordinator with the embedded broker (HTTPS + mqtts, the device pins the
+coordinator's CA): identity, readiness, patches."""
 from __future__ import annotations
 
 import time
@@ -12,6 +13,7 @@ import requests
 from coordinator.server import CoordinatorHandle, start
 from edge_sdk.client import EdgeClient
 from edge_sdk.data import SampleBuffer, load_digits_split
+from edge_sdk.tls import PinnedSession
 
 JOB = {"name": "t", "model": {"arch": "small_cnn", "num_classes": 10, "in_channels": 1, "image_size": 8},
        "rounds": 2, "clients_per_round": 1, "min_clients": 1, "round_timeout_s": 30,
@@ -36,8 +38,17 @@ def secret(handle: CoordinatorHandle) -> str:
     return handle.services.credentials.path("enroll-secret").read_text().strip()
 
 
+@pytest.fixture(scope="module")
+def http(server: CoordinatorHandle) -> Iterator[requests.Session]:
+    """The operator's session: pinned to the coordinator's CA, with the operator token."""
+    with PinnedSession(server.ca_file) as session:
+        session.headers.update(operator(server))
+        yield session
+
+
 def client_row(handle: CoordinatorHandle, cid: str) -> dict:
-    rows = requests.get(f"{handle.url}/api/v1/clients", headers=operator(handle), timeout=5).json()["clients"]
+    rows = requests.get(f"{handle.url}/api/v1/clients", headers=operator(handle), timeout=5,
+                        verify=str(handle.ca_file)).json()["clients"]
     return next(r for r in rows if r["id"] == cid)
 
 
@@ -49,12 +60,15 @@ def wait_for(predicate, timeout: float = 15.0) -> None:
 
 
 def test_stop_before_start_is_harmless(server: CoordinatorHandle, tmp_path: Path) -> None:
-    EdgeClient(server.url, dataset=SampleBuffer(capacity=4), cache_dir=tmp_path, enroll_secret=secret(server)).stop()
+    EdgeClient(server.url, dataset=SampleBuffer(capacity=4), cache_dir=tmp_path, enroll_secret=secret(server),
+               ca_file=server.ca_file).stop()
 
 
 def test_identity_is_kept_across_restarts(server: CoordinatorHandle, tmp_path: Path) -> None:
-    first = EdgeClient(server.url, dataset=SampleBuffer(capacity=4), cache_dir=tmp_path, enroll_secret=secret(server))
-    again = EdgeClient(server.url, dataset=SampleBuffer(capacity=4), cache_dir=tmp_path)  # no secret needed now
+    first = EdgeClient(server.url, dataset=SampleBuffer(capacity=4), cache_dir=tmp_path, enroll_secret=secret(server),
+                       ca_file=server.ca_file)
+    again = EdgeClient(server.url, dataset=SampleBuffer(capacity=4), cache_dir=tmp_path,
+                       ca_file=server.ca_file)  # no secret needed now
     assert again.client_id == first.client_id and again.token == first.token
     assert again.broker_url == server.broker_url  # discovered from /health
     saved = tmp_path / "credentials.json"
@@ -65,7 +79,8 @@ def test_identity_is_kept_across_restarts(server: CoordinatorHandle, tmp_path: P
 def test_device_without_data_is_not_selectable_until_frames_arrive(server: CoordinatorHandle,
                                                                    tmp_path: Path) -> None:
     buffer = SampleBuffer(capacity=64, input_scale=16)
-    client = EdgeClient(server.url, dataset=buffer, cache_dir=tmp_path, enroll_secret=secret(server))
+    client = EdgeClient(server.url, dataset=buffer, cache_dir=tmp_path, enroll_secret=secret(server),
+                        ca_file=server.ca_file)
     client.start()
     try:
         wait_for(lambda: client_row(server, client.client_id)["online"])
@@ -78,22 +93,27 @@ def test_device_without_data_is_not_selectable_until_frames_arrive(server: Coord
     wait_for(lambda: not client_row(server, client.client_id)["online"])
 
 
-def test_job_rounds_use_downlink_patches(server: CoordinatorHandle, tmp_path: Path) -> None:
+def test_job_rounds_use_downlink_patches(server: CoordinatorHandle, http: requests.Session,
+                                         tmp_path: Path) -> None:
     train, _ = load_digits_split()
-    client = EdgeClient(server.url, dataset=train, cache_dir=tmp_path, enroll_secret=secret(server))
+    client = EdgeClient(server.url, dataset=train, cache_dir=tmp_path, enroll_secret=secret(server),
+                        ca_file=server.ca_file)
     client.start()
     op = operator(server)
     try:
         wait_for(lambda: client_row(server, client.client_id)["ready"])
-        job = requests.post(f"{server.url}/api/v1/jobs", json=JOB, headers=op, timeout=10).json()
-        requests.post(f"{server.url}/api/v1/jobs/{job['id']}/start", headers=op, timeout=10).raise_for_status()
-        wait_for(lambda: requests.get(f"{server.url}/api/v1/jobs/{job['id']}", headers=op, timeout=5).json()
+        job = requests.post(f"{server.url}/api/v1/jobs", json=JOB, headers=op, timeout=10,
+                            verify=str(server.ca_file)).json()
+        requests.post(f"{server.url}/api/v1/jobs/{job['id']}/start", headers=op, timeout=10,
+                      verify=str(server.ca_file)).raise_for_status()
+        wait_for(lambda: requests.get(f"{server.url}/api/v1/jobs/{job['id']}", headers=op, timeout=5,
+                                      verify=str(server.ca_file)).json()
                  ["status"] == "finished", timeout=60)
     finally:
         client.stop()
     mine = [r for r in client.history if r.job_id == job["id"]]
     assert [r.round for r in mine] == [1, 2]
-    full = len(requests.get(f"{server.url}/api/v1/jobs/{job['id']}/models/{job['current_version']}",
+    full = len(http.get(f"{server.url}/api/v1/jobs/{job['id']}/models/{job['current_version']}",
                             headers={"Authorization": f"Bearer {client.token}"}, timeout=5).content)
     assert mine[0].download_bytes == full          # round 1: nothing cached, full model
     assert 0 < mine[1].download_bytes < full / 3   # round 2: a patch against the cached version 0
@@ -110,16 +130,20 @@ def test_device_prepares_frames_from_the_job_and_scores_held_out_data(server: Co
     buffer = SampleBuffer(capacity=300)  # the app passes raw frames only; the job says how to prepare them
     for img, label in zip(digits.images[:300], digits.target[:300]):
         buffer.add(img.astype(np.uint8), int(label))
-    client = EdgeClient(server.url, dataset=buffer, cache_dir=tmp_path, enroll_secret=secret(server))
+    client = EdgeClient(server.url, dataset=buffer, cache_dir=tmp_path, enroll_secret=secret(server),
+                        ca_file=server.ca_file)
     op = operator(server)
     client.start()
     try:
         wait_for(lambda: client_row(server, client.client_id)["ready"])
         body = {k: v for k, v in JOB.items() if k != "input_scale"}
         body["eval"] = {"dataset": "digits", "holdout_fraction": 0.25}  # digits defaults: scale 16, mean 0.5
-        job = requests.post(f"{server.url}/api/v1/jobs", json=body, timeout=10, headers=op).json()
-        requests.post(f"{server.url}/api/v1/jobs/{job['id']}/start", timeout=10, headers=op).raise_for_status()
-        wait_for(lambda: requests.get(f"{server.url}/api/v1/jobs/{job['id']}", timeout=5, headers=op).json()["status"]
+        job = requests.post(f"{server.url}/api/v1/jobs", json=body, timeout=10,
+                            verify=str(server.ca_file), headers=op).json()
+        requests.post(f"{server.url}/api/v1/jobs/{job['id']}/start", timeout=10,
+                      verify=str(server.ca_file), headers=op).raise_for_status()
+        wait_for(lambda: requests.get(f"{server.url}/api/v1/jobs/{job['id']}", timeout=5,
+                                      verify=str(server.ca_file), headers=op).json()["status"]
                  == "finished", timeout=60)
     finally:
         client.stop()
@@ -129,12 +153,14 @@ def test_device_prepares_frames_from_the_job_and_scores_held_out_data(server: Co
     mine = [r for r in client.history if r.job_id == job["id"]]
     assert [r.num_samples for r in mine] == [train, train]  # held-out frames are never trained on
     assert all(r.metrics["eval_samples"] == held and 0 <= r.metrics["eval_accuracy"] <= 1 for r in mine)
-    rounds = requests.get(f"{server.url}/api/v1/jobs/{job['id']}/rounds", timeout=5, headers=op).json()["rounds"]
+    rounds = requests.get(f"{server.url}/api/v1/jobs/{job['id']}/rounds", timeout=5,
+                          verify=str(server.ca_file), headers=op).json()["rounds"]
     first, last = rounds[0]["federated_eval"], rounds[-1]["federated_eval"]
     assert first["status"] == "ok" and first["num_samples"] == held and first["scored_in_round"] == 2
     assert first["accuracy"] == pytest.approx(mine[1].metrics["eval_accuracy"])
     assert last["status"] == "not_run" and "final version" in last["reason"]
-    metrics = requests.get(f"{server.url}/api/v1/jobs/{job['id']}/metrics", timeout=5, headers=op).json()["metrics"]
+    metrics = requests.get(f"{server.url}/api/v1/jobs/{job['id']}/metrics", timeout=5,
+                           verify=str(server.ca_file), headers=op).json()["metrics"]
     fed0 = {m["name"]: m["value"] for m in metrics if m["source"] == "federated" and m["round"] == 0}
     assert fed0["accuracy"] == pytest.approx(mine[0].metrics["eval_accuracy"])  # version 0, scored in round 1
 
@@ -145,8 +171,10 @@ def test_buffer_that_does_not_fit_the_job_is_refused_before_anything_is_sent(ser
 
     buffer = SampleBuffer(capacity=8, image_size=16)  # pinned by the app: the job's model takes 8x8
     buffer.add(np.zeros((12, 12), np.uint8), 1)
-    client = EdgeClient(server.url, dataset=buffer, cache_dir=tmp_path, enroll_secret=secret(server))
-    job = requests.post(f"{server.url}/api/v1/jobs", json=JOB, timeout=10, headers=operator(server)).json()
+    client = EdgeClient(server.url, dataset=buffer, cache_dir=tmp_path, enroll_secret=secret(server),
+                        ca_file=server.ca_file)
+    job = requests.post(f"{server.url}/api/v1/jobs", json=JOB, timeout=10,
+                        verify=str(server.ca_file), headers=operator(server)).json()
     # selected in a round: the device token may fetch the job's model (the download happens, training does not)
     server.services.store.open_round(job["id"], 1, 1, job["current_version"], JOB["codec"], [client.client_id])
     task = {"job_id": job["id"], "round": 1, "base_version": job["current_version"], "config": {}}
@@ -194,7 +222,8 @@ def test_forged_tasks_are_ignored_and_never_leak_the_token(server: CoordinatorHa
     from edge_sdk.coordinator_origin import UnsafeUrlError
     from edge_sdk.protocol import topics
 
-    client = EdgeClient(server.url, dataset=SampleBuffer(capacity=4), cache_dir=tmp_path, enroll_secret=secret(server))
+    client = EdgeClient(server.url, dataset=SampleBuffer(capacity=4), cache_dir=tmp_path, enroll_secret=secret(server),
+                        ca_file=server.ca_file)
     evil = Listener()
     try:
         port = server.port
@@ -237,10 +266,13 @@ def test_devices_get_broker_identities_and_only_their_own(server: CoordinatorHan
 
     api = f"{server.url}/api/v1"
     enroll = {"enroll_secret": secret(server)}
-    reg = requests.post(f"{api}/clients", json={"name": "given", **enroll}, timeout=5).json()
-    other = requests.post(f"{api}/clients", json={"name": "other", **enroll}, timeout=5).json()
+    reg = requests.post(f"{api}/clients", json={"name": "given", **enroll}, timeout=5,
+                        verify=str(server.ca_file)).json()
+    other = requests.post(f"{api}/clients", json={"name": "other", **enroll}, timeout=5,
+                          verify=str(server.ca_file)).json()
     # Given only id + token + device key (no broker secret), the client asks for a new secret and connects with it.
-    given = EdgeClient(server.url, dataset=SampleBuffer(capacity=4), client_id=reg["client_id"], token=reg["token"],
+    given = EdgeClient(server.url, ca_file=server.ca_file, dataset=SampleBuffer(capacity=4),
+                       client_id=reg["client_id"], token=reg["token"],
                        device_key=reg["device_key"], cache_dir=tmp_path / "given")
     given.start()
     try:
@@ -249,7 +281,8 @@ def test_devices_get_broker_identities_and_only_their_own(server: CoordinatorHan
         given.stop()
     # The secret from registration was replaced, so it no longer opens the broker.
     from tests.support.mqtt_probe import Probe
-    stale = Probe(server.broker_url, f"fedsight-{reg['client_id']}", reg["mqtt_username"], reg["mqtt_password"])
+    stale = Probe(server.broker_url, f"fedsight-{reg['client_id']}", reg["mqtt_username"], reg["mqtt_password"],
+                  tls_ca=server.ca_file)
     assert not stale.accepted
     stale.close()
     # Credentials saved before broker ACLs existed are completed and kept owner-only.
@@ -258,7 +291,7 @@ def test_devices_get_broker_identities_and_only_their_own(server: CoordinatorHan
     (cache / "credentials.json").write_text(json.dumps({"coordinator": server.url, "client_id": other["client_id"],
                                                         "token": other["token"], "name": "other",
                                                         "device_key": other["device_key"]}))
-    old = EdgeClient(server.url, dataset=SampleBuffer(capacity=4), cache_dir=cache)
+    old = EdgeClient(server.url, ca_file=server.ca_file, dataset=SampleBuffer(capacity=4), cache_dir=cache)
     saved = json.loads((cache / "credentials.json").read_text())
     assert saved["mqtt_username"] == other["client_id"] and saved["mqtt_password"]
     assert stat.S_IMODE((cache / "credentials.json").stat().st_mode) == 0o600
@@ -270,7 +303,7 @@ def test_devices_get_broker_identities_and_only_their_own(server: CoordinatorHan
     # A device whose broker account is gone (coordinator data lost, broker reset) renews it with its token.
     server.services.broker_accounts.remove_device(other["client_id"])
     wait_for(lambda: not client_row(server, other["client_id"])["online"])
-    again = EdgeClient(server.url, dataset=SampleBuffer(capacity=4), cache_dir=cache)
+    again = EdgeClient(server.url, ca_file=server.ca_file, dataset=SampleBuffer(capacity=4), cache_dir=cache)
     again.start()
     try:
         wait_for(lambda: client_row(server, other["client_id"])["online"])
@@ -279,18 +312,22 @@ def test_devices_get_broker_identities_and_only_their_own(server: CoordinatorHan
     assert json.loads((cache / "credentials.json").read_text())["mqtt_password"] != saved["mqtt_password"]
     # A device may renew only its own broker secret; reserved ids cannot register.
     url = f"{api}/clients/{other['client_id']}/broker-credentials"
-    assert requests.post(url, timeout=5).status_code == 401
-    assert requests.post(url, headers={"Authorization": f"Bearer {reg['token']}"}, timeout=5).status_code == 403
+    assert requests.post(url, timeout=5, verify=str(server.ca_file)).status_code == 401
+    assert requests.post(url, headers={"Authorization": f"Bearer {reg['token']}"}, timeout=5,
+                         verify=str(server.ca_file)).status_code == 403
     for reserved in ("coordinator", "fedsight-coordinator"):
-        resp = requests.post(f"{api}/clients", json={"client_id": reserved, **enroll}, timeout=5)
+        resp = requests.post(f"{api}/clients", json={"client_id": reserved, **enroll}, timeout=5,
+                             verify=str(server.ca_file))
         assert resp.status_code == 400 and "reserved" in resp.json()["error"]
     # A revoked device loses its broker account with its token (and cannot renew it).
-    assert requests.delete(f"{api}/clients/{other['client_id']}", headers=operator(server), timeout=5).ok
+    assert requests.delete(f"{api}/clients/{other['client_id']}", headers=operator(server), timeout=5,
+                           verify=str(server.ca_file)).ok
     gone = Probe(server.broker_url, f"fedsight-{other['client_id']}", other["client_id"],
-                 json.loads((cache / "credentials.json").read_text())["mqtt_password"])
+                 json.loads((cache / "credentials.json").read_text())["mqtt_password"], tls_ca=server.ca_file)
     assert not gone.accepted
     gone.close()
-    assert requests.post(url, headers={"Authorization": f"Bearer {other['token']}"}, timeout=5).status_code == 401
+    assert requests.post(url, headers={"Authorization": f"Bearer {other['token']}"}, timeout=5,
+                         verify=str(server.ca_file)).status_code == 401
 
 
 def test_buffer_is_set_up_for_its_job_at_start_so_frames_are_not_kept_raw(server: CoordinatorHandle,
@@ -299,11 +336,12 @@ def test_buffer_is_set_up_for_its_job_at_start_so_frames_are_not_kept_raw(server
     from edge_sdk.preprocess import Preprocessing
 
     body = {"name": "cams", "model": {"arch": "small_cnn", "num_classes": 3, "image_size": 12}, "eval": None}
-    job = requests.post(f"{server.url}/api/v1/jobs", json=body, timeout=120, headers=operator(server)).json()
+    job = requests.post(f"{server.url}/api/v1/jobs", json=body, timeout=120,
+                        verify=str(server.ca_file), headers=operator(server)).json()
     expected = Preprocessing.create(12, 3, {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}, 255)
     assert preprocessing_from_job(job["config"]) == expected
     buffer = SampleBuffer(capacity=4)
-    client = EdgeClient(server.url, dataset=buffer, cache_dir=tmp_path, jobs=[job["id"]],
+    client = EdgeClient(server.url, ca_file=server.ca_file, dataset=buffer, cache_dir=tmp_path, jobs=[job["id"]],
                           enroll_secret=secret(server))
     client.start()
     try:

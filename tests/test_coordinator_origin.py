@@ -140,10 +140,11 @@ def test_client_refuses_tasks_pointing_elsewhere(server: CoordinatorHandle, tmp_
     handler, foreign_url = foreign
     creds = server.services.credentials
     operator = {"Authorization": f"Bearer {creds.path('operator-token').read_text().strip()}"}
-    job = requests.post(f"{server.url}/api/v1/jobs", json=JOB, timeout=120, headers=operator).json()
+    job = requests.post(f"{server.url}/api/v1/jobs", json=JOB, timeout=120, headers=operator,
+                        verify=str(server.ca_file)).json()
     version = job["current_version"]
     data = torch.utils.data.TensorDataset(torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,)))
-    client = EdgeClient(server.url, dataset=data, cache_dir=tmp_path,
+    client = EdgeClient(server.url, dataset=data, cache_dir=tmp_path, ca_file=server.ca_file,
                         enroll_secret=creds.path("enroll-secret").read_text().strip())
     # selected in a round: the device token may fetch this job's models (and only from the coordinator)
     server.services.store.open_round(job["id"], 1, 1, version, JOB["codec"], [client.client_id])

@@ -23,6 +23,7 @@ from coordinator.rounds.rate_limit import RateLimiter
 from edge_sdk.protocol import topics
 from edge_sdk.protocol.errors import ProtocolError
 from edge_sdk.protocol.wire import MAC_BYTES, MAGIC, VERSION, decode_update
+from edge_sdk.tls import tls_context
 from tests.test_validation import Env
 
 
@@ -204,8 +205,11 @@ def test_chunked_body_without_length_is_capped(tmp_path):
     assert status.startswith("201"), out
 
 
-def _raw_http(port: int, request: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+def _raw_http(port: int, request: bytes, ca: object) -> bytes:
+    """One raw request over HTTPS (verified against ``ca``), so nothing in between buffers or trims it."""
+    ctx = tls_context(str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
         s.sendall(request)
         return s.recv(4096)
 
@@ -219,16 +223,18 @@ def test_real_server_refuses_big_bodies_and_embedded_broker_cuts_oversize_packet
     try:
         t0 = time.monotonic()
         reply = _raw_http(handle.port, b"POST /api/v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                                       b"Content-Length: 1073741824\r\n\r\n{")
+                                       b"Content-Length: 1073741824\r\n\r\n{", handle.ca_file)
         assert reply.startswith(b"HTTP/1.1 413") and time.monotonic() - t0 < 5  # answered without the GiB
 
         limit = handle.engine.update_size_limit()
         assert limit == 64 << 20  # no job running: the default job limit
         secret = handle.services.credentials.path("enroll-secret").read_text().strip()
-        dev = requests.post(f"{handle.url}/api/v1/clients", json={"enroll_secret": secret}, timeout=5).json()
+        dev = requests.post(f"{handle.url}/api/v1/clients", json={"enroll_secret": secret}, timeout=5,
+                            verify=str(handle.ca_file)).json()
         dropped = threading.Event()
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=topics.device_mqtt_id(dev["client_id"]))
         c.username_pw_set(dev["mqtt_username"], dev["mqtt_password"])  # a registered device (ACLs are on)
+        c.tls_set_context(tls_context(str(handle.ca_file)))  # mqtts by default
         c.on_disconnect = lambda *a: dropped.set()
         c.connect("127.0.0.1", int(handle.broker_url.rsplit(":", 1)[1]))
         c.loop_start()
@@ -257,13 +263,15 @@ def _remaining_length(n: int) -> bytes:
 def test_mosquitto_fixture_has_a_max_packet_size(tmp_path):
     import paho.mqtt.client as mqtt
 
-    from tests.support.processes import Mosquitto
+    from tests.support.processes import Mosquitto, make_pki
 
-    broker = Mosquitto(tmp_path / "m", max_packet_size=10_000)
+    pki = make_pki(tmp_path / "pki")
+    broker = Mosquitto(tmp_path / "m", pki, max_packet_size=10_000)
     try:
         dropped = threading.Event()
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="big")
         c.username_pw_set(*broker.tester)  # anonymous clients are refused; the tester may use t/#
+        c.tls_set_context(tls_context(str(pki.ca)))  # the fixture's only listener is TLS
         c.on_disconnect = lambda *a: dropped.set()
         c.connect("127.0.0.1", broker.port)
         c.loop_start()

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DISTRIBUTION = {"sklearn": "scikit-learn", "paho": "paho-mqtt", "PIL": "pillow", "cv2": "opencv-python"}
 OPTIONAL = {"cv2"}  # examples/camera_app.py reads video files with it when present; nothing requires it
 # Packages only the training device / coordinator need: none may be pulled in by the base install.
-NOT_BASE = {"torch", "torchvision", "paho", "requests", "flask", "waitress", "amqtt", "onnx", "onnxscript", "sklearn",
-            "tqdm", "matplotlib", "psutil", "werkzeug"}
+NOT_BASE = {"torch", "torchvision", "paho", "requests", "flask", "cheroot", "cryptography", "amqtt", "onnx",
+            "onnxscript", "sklearn", "tqdm", "matplotlib", "psutil", "werkzeug"}
 
 
 def setup_kwargs() -> dict[str, Any]:
@@ -66,7 +66,8 @@ def test_base_install_is_torch_free_and_extras_cover_every_import() -> None:
     assert base == {"numpy", "onnxruntime", "pillow"}
     assert not base & {DISTRIBUTION.get(m, m) for m in NOT_BASE}
     assert {"torch", "torchvision", "paho-mqtt", "requests"} <= extras["edge"]
-    assert {"flask", "waitress", "amqtt", "onnx"} <= extras["server"]
+    assert {"flask", "cheroot", "cryptography", "amqtt", "onnx"} <= extras["server"]
+    assert "waitress" not in extras["server"]  # replaced by cheroot, which terminates TLS itself
     assert extras["all"] == extras["edge"] | extras["server"]
     installed = base | extras["all"] | extras["test"]
     missing = {m: sorted(where)[:3] for m, where in third_party_imports(

@@ -1,4 +1,5 @@
-"""End to end over real parts: Mosquitto, the coordinator's HTTP server, device processes, onnxruntime.
+"""End to end over real parts, all over TLS: Mosquitto (mqtts), the coordinator's HTTPS server, device
+processes that pin the deployment's CA, onnxruntime.
 
 One module-scoped federation (broker + coordinator + 4 device processes) runs a dense job with a rogue
 device that sends every kind of bad update in its first round, then a top-k job; both must reach 90 %
@@ -20,6 +21,7 @@ import requests
 from edge_sdk.protocol import codecs, topics
 from edge_sdk.protocol.modelfile import flatten, layout_sizes, load_model
 from edge_sdk.protocol.wire import UpdateHeader, encode_update
+from edge_sdk.tls import PinnedSession
 from edge_sdk.transport import MqttTransport
 from tests.support.processes import Coordinator, Mosquitto, start_device, stop_process
 
@@ -53,9 +55,11 @@ class Rogue:
     broker ACLs confine every connection to its own topics, so the rogue can only lie inside the messages.
     """
 
-    def __init__(self, api: str, broker_url: str, enroll_secret: str) -> None:
+    def __init__(self, api: str, broker_url: str, enroll_secret: str, ca: Path) -> None:
+        self.http = http = PinnedSession(ca)  # its own: it serves tasks from a thread of its own
+
         def enroll(name: str) -> dict:
-            resp = requests.post(f"{api}/clients", json={"name": name, "enroll_secret": enroll_secret}, timeout=5)
+            resp = http.post(f"{api}/clients", json={"name": name, "enroll_secret": enroll_secret}, timeout=5)
             assert resp.status_code == 201, resp.text
             return resp.json()
 
@@ -71,7 +75,7 @@ class Rogue:
             c["client_id"]: MqttTransport(broker_url, f"fedsight-{c['client_id']}", self.on_message,
                                           subscriptions=[topics.task_topic(c["client_id"]),
                                                          topics.ack_topic(c["client_id"])],
-                                          username=c["mqtt_username"], password=c["mqtt_password"])
+                                          username=c["mqtt_username"], password=c["mqtt_password"], tls_ca=ca)
             for c in (creds, victim)}
         for cid, transport in self.transports.items():  # both identities online, so both are selected
             transport.start()
@@ -95,7 +99,7 @@ class Rogue:
     def answer(self, task: dict, sabotage: bool, as_client: str | None = None) -> dict[str, str]:
         """Send the bad variants (when ``sabotage``), then one good update and its duplicate."""
         me = as_client or self.id
-        model = requests.get(f"{self.api}/jobs/{task['job_id']}/models/{task['base_version']}",
+        model = self.http.get(f"{self.api}/jobs/{task['job_id']}/models/{task['base_version']}",
                              headers={"Authorization": f"Bearer {self.token}"}, timeout=10).content
         arrays, _ = load_model(model)
         numel, sizes = flatten(arrays).size, layout_sizes(arrays)
@@ -160,6 +164,7 @@ class Rogue:
         for cid, transport in self.transports.items():
             transport.publish(topics.status_topic(cid), json.dumps({"state": "offline"}), retain=True, wait=5)
             transport.stop()
+        self.http.close()
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +185,7 @@ def federation(coordinator: Coordinator, mosquitto: Mosquitto, tmp_path_factory:
 def test_dense_job_with_rogue_device(federation: tuple[Coordinator, Mosquitto, Path]) -> None:
     coordinator, mosquitto, _ = federation
     api, http = coordinator.api, coordinator.http
-    rogue = Rogue(api, mosquitto.url, coordinator.enroll_secret)
+    rogue = Rogue(api, mosquitto.url, coordinator.enroll_secret, mosquitto.ca)
     try:
         job = http.post(f"{api}/jobs", json=job_body("dense", {"name": "dense", "dtype": "float32"},
                                                          rounds=6, clients=DEVICES + 2, min_clients=DEVICES),

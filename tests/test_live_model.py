@@ -55,6 +55,7 @@ def new_version(handle: CoordinatorHandle, job_id: str, round_: int) -> str:
 
 def expected_probs(handle: CoordinatorHandle, job_id: str, version: str) -> np.ndarray:
     onnx = requests.get(f"{handle.url}/api/v1/jobs/{job_id}/onnx", params={"version": version}, timeout=120,
+                        verify=str(handle.ca_file),
                         headers=operator(handle))
     assert onnx.ok, onnx.text
     return np.stack([p.probs for p in OnnxClassifier(onnx.content).predict(list(FRAMES))])
@@ -62,8 +63,10 @@ def expected_probs(handle: CoordinatorHandle, job_id: str, version: str) -> np.n
 
 def test_swaps_under_concurrent_inference_and_keeps_the_old_model_on_bad_downloads(
         server: CoordinatorHandle, tmp_path: Path) -> None:
-    job_id = requests.post(f"{server.url}/api/v1/jobs", json=JOB, timeout=120, headers=operator(server)).json()["id"]
-    live = LiveModel(server.url, job_id, token=operator_token(server), poll_s=0, cache_dir=tmp_path / "live")
+    job_id = requests.post(f"{server.url}/api/v1/jobs", json=JOB, timeout=120,
+                           verify=str(server.ca_file), headers=operator(server)).json()["id"]
+    live = LiveModel(server.url, job_id, token=operator_token(server), poll_s=0, cache_dir=tmp_path / "live",
+                     ca_file=server.ca_file)
     with pytest.raises(NoModelYet):
         live.predict(FRAMES)
     live.start()
@@ -111,7 +114,7 @@ def test_swaps_under_concurrent_inference_and_keeps_the_old_model_on_bad_downloa
         # A corrupted download: the served file no longer matches the export report's sha256.
         bad = new_version(server, job_id, 3)
         report = requests.get(f"{server.url}/api/v1/jobs/{job_id}/onnx/report", params={"version": bad},
-                              timeout=120, headers=operator(server)).json()
+                              timeout=120, headers=operator(server), verify=str(server.ca_file)).json()
         assert "path" not in report and report["version"] == bad and report["parity"]["passed"] is True
         onnx_file = server.services.exports.out_dir(job_id) / f"{bad}.onnx"
         good = onnx_file.read_bytes()
@@ -160,12 +163,14 @@ def test_camera_app_example_follows_versions_without_torch(server: CoordinatorHa
 
     from tests.support.processes import ROOT, child_env
 
-    job_id = requests.post(f"{server.url}/api/v1/jobs", json=JOB, timeout=120, headers=operator(server)).json()["id"]
+    job_id = requests.post(f"{server.url}/api/v1/jobs", json=JOB, timeout=120,
+                           verify=str(server.ca_file), headers=operator(server)).json()["id"]
     first = server.services.store.get_job(job_id)["current_version"]
     for i, frame in enumerate(FRAMES):
         (tmp_path / "frames").mkdir(exist_ok=True)
         Image.fromarray(frame).save(tmp_path / "frames" / f"{i}.png")
-    app = [str(tmp_path / "frames"), "--coordinator", server.url, "--job", job_id, "--poll", "0.5", "--loop",
+    app = [str(tmp_path / "frames"), "--coordinator", server.url, "--ca", str(server.ca_file), "--job", job_id,
+           "--poll", "0.5", "--loop",
            "--fps", "20", "--max-frames", "240", "--cache-dir", str(tmp_path / "cache"),
            "--token", operator_token(server)]
     no_torch = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['camera_app.py', *sys.argv[1:]]; "
@@ -200,11 +205,14 @@ def test_camera_app_that_trains_swaps_on_job_events(server: CoordinatorHandle, t
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(frame).save(folder / f"{i}.png")
     body = {**JOB, "rounds": 1, "round_timeout_s": 60, "train": {"epochs": 1, "batch_size": 4}}
-    job_id = requests.post(f"{server.url}/api/v1/jobs", json=body, timeout=120, headers=operator(server)).json()["id"]
-    assert requests.post(f"{server.url}/api/v1/jobs/{job_id}/start", timeout=60, headers=operator(server)).ok
+    job_id = requests.post(f"{server.url}/api/v1/jobs", json=body, timeout=120,
+                           verify=str(server.ca_file), headers=operator(server)).json()["id"]
+    assert requests.post(f"{server.url}/api/v1/jobs/{job_id}/start", timeout=60,
+                         verify=str(server.ca_file), headers=operator(server)).ok
     secret = server.services.credentials.path("enroll-secret").read_text().strip()
     proc = subprocess.Popen([sys.executable, "examples/camera_app.py", str(tmp_path / "frames"), "--train",
-                             "--coordinator", server.url, "--job", job_id, "--poll", "1000", "--loop", "--fps", "20",
+                             "--coordinator", server.url, "--ca", str(server.ca_file), "--job", job_id,
+                             "--poll", "1000", "--loop", "--fps", "20",
                              "--cache-dir", str(tmp_path / "cache"), "--token", operator_token(server)], cwd=ROOT,
                             env={**child_env(), "FEDSIGHT_ENROLL_SECRET": secret}, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

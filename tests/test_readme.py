@@ -3,7 +3,9 @@
 Every ``fedsight ...`` line in their code blocks is parsed by the real argument parser, and README's
 "Run it for real" block is run end to end: whatever its lines say, scaled down (2 rounds, 2 devices, 32-pixel
 images, a tiny generated ImageFolder as ``photos/``) and moved onto loopback (host names become 127.0.0.x,
-ports become free ones). The test waits for the job to finish before the ``export`` line, as a reader would.
+ports become free ones), over TLS as the README's coordinator serves it: every client verifies the CA the
+coordinator writes into its data directory (``export FEDSIGHT_CA=...`` in the README is applied here too).
+The test waits for the job to finish before the ``export`` line, as a reader would.
 """
 from __future__ import annotations
 
@@ -151,8 +153,9 @@ class Runner:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.http_port, self.mqtt_port = free_port(), free_port()
-        self.public = f"http://{PUBLIC_HOST}:{self.http_port}"
-        self.local = f"http://127.0.0.1:{self.http_port}"
+        self.public = f"https://{PUBLIC_HOST}:{self.http_port}"
+        self.local = f"https://127.0.0.1:{self.http_port}"
+        self.ca: Path | None = None  # the coordinator's tls/ca.pem, once it wrote it
         self.env = {**child_env(), "FEDSIGHT_COORDINATOR": self.local}
         self.background: list[subprocess.Popen] = []
         self.logs: list[Path] = []
@@ -163,8 +166,8 @@ class Runner:
         """Host names -> loopback aliases, README ports -> free ports, sizes scaled down, JOB_ID -> the job."""
         out = []
         for word in argv:
-            word = re.sub(r"http://[\w.-]+:\d+", self.public, word)
-            word = re.sub(r"mqtt://[\w.-]+:\d+", f"mqtt://127.0.0.1:{self.mqtt_port}", word)
+            word = re.sub(r"https?://[\w.-]+:\d+", self.public, word)
+            word = re.sub(r"(mqtts?)://[\w.-]+:\d+", rf"\1://127.0.0.1:{self.mqtt_port}", word)
             if word == "JOB_ID":
                 assert self.job_id, "JOB_ID used before `job create`"
                 word = self.job_id
@@ -207,14 +210,21 @@ class Runner:
         deadline = time.monotonic() + 60
         while True:
             assert proc.poll() is None, self.tail()
+            self.ca = next(self.workdir.glob("*/tls/ca.pem"), None)
             try:
-                if requests.get(f"{self.local}/api/v1/health", timeout=1).ok:
+                if self.ca is not None and requests.get(f"{self.local}/api/v1/health", timeout=1,
+                                                        verify=str(self.ca)).ok:
                     break
             except requests.RequestException:
                 pass
             assert time.monotonic() < deadline, self.tail()
             time.sleep(0.2)
         self.coordinator_started = True
+        exported = [ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.startswith("export FEDSIGHT_CA=")]
+        assert exported, "README: the CLI needs the coordinator's CA (export FEDSIGHT_CA=...)"
+        ca = (self.workdir / exported[0].split("=", 1)[1]).resolve()
+        assert ca == self.ca.resolve(), (ca, self.ca)  # the README names the file the coordinator wrote
+        self.env["FEDSIGHT_CA"] = str(ca)
 
     def job_create(self, argv: list[str]) -> None:
         argv = self.set_flag(self.set_flag(argv, "--rounds", str(ROUNDS)), "--clients-per-round", str(DEVICES))
@@ -241,7 +251,8 @@ class Runner:
     def wait_finished(self, timeout: float = 300) -> dict:
         deadline = time.monotonic() + timeout
         while True:
-            job = requests.get(f"{self.local}/api/v1/jobs/{self.job_id}", timeout=5, headers=self.operator()).json()
+            job = requests.get(f"{self.local}/api/v1/jobs/{self.job_id}", timeout=5, headers=self.operator(),
+                               verify=str(self.ca)).json()
             if job["status"] in ("finished", "failed"):
                 assert job["status"] == "finished", (job, self.tail())
                 return job
@@ -288,7 +299,7 @@ def test_run_it_for_real_end_to_end(runner: Runner) -> None:
     job = runner.wait_finished()
     assert job["current_round"] == ROUNDS
     rounds = requests.get(f"{runner.local}/api/v1/jobs/{runner.job_id}/rounds", timeout=5,
-                          headers=runner.operator()).json()["rounds"]
+                          headers=runner.operator(), verify=str(runner.ca)).json()["rounds"]
     assert [r["accepted"] for r in rounds] == [DEVICES] * ROUNDS
     assert "wrote model.onnx" in outputs["export"] and (runner.workdir / "model.onnx").is_file()
     images = sorted((runner.workdir / "photos").rglob("*.png"))
@@ -296,7 +307,7 @@ def test_run_it_for_real_end_to_end(runner: Runner) -> None:
     advertised = any("--public-url" in c.argv for c in steps if c.argv[:2] == ["fedsight", "coordinator"])
     for i in range(DEVICES):  # with a public URL, devices use only the advertised addresses
         log = (runner.workdir / f"device-{i}.log").read_text()
-        assert f"online via mqtt://{PUBLIC_HOST if advertised else '127.0.0.1'}:" in log, log[-2000:]
+        assert f"online via mqtts://{PUBLIC_HOST if advertised else '127.0.0.1'}:" in log, log[-2000:]
 
 
 def test_every_example_in_the_help_texts_parses() -> None:

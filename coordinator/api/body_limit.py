@@ -1,9 +1,9 @@
 """WSGI middleware that refuses an over-limit request body before anything reads it.
 
 Why: Flask's ``MAX_CONTENT_LENGTH`` is checked when the app reads the body, and a WSGI server may have
-buffered the whole body by then (waitress accepts up to 1 GiB by default; the server also sets waitress's
-``max_request_body_size``). Here a declared ``Content-Length`` over the limit gets a 413 at once, and a body
-without a length (chunked) is read up to the limit and no further (413 if there is more). A multipart POST to
+buffered the whole body by then (waitress did, up to 1 GiB; cheroot, the server now, streams it). This layer is
+the one limit whatever server runs the app: a declared ``Content-Length`` over the limit gets a 413 at once,
+and a body without a length (chunked) is read up to the limit and no further (413 if there is more). A multipart POST to
 an upload path (a job with its weights file) gets that path's larger limit; every other body keeps the small one.
 """
 from __future__ import annotations

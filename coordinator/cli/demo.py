@@ -1,6 +1,7 @@
 """``fedsight demo``: a whole federation on one machine, start to ONNX, in a couple of minutes.
 
-An in-process coordinator with the embedded MQTT broker (free loopback ports), N simulated device
+An in-process coordinator with the embedded MQTT broker (free loopback ports; HTTPS and mqtts with a fresh
+private CA unless ``--insecure``), N simulated device
 *processes* on non-IID (Dirichlet) shards of the digits training split, one small_cnn job evaluated on the
 held-out test split, a progress bar fed by the REST rounds endpoint, then the ONNX export evaluated with
 onnxruntime next to PyTorch, a chart and ``summary.json``. Every child process is stopped on success,
@@ -25,7 +26,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 DEFAULT_CODEC = "topk:0.01:int8"  # ~106x less uplink than dense fp32; 97.5-98.9% test accuracy in 30 rounds (seeds 0-2)
-_LOGGERS = ("coordinator", "edge_sdk", "converters", "amqtt", "waitress")
+_LOGGERS = ("coordinator", "edge_sdk", "converters", "amqtt", "cheroot")
 
 
 @dataclass
@@ -43,6 +44,7 @@ class DemoConfig:
     seed: int = 0
     timeout: float = 900.0
     progress: bool = True
+    insecure: bool = False
 
 
 def add_demo_arguments(p: argparse.ArgumentParser, codec_type: Callable[[str], Any]) -> None:
@@ -63,6 +65,7 @@ def add_demo_arguments(p: argparse.ArgumentParser, codec_type: Callable[[str], A
     p.add_argument("--timeout", type=float, default=d.timeout, help="give up after this many seconds "
                    "(default: %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--insecure", action="store_true", help="plain HTTP and MQTT instead of HTTPS and mqtts")
 
 
 class DemoError(RuntimeError):
@@ -91,7 +94,7 @@ def _log_to_file(path: Path) -> logging.Handler:
 
 
 def _start_devices(cfg: DemoConfig, url: str, job_id: str, logs: Path, caches: Path,
-                   enroll_secret_file: Path) -> list[subprocess.Popen]:
+                   enroll_secret_file: Path, ca_file: Path | None) -> list[subprocess.Popen]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -102,6 +105,7 @@ def _start_devices(cfg: DemoConfig, url: str, job_id: str, logs: Path, caches: P
                "--partition-index", str(i), "--seed", str(cfg.seed), "--cache-dir", str(caches / f"device-{i}"),
                "--enroll-secret-file", str(enroll_secret_file),
                "--job", job_id, "--max-jobs", "1", "--threads", "1", "--timeout", str(cfg.timeout)]
+        cmd += ["--ca", str(ca_file.resolve())] if ca_file is not None else []
         with open(logs / f"device-{i}.log", "wb") as fh:
             procs.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           env=env, cwd=root))
@@ -262,9 +266,10 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = log.info,
     handle = None
     finished = False
     try:
-        handle = start("127.0.0.1", 0, data_dir, "embedded", broker_port=0)
+        handle = start("127.0.0.1", 0, data_dir, "embedded", broker_port=0, insecure=cfg.insecure)
         creds = handle.services.credentials  # in-process: the demo reads the secrets the coordinator wrote
-        api = Api(handle.url, timeout=120, token=creds.path("operator-token").read_text().strip())
+        api = Api(handle.url, timeout=120, token=creds.path("operator-token").read_text().strip(),
+                  verify=handle.ca_file)
 
         def rest(method: str, path: str, **kw: Any) -> Any:
             return api.request(method, path, raw=True, **kw)
@@ -275,7 +280,9 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = log.info,
         say(f"coordinator {handle.url}, MQTT {handle.broker_url}; job {job_id}: small_cnn on digits, "
               f"{cfg.clients} devices (Dirichlet alpha={cfg.alpha}), {cfg.rounds} rounds, codec "
               f"{codec_label(job['config']['codec'])}; logs in {logs}")
-        procs = _start_devices(cfg, handle.url, job_id, logs, caches, creds.path("enroll-secret"))
+        say(f"TLS: devices verify HTTPS and mqtts with {handle.ca_file}" if handle.ca_file else
+            "no TLS (--insecure): plain HTTP and MQTT")
+        procs = _start_devices(cfg, handle.url, job_id, logs, caches, creds.path("enroll-secret"), handle.ca_file)
         deadline = started + cfg.timeout
         while sum(c["online"] for c in rest("GET", "/clients").json()["clients"]) < cfg.clients:
             _check_devices(procs, logs)

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 from converters import spec_text
 
 from coordinator.cli import parser
-from coordinator.cli.rest_client import Api, CliError, operator_token
+from coordinator.cli.rest_client import TLS_HINT, Api, CliError, operator_token
 
 EXIT_USER_ERROR = 2
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -28,12 +28,32 @@ log = logging.getLogger("fedsight")
 
 # ------------------------------------------------------------------------------------------- commands
 def cmd_coordinator(args: argparse.Namespace) -> int:
+    from coordinator.security.certs import ServerTls, parse_san
     from coordinator.server import serve  # handles SIGINT/SIGTERM itself: clean shutdown
 
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CliError("--tls-cert and --tls-key go together", "or give neither: a certificate is generated")
+    if args.insecure and (args.tls_cert or args.tls_ca or args.tls_san or args.broker_ca):
+        raise CliError("--insecure turns TLS off; it cannot be combined with --tls-* or --broker-ca options")
+    for path in (args.tls_cert, args.tls_key, args.tls_ca, args.broker_ca):
+        if path and not Path(path).is_file():
+            raise CliError(f"no such file: {path}", "`fedsight certs` creates a CA and certificates")
+    if args.broker.startswith("mqtt://") and not args.insecure:
+        raise CliError(f"--broker {args.broker} is plain MQTT", "give the broker a TLS listener and use "
+                       "mqtts://HOST:PORT (docs/security.md), or add --insecure")
+    for name in args.tls_san:
+        try:
+            parse_san(name)
+        except ValueError as exc:
+            raise CliError(f"--tls-san: {exc}") from None
+    tls = ServerTls(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_ca) if args.tls_ca else None) \
+        if args.tls_cert else None
+    port = args.mqtt_port if args.mqtt_port is not None else (1883 if args.insecure else 8883)
     try:
         serve(args.host, args.port, Path(args.data_dir), broker=args.broker, broker_host=args.mqtt_host,
-              broker_port=args.mqtt_port, public_url=args.public_url, advertised_broker_url=args.public_broker,
-              weights_dir=args.weights_dir, broker_admin=broker_admin(args))
+              broker_port=port, public_url=args.public_url, advertised_broker_url=args.public_broker,
+              weights_dir=args.weights_dir, broker_admin=broker_admin(args), tls=tls, insecure=args.insecure,
+              tls_names=tuple(args.tls_san), broker_ca=args.broker_ca)
     except KeyboardInterrupt:
         pass
     return 0
@@ -58,6 +78,20 @@ def broker_admin(args: argparse.Namespace) -> tuple[str, str] | None:
     if not password:
         raise CliError(f"no password for broker admin {args.broker_admin!r}", hint)
     return args.broker_admin, password
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from coordinator.security.certs import ensure_server_cert, load_cert, sans_of
+
+    try:
+        files = ensure_server_cert(Path(args.out), args.san, name=args.name, force=args.force)
+    except ValueError as exc:
+        raise CliError(str(exc), "e.g. fedsight certs --san coord.example.com --san 192.0.2.10") from None
+    print(f"CA for devices:   {files.ca}  (fedsight client --ca {files.ca})")
+    print(f"CA key (secret):  {Path(args.out) / 'ca-key.pem'}")
+    print(f"certificate:      {files.cert}  valid for {', '.join(sans_of(load_cert(files.cert)))}")
+    print(f"key (0600):       {files.key}")
+    return 0
 
 
 def load_partition(spec: tuple[str, Path | None], partition: float | str, num: int, index: int, seed: int,
@@ -86,7 +120,7 @@ def load_partition(spec: tuple[str, Path | None], partition: float | str, num: i
 
 
 def operator_api(args: argparse.Namespace, timeout: float = 30.0) -> Api:
-    return Api(args.coordinator, timeout=timeout, token=operator_token(args.token_file))
+    return Api(args.coordinator, timeout=timeout, token=operator_token(args.token_file), verify=args.ca)
 
 
 def cmd_manage_clients(args: argparse.Namespace) -> int:
@@ -144,7 +178,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         client = EdgeClient(args.coordinator, dataset=shard, client_id=args.client_id, token=args.token,
                             device_key=args.device_key, enroll_secret=secret,
                             name=args.name or f"sim-{args.partition_index}", broker_url=args.broker,
-                            cache_dir=cache, jobs=args.job or None)
+                            cache_dir=cache, jobs=args.job or None, ca_file=args.ca)
     except (RuntimeError, ValueError) as exc:  # registration refused: wrong URL, secret or credentials
         raise CliError(str(exc), "check --coordinator, --enroll-secret-file (and --client-id/--token/--device-key "
                                  "if given)") from None
@@ -409,11 +443,13 @@ def _sigterm_as_interrupt() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     return parser.build_parser({"coordinator": cmd_coordinator, "client": cmd_client, "job": cmd_job,
-                                    "export": cmd_export, "infer": cmd_infer, "demo": cmd_demo, "auth": cmd_auth})
+                                    "export": cmd_export, "infer": cmd_infer, "demo": cmd_demo, "auth": cmd_auth,
+                                    "certs": cmd_certs})
 
 
 # What each command needs beyond the torch-free base install (setup.py extras).
-EXTRA_FOR = {"client": "edge", "coordinator": "server", "demo": "server", "job": "server", "export": "server"}
+EXTRA_FOR = {"client": "edge", "coordinator": "server", "demo": "server", "job": "server", "export": "server",
+             "certs": "server"}
 
 
 def _missing_extra(exc: BaseException, command: str) -> CliError | None:
@@ -439,6 +475,8 @@ def _user_error(exc: BaseException) -> CliError | None:
         if cls is not None and isinstance(exc, cls):
             if module == "requests":  # its messages are walls of urllib3 detail
                 url = getattr(getattr(exc, "request", None), "url", None) or "the server"
+                if isinstance(exc, sys.modules["requests"].exceptions.SSLError):
+                    return CliError(f"TLS verification of {url} failed", TLS_HINT)
                 return CliError(f"cannot reach {url} ({type(exc).__name__})",
                                 "is `fedsight coordinator` running there? check --coordinator / --broker")
             first, *rest = str(exc).splitlines() or [type(exc).__name__]

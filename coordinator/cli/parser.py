@@ -9,7 +9,8 @@ from typing import Any
 
 from converters import spec_text
 
-DEFAULT_COORDINATOR = os.environ.get("FEDSIGHT_COORDINATOR", "http://127.0.0.1:8080")
+DEFAULT_COORDINATOR = os.environ.get("FEDSIGHT_COORDINATOR", "https://127.0.0.1:8080")
+DEFAULT_CA = os.environ.get("FEDSIGHT_CA")
 
 
 def _typed(fn: Callable[[str], Any], what: str) -> Callable[[str], Any]:
@@ -57,7 +58,7 @@ def _public_url(text: str) -> str:
 
 def _public_broker(text: str) -> str:
     if text == "embedded":
-        raise ValueError("give the URL devices should use, mqtt://HOST:PORT")
+        raise ValueError("give the URL devices should use, mqtts://HOST:PORT")
     return spec_text.parse_broker(text)
 
 
@@ -77,12 +78,16 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     rest.add_argument("--token-file", metavar="FILE",
                       help="operator token file (default: $FEDSIGHT_TOKEN, else $FEDSIGHT_TOKEN_FILE, else "
                            "./fedsight-data/operator-token)")
+    rest.add_argument("--ca", default=DEFAULT_CA, metavar="CA.pem",
+                      help="CA file that signed the coordinator's certificate, e.g. <data-dir>/tls/ca.pem "
+                           "(default: $FEDSIGHT_CA, else the system's trusted CAs)")
     parser = argparse.ArgumentParser(
         prog="fedsight", formatter_class=_formatter, parents=[common],
         description="Federated fine-tuning of vision models on edge devices.",
         epilog="quick start:\n  fedsight demo                      # everything on this machine, ~2 min\n"
-               "  fedsight coordinator --port 8080   # then, per device:\n"
-               "  fedsight client --coordinator http://127.0.0.1:8080 --num-partitions 5 --partition-index 0\n"
+               "  fedsight coordinator --port 8080   # HTTPS + mqtts; prints its CA file\n"
+               "  export FEDSIGHT_CA=fedsight-data/tls/ca.pem   # what devices and the CLI verify it with\n"
+               "  fedsight client --coordinator https://127.0.0.1:8080 --num-partitions 5 --partition-index 0\n"
                "  fedsight job create --eval digits --rounds 10 --codec topk:0.01:int8 --start\n"
                "  fedsight job status JOB_ID\n  fedsight export --job JOB_ID --out model.onnx\n"
                "  fedsight infer model.onnx photo.png\n\nsee docs/cli.md for every option")
@@ -91,34 +96,46 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     p = sub.add_parser("coordinator", parents=[common], formatter_class=_formatter, help="run the coordinator",
                        epilog="examples:\n  fedsight coordinator --port 8080 --data-dir ./fedsight-data\n"
                               "  fedsight coordinator --host 0.0.0.0 --mqtt-host 0.0.0.0 "
-                              "--public-url http://cams.example:8080   # devices on other hosts")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address, e.g. 0.0.0.0 (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8080, help="HTTP port (default: %(default)s)")
+                              "--public-url https://cams.example:8080   # devices on other hosts")
+    p.add_argument("--host", default="127.0.0.1", help="HTTPS bind address, e.g. 0.0.0.0 (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8080, help="HTTPS port (default: %(default)s)")
     p.add_argument("--data-dir", default="./fedsight-data", help="state, models, exports (default: %(default)s)")
     p.add_argument("--broker", default="embedded", type=_typed(spec_text.parse_broker, "broker"),
-                   help="'embedded' (built-in MQTT broker) or mqtt://HOST:PORT (default: %(default)s)")
+                   help="'embedded' (built-in MQTT broker) or mqtts://HOST:PORT (default: %(default)s)")
     p.add_argument("--mqtt-host", default="127.0.0.1", help="embedded broker bind address (default: %(default)s)")
-    p.add_argument("--mqtt-port", type=int, default=1883, help="embedded broker port (default: %(default)s)")
+    p.add_argument("--mqtt-port", type=int, help="embedded broker port (default: 8883; 1883 with --insecure)")
     p.add_argument("--public-url", type=_typed(_public_url, "url"), metavar="URL",
-                   help="HTTP origin devices use, e.g. http://cams.example:8080 (default: the bind address)")
-    p.add_argument("--public-broker", type=_typed(_public_broker, "broker"), metavar="mqtt://HOST:PORT",
+                   help="HTTPS origin devices use, e.g. https://cams.example:8080 (default: the bind address; "
+                        "its host goes into the generated certificate)")
+    p.add_argument("--public-broker", type=_typed(_public_broker, "broker"), metavar="mqtts://HOST:PORT",
                    help="MQTT broker URL devices are told (default: --broker, or the embedded broker at "
                         "--public-url's host)")
     p.add_argument("--weights-dir", metavar="DIR",
                    help="directory job specs may load model.weights files from (default: none allowed)")
     p.add_argument("--broker-admin", metavar="USER", default=os.environ.get("FEDSIGHT_BROKER_ADMIN_USER"),
-                   help="with --broker mqtt://...: the Mosquitto dynamic-security admin the coordinator manages "
+                   help="with --broker mqtts://...: the Mosquitto dynamic-security admin the coordinator manages "
                         "device identities with (default: $FEDSIGHT_BROKER_ADMIN_USER); its password comes from "
                         "$FEDSIGHT_BROKER_ADMIN_PASSWORD or --broker-admin-password-file")
     p.add_argument("--broker-admin-password-file", metavar="FILE",
                    help="file holding the admin password (first line)")
+    tls = p.add_argument_group("TLS (default: HTTPS + mqtts with a private CA kept in DATA_DIR/tls)")
+    tls.add_argument("--tls-cert", metavar="PEM", help="serve this certificate instead (with --tls-key)")
+    tls.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    tls.add_argument("--tls-ca", metavar="PEM", help="CA that signed --tls-cert, the file devices pin "
+                     "(omit for a publicly trusted certificate)")
+    tls.add_argument("--tls-san", action="append", default=[], metavar="NAME_OR_IP",
+                     help="extra DNS name or IP devices use, for the generated certificate (repeatable)")
+    tls.add_argument("--broker-ca", metavar="PEM", help="CA of an external mqtts broker (default: the devices' CA)")
+    tls.add_argument("--insecure", action="store_true",
+                     help="no TLS: plain HTTP and MQTT (trusted test networks only; docs/security.md)")
     p.set_defaults(func=commands["coordinator"])
 
     p = sub.add_parser("client", parents=[common, rest], formatter_class=_formatter,
                        help="run a simulated device on a dataset shard",
-                       epilog="example:\n  fedsight client --coordinator http://127.0.0.1:8080 --dataset digits \\\n"
+                       epilog="example:\n  fedsight client --coordinator https://127.0.0.1:8080 --ca ca.pem "
+                              "--dataset digits \\\n"
                               "      --partition dirichlet:0.5 --num-partitions 10 --partition-index 3")
-    p.add_argument("--broker", type=_typed(spec_text.parse_broker, "broker"), metavar="mqtt://HOST:PORT",
+    p.add_argument("--broker", type=_typed(spec_text.parse_broker, "broker"), metavar="mqtts://HOST:PORT",
                    help="MQTT broker (default: the one the coordinator advertises)")
     p.add_argument("--dataset", default="digits", type=_typed(spec_text.parse_dataset, "dataset"),
                    help="digits | imagefolder:PATH | cifar10:PATH (default: digits)")
@@ -250,6 +267,20 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     p.add_argument("--top", type=int, default=3, help="top-k classes in --json output (default: %(default)s)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=commands["infer"])
+
+    p = sub.add_parser("certs", parents=[common], formatter_class=_formatter,
+                       help="create a private CA and server certificates (HTTPS, mqtts)",
+                       epilog="examples:\n  fedsight certs --san coord.example.com --san 192.0.2.10\n"
+                              "  fedsight certs --out ./fedsight-data/tls --name mosquitto --san broker.lan\n\n"
+                              "writes ca.pem (give it to every device), ca-key.pem (keep secret), NAME.pem and\n"
+                              "NAME-key.pem; keys are 0600. An existing CA in --out is reused.")
+    p.add_argument("--out", default="./fedsight-data/tls", metavar="DIR",
+                   help="TLS folder; the coordinator's default is DATA_DIR/tls (default: %(default)s)")
+    p.add_argument("--san", action="append", default=[], metavar="NAME_OR_IP",
+                   help="DNS name or IP address clients use (repeatable); localhost and 127.0.0.1 always included")
+    p.add_argument("--name", default="server", help="certificate file name stem (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="re-issue even if a valid certificate exists")
+    p.set_defaults(func=commands["certs"])
 
     from coordinator.cli.demo import add_demo_arguments  # the demo owns its defaults
 

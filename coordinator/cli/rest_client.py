@@ -29,6 +29,8 @@ def operator_token(token_file: str | Path | None = None) -> str | None:
         return path.read_text().strip() or None
     except OSError:
         return None
+TLS_HINT = ("pass --ca with the coordinator's CA file (it prints the path at start-up: DATA_DIR/tls/ca.pem) "
+            "or set $FEDSIGHT_CA")
 
 
 class CliError(Exception):
@@ -42,10 +44,15 @@ class CliError(Exception):
 class Api:
     """Tiny REST client that turns every failure into a CliError naming the coordinator."""
 
-    def __init__(self, base_url: str, timeout: float = 30.0, token: str | None = None) -> None:
+    def __init__(self, base_url: str, timeout: float = 30.0, token: str | None = None,
+                 verify: str | Path | None = None) -> None:
+        """``verify``: CA file for an https coordinator (None: the system's trusted CAs)."""
         self.base = base_url.rstrip("/")
         self.timeout = timeout
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if verify and not Path(verify).is_file():
+            raise CliError(f"CA file not found: {verify}", TLS_HINT)
+        self.verify: str | bool = str(verify) if verify else True
 
     def request(self, method: str, path: str, *, raw: bool = False, **kwargs: Any) -> Any:
         import requests
@@ -53,7 +60,9 @@ class Api:
         try:
             headers = {**self._headers, **kwargs.pop("headers", {})}
             resp = requests.request(method, f"{self.base}/api/v1{path}", timeout=self.timeout, headers=headers,
-                                    **kwargs)
+                                    verify=self.verify, **kwargs)
+        except requests.exceptions.SSLError:
+            raise CliError(f"TLS verification of the coordinator at {self.base} failed", TLS_HINT) from None
         except requests.RequestException as exc:
             raise CliError(f"cannot reach the coordinator at {self.base} ({type(exc).__name__})",
                            "start one with `fedsight coordinator` or pass --coordinator URL") from None

@@ -4,7 +4,8 @@ Uses the project's one MQTT wrapper (``edge_sdk.transport.MqttTransport``: paho 
 persistent session, automatic reconnect) under the fixed client id ``fedsight-coordinator``, so updates
 published while the coordinator is briefly away are queued by the broker and delivered on reconnect.
 The broker address is a parameter (embedded amqtt, Mosquitto, anything MQTT 3.1.1); ``username``/``password``
-are the coordinator's own broker identity (``accounts.coordinator_credentials``).
+are the coordinator's own broker identity (``accounts.coordinator_credentials``); an ``mqtts://`` broker is
+verified against ``tls_ca``.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 
 from edge_sdk.protocol import topics
 from edge_sdk.transport import BrokerAddress, MqttTransport
@@ -76,7 +78,8 @@ class MqttBridge:
     def __init__(self, engine: RoundEngine, broker: str | BrokerAddress, client_id: str = COORDINATOR_CLIENT_ID,
                  transport_factory: TransportFactory = MqttTransport,
                  max_queue_bytes: int = DEFAULT_QUEUE_BYTES,
-                 username: str | None = None, password: str | None = None) -> None:
+                 username: str | None = None, password: str | None = None,
+                 tls_ca: str | Path | None = None) -> None:
         self.engine = engine
         self._queue = ByteBoundedQueue(max_queue_bytes)
         self._worker = threading.Thread(target=self._work, name="update-worker", daemon=True)
@@ -84,7 +87,7 @@ class MqttBridge:
         self.transport = transport_factory(self.address, client_id, self._on_message,
                                            subscriptions=[topics.STATUS_WILDCARD, topics.UPDATE_WILDCARD],
                                            persistent=True, username=username, password=password,
-                                           on_connect=self._on_connected)
+                                           on_connect=self._on_connected, tls_ca=tls_ca)
 
     @property
     def connected(self) -> bool:

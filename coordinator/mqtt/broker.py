@@ -34,20 +34,21 @@ class EmbeddedBroker:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 1883, allow_anonymous: bool = True,
                  max_packet_bytes: int | Callable[[], int] | None = None,
-                 accounts: EmbeddedAccounts | None = None) -> None:
+                 accounts: EmbeddedAccounts | None = None, tls: tuple[str, str] | None = None) -> None:
         self.host = host
         # an int, or a callable read per packet (bytes after the fixed header); None: the protocol's 256 MB
         self.max_packet_bytes = max_packet_bytes
         self.port = port
         self.allow_anonymous = allow_anonymous
         self.accounts = accounts  # set: identities + ACLs enforced, allow_anonymous ignored
+        self.tls = tls  # (certfile, keyfile): the listener speaks only MQTT over TLS (mqtts)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._broker: Any = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
     def _config(self, port: int) -> dict[str, Any]:
         if self.accounts is not None:
@@ -56,8 +57,11 @@ class EmbeddedBroker:
             plugins = plugin_config(self.accounts)
         else:
             plugins = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": self.allow_anonymous}}
+        listener: dict[str, Any] = {"type": "tcp", "bind": f"{self.host}:{port}", "max_connections": 0}
+        if self.tls is not None:
+            listener.update(ssl=True, certfile=str(self.tls[0]), keyfile=str(self.tls[1]))
         return {
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{port}", "max_connections": 0}},
+            "listeners": {"default": listener},
             "plugins": plugins,
         }
 

@@ -13,6 +13,7 @@ import json
 import logging
 import secrets
 import threading
+from pathlib import Path
 from typing import Any
 
 from edge_sdk.transport import BrokerAddress, MqttTransport
@@ -50,14 +51,14 @@ class DynsecAccounts:
     """:class:`BrokerAccounts` over Mosquitto dynsec. ``start()`` connects the admin identity; thread-safe."""
 
     def __init__(self, broker: str | BrokerAddress, admin_username: str, admin_password: str,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, tls_ca: str | Path | None = None) -> None:
         self.admin_username = admin_username
         self.timeout = timeout
         self._pending: dict[str, tuple[threading.Event, list[dict[str, Any]]]] = {}
         self._lock = threading.Lock()
         self._transport = MqttTransport(broker, f"fedsight-admin-{secrets.token_hex(4)}", self._on_response,
                                         subscriptions=[RESPONSE_TOPIC], persistent=False,
-                                        username=admin_username, password=admin_password)
+                                        username=admin_username, password=admin_password, tls_ca=tls_ca)
 
     def start(self) -> DynsecAccounts:
         try:

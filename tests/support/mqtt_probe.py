@@ -4,9 +4,11 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
+from edge_sdk.tls import tls_context
 from edge_sdk.transport import BrokerAddress
 
 
@@ -14,7 +16,8 @@ class Probe:
     """Connects once (no automatic reconnect) and keeps what the broker answered."""
 
     def __init__(self, url: str, client_id: str, username: str | None = None, password: str | None = None,
-                 mqtt5: bool = False, will: tuple[str, bytes] | None = None, clean: bool = True) -> None:
+                 mqtt5: bool = False, will: tuple[str, bytes] | None = None, clean: bool = True,
+                 tls_ca: str | Path | None = None) -> None:
         address = BrokerAddress.parse(url)
         self.mqtt5 = mqtt5
         kwargs = {} if mqtt5 else {"clean_session": clean}
@@ -22,6 +25,8 @@ class Probe:
                                   protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311, **kwargs)
         if username is not None:
             self.client.username_pw_set(username, password)
+        if address.tls:  # mqtts: verified against the test CA, as devices do
+            self.client.tls_set_context(tls_context(tls_ca))
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1)
         self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()

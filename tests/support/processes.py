@@ -1,4 +1,8 @@
-"""Real processes for integration tests: a Mosquitto broker, the coordinator server, simulated devices."""
+"""Real processes for integration tests: a Mosquitto broker, the coordinator server, simulated devices.
+
+All of them speak TLS only (mqtts, HTTPS) with certificates from one private test CA (``make_pki``), as a
+real deployment does; ``coordinator.http`` is a session that verifies against that CA.
+"""
 from __future__ import annotations
 
 import getpass
@@ -14,6 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import requests
+
+from coordinator.security.certs import ServerTls, ensure_server_cert
+from edge_sdk.tls import PinnedSession
 
 if TYPE_CHECKING:
     from coordinator.mqtt.dynsec import DynsecAccounts
@@ -59,16 +66,22 @@ def dynsec_plugin() -> str:
     raise RuntimeError(f"{DYNSEC_PLUGIN} not found (it ships with Debian's mosquitto package)")
 
 
-class Mosquitto:
-    """A private Mosquitto broker on a free loopback port with a generated config.
+def make_pki(directory: Path) -> ServerTls:
+    """A private CA and a server certificate for localhost / 127.0.0.1, as `fedsight certs` makes them."""
+    return ensure_server_cert(directory)
 
-    Secure like a production setup: anonymous clients are refused and identities/ACLs live in the
+
+class Mosquitto:
+    """A private Mosquitto broker with one TLS listener (mqtts) on a free loopback port and a generated config.
+
+    Secure like a production setup: TLS only, anonymous clients are refused and identities/ACLs live in the
     dynamic-security plugin, initialised with an admin identity (``admin``) the coordinator manages it with.
     ``tester`` is an extra identity allowed everything outside ``fedsight/`` (for transport tests).
     """
 
-    def __init__(self, workdir: Path, max_packet_size: int = MOSQUITTO_MAX_PACKET_SIZE) -> None:
+    def __init__(self, workdir: Path, tls: ServerTls, max_packet_size: int = MOSQUITTO_MAX_PACKET_SIZE) -> None:
         self.port = free_port()
+        self.ca = tls.ca
         workdir.mkdir(parents=True, exist_ok=True)
         workdir.chmod(0o755)
         self.admin = ("fedsight-admin", secrets.token_urlsafe(16))
@@ -76,9 +89,13 @@ class Mosquitto:
         subprocess.run([shutil.which("mosquitto_ctrl") or "/usr/bin/mosquitto_ctrl", "dynsec", "init", str(dynsec),
                         *self.admin], check=True, capture_output=True)
         self.config = workdir / "mosquitto.conf"
+        # Started as root, Mosquitto switches to user 'mosquitto' before it reads the 0600 key: stay root here
+        # (a deployment chowns the key to that user instead, docs/security.md).
         self.config.write_text(
-            f"user {getpass.getuser()}\n"  # root would otherwise switch to 'mosquitto', who cannot save dynsec
+            f"user {getpass.getuser()}\n"  # root would otherwise switch to 'mosquitto', who cannot read the
+            # 0600 key nor save dynsec (a deployment chowns both to that user instead, docs/security.md)
             f"listener {self.port} 127.0.0.1\n"
+            f"cafile {tls.ca}\ncertfile {tls.cert}\nkeyfile {tls.key}\ntls_version tlsv1.2\n"
             "allow_anonymous false\n"
             f"plugin {dynsec_plugin()}\n"
             f"plugin_opt_config_file {dynsec}\n"
@@ -114,7 +131,7 @@ class Mosquitto:
         """A started admin connection (stop() it)."""
         from coordinator.mqtt.dynsec import DynsecAccounts
 
-        return DynsecAccounts(self.url, *self.admin).start()
+        return DynsecAccounts(self.url, *self.admin, tls_ca=self.ca).start()
 
     @property
     def login(self) -> dict[str, str]:
@@ -123,7 +140,7 @@ class Mosquitto:
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"mqtts://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -147,10 +164,13 @@ def cli(*args: str) -> list[str]:
 
 
 class Coordinator:
-    """``fedsight coordinator`` as a real process with a real HTTP server."""
+    """``fedsight coordinator`` as a real process with a real HTTPS server (certificate from ``tls``)."""
 
-    def __init__(self, workdir: Path, broker_url: str, broker_admin: tuple[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, broker_url: str, tls: ServerTls,
+                 broker_admin: tuple[str, str] | None = None) -> None:
         self.port = free_port()
+        self.ca = tls.ca
+        self.http = PinnedSession(str(tls.ca))  # verifies against the test CA; the operator's once healthy
         self.data_dir = workdir / "coordinator-data"
         self.log_path = workdir / "coordinator.log"
         self.log = open(self.log_path, "wb")
@@ -161,16 +181,17 @@ class Coordinator:
             env["FEDSIGHT_BROKER_ADMIN_PASSWORD"] = broker_admin[1]
         self.proc = subprocess.Popen(
             cli("coordinator", "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(self.data_dir),
-                "--broker", broker_url, *admin),
+                "--broker", broker_url, "--tls-cert", str(tls.cert), "--tls-key", str(tls.key),
+                "--tls-ca", str(tls.ca), *admin),
             stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"https://127.0.0.1:{self.port}"
         self.api = f"{self.url}/api/v1"
         deadline = time.monotonic() + 60
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"coordinator exited early:\n{self.log_path.read_text()[-3000:]}")
             try:
-                if requests.get(f"{self.api}/health", timeout=1).ok:
+                if self.http.get(f"{self.api}/health", timeout=1).ok:
                     break
             except requests.RequestException:
                 pass
@@ -181,7 +202,6 @@ class Coordinator:
         self.token = (self.data_dir / "operator-token").read_text().strip()
         self.enroll_secret_file = self.data_dir / "enroll-secret"
         self.enroll_secret = self.enroll_secret_file.read_text().strip()
-        self.http = requests.Session()  # authenticated as the operator
         self.http.headers["Authorization"] = f"Bearer {self.token}"
 
     def stop(self) -> None:
@@ -192,21 +212,24 @@ class Coordinator:
 
 @dataclass(frozen=True)
 class CoordinatorAddress:
-    """What a device process needs of a coordinator started some other way (its URL, the enrollment secret)."""
+    """What a device process needs of a coordinator started some other way (URL, enrollment secret, CA)."""
 
     url: str
     enroll_secret_file: Path
+    ca: Path | None = None
 
 
-def start_device(workdir: Path, coordinator: Coordinator | CoordinatorAddress, index: int, partitions: int, alpha: str = "0.5",
-                 extra: tuple[str, ...] = ()) -> subprocess.Popen:
-    """One simulated device process on its Dirichlet shard of digits, enrolling with the fleet secret."""
+def start_device(workdir: Path, coordinator: Coordinator | CoordinatorAddress, index: int, partitions: int,
+                 alpha: str = "0.5", extra: tuple[str, ...] = (), ca: Path | None = None) -> subprocess.Popen:
+    """One simulated device process on its Dirichlet shard of digits, enrolling with the fleet secret and
+    verifying TLS with ``ca`` (default: the coordinator's CA file)."""
+    ca = ca if ca is not None else coordinator.ca
     log = open(workdir / f"device-{index}.log", "wb")
     return subprocess.Popen(
         cli("client", "--coordinator", coordinator.url, "--dataset", "digits", "--partition", f"dirichlet:{alpha}",
             "--num-partitions", str(partitions), "--partition-index", str(index),
             "--enroll-secret-file", str(coordinator.enroll_secret_file),
-            "--cache-dir", str(workdir / f"device-{index}"), *extra),
+            "--cache-dir", str(workdir / f"device-{index}"), *(("--ca", str(ca)) if ca else ()), *extra),
         stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT)
 
 
