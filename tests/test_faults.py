@@ -81,6 +81,7 @@ def test_restart_reaggregates_spooled_updates_without_double_counting(env) -> No
     e.engine.shutdown()  # like a crash: the round is still open in the store
     assert e.store.get_round(JOB, 1, 1)["status"] == "open"
     engine2 = RoundEngine(e.store, e.svc.models, MemoryPublisher(), e.engine.config, e.engine.presence,
+                          device_key=e.engine.device_key,  # keys derive from the master key file: same after a restart
                           journal=RoundJournal(e.svc.data_dir / "journal"))
     try:
         assert engine2.resume() == [JOB]

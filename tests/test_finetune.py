@@ -102,7 +102,7 @@ def test_cli_sends_the_weights_file_to_a_remote_coordinator(coordinator, tmp_pat
     good, mismatched = tmp_path / "mb.pt", tmp_path / "rn.pt"
     good.write_bytes(_state_bytes("mobilenet_v3_small", 1000)[0])
     mismatched.write_bytes(_state_bytes("resnet18", 1000)[0])
-    common = ["job", "create", "--coordinator", coordinator.url, "--arch", "mobilenet_v3_small", "--num-classes",
+    common = ["job", "create", "--coordinator", coordinator.url, "--ca", str(coordinator.ca), "--arch", "mobilenet_v3_small", "--num-classes",
               "4", "--in-channels", "3", "--image-size", "32", "--eval", "none"]
     before = coordinator.http.get(f"{coordinator.api}/jobs", timeout=10).json()["jobs"]
     assert cli.main([*common, "--weights", str(mismatched)]) == 2

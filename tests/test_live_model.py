@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -230,4 +231,8 @@ def test_camera_app_that_trains_swaps_on_job_events(server: CoordinatorHandle, t
     final = server.services.store.get_job(job_id)
     assert final["status"] == "finished" and final["current_round"] == 1, out[-3000:]
     assert f"model {final['current_version'][:12]} (round 1) is live" in out, out[-3000:]
-    assert "(round 0) is live" in out and "round 1: " in out  # it classified on v0, then trained round 1
+    # version 0 was live first (swapped from, not from "none"), and this app's own client trained round 1
+    first = min(server.services.store.list_model_versions(job_id), key=lambda v: v["round"])["version"]
+    assert re.search(r"live model [0-9a-f]{12} -> [0-9a-f]{12} \(round 1\)", out), out[-3000:]
+    assert f"live model {first[:12]} -> " in out, out[-3000:]
+    assert re.search(r"round 1 attempt \d+: \d+ samples", out), out[-3000:]

@@ -15,7 +15,6 @@ import subprocess
 import time
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import requests
 
 from edge_sdk.protocol import topics
@@ -36,7 +35,7 @@ def _run(fed: Federation, name: str, inject: Any, rounds: int = ROUNDS, **job: A
     except BaseException:  # a failed scenario must not leave its job running into the next one
         fed.hold_file.unlink(missing_ok=True)
         try:
-            requests.post(f"{fed.coord.api}/jobs/{job_id}/stop", timeout=60)
+            fed.http.post(f"{fed.coord.api}/jobs/{job_id}/stop", timeout=60)
         except requests.RequestException:
             pass
         raise
@@ -60,7 +59,7 @@ def kill_devices(fed: Federation) -> dict[str, Any]:
     victims = list(range(fed.n))[-max(1, round(0.3 * fed.n)):]
 
     def inject(job_id: str) -> dict[str, Any]:
-        fed.open_round(job_id, FAULT_ROUND, min_accepted=1)
+        fed.open_round(job_id, FAULT_ROUND, min_accepted=1, later_ok=True)
         for i in victims:
             fed.kill_device(i)
         return {"killed": [fed.ids[i] for i in victims]}
@@ -104,7 +103,7 @@ def sigstop_device(fed: Federation) -> dict[str, Any]:
 def restart_broker(fed: Federation, persistence: bool, mid_upload: bool) -> dict[str, Any]:
     """Stop Mosquitto for 3 s mid-round (or right as uploads arrive) and start it again on the same port."""
     def inject(job_id: str) -> dict[str, Any]:
-        fed.open_round(job_id, FAULT_ROUND, min_accepted=1 if mid_upload else 0)
+        fed.open_round(job_id, FAULT_ROUND, min_accepted=1 if mid_upload else 0, later_ok=True)
         if not mid_upload:
             time.sleep(0.3)
         fed.broker.write_config(persistence)
@@ -123,45 +122,46 @@ def kill_coordinator(fed: Federation, during_aggregation: bool) -> dict[str, Any
     def inject(job_id: str) -> dict[str, Any]:
         held_version = None
         if during_aggregation:
-            fed.open_round(job_id, FAULT_ROUND)
+            fed.open_round(job_id, FAULT_ROUND, later_ok=True)
             fed.hold_file.touch()  # removed below, or by Federation.close if this fails
-            pattern = re.compile(rf"holding commit of job {job_id} round {FAULT_ROUND} attempt (\d+) "
+            pattern = re.compile(rf"holding commit of job {job_id} round (\d+) attempt (\d+) "
                                  r"\(version ([0-9a-f]{64}), (\d+) accepted\)")
             m = wait_until(lambda: pattern.search(fed.coord.log_text()), 120, "the held commit")
-            attempt, held_version = int(m.group(1)), m.group(2)
-            before = {u["client_id"] for u in fed.updates(job_id)
-                      if u["status"] == "accepted" and u["round"] == FAULT_ROUND and u["attempt"] == attempt}
+            fault_round, attempt, held_version = int(m.group(1)), int(m.group(2)), m.group(3)
         else:
-            rnd = fed.open_round(job_id, FAULT_ROUND, min_accepted=2)
-            attempt = rnd["attempt"]
-            before = {u["client_id"] for u in fed.updates(job_id)
-                      if u["status"] == "accepted" and u["round"] == FAULT_ROUND and u["attempt"] == attempt}
+            rnd = fed.open_round(job_id, FAULT_ROUND, min_accepted=2, later_ok=True)
+            fault_round, attempt = rnd["round"], rnd["attempt"]
+        before = {u["client_id"] for u in fed.updates(job_id)
+                  if u["status"] == "accepted" and u["round"] == fault_round and u["attempt"] == attempt}
         fed.coord.kill()
         fed.hold_file.unlink(missing_ok=True)
         time.sleep(1.0)
         t_restart = time.time()
         fed.coord.start()
         recover = wait_until(lambda: _first_progress_after(fed, job_id, t_restart), 90, "progress after restart")
-        return {"accepted_before_kill": sorted(before), "killed_attempt": attempt, "held_version": held_version,
-                "recover_s": recover}
+        return {"accepted_before_kill": sorted(before), "fault_round": fault_round, "killed_attempt": attempt,
+                "held_version": held_version, "recover_s": recover}
 
     name = "SIGKILL coordinator " + ("during aggregation" if during_aggregation else "mid-round")
     row = _run(fed, name, inject)
-    closed = [r for r in fed.rounds(row["job_id"]) if r["round"] == FAULT_ROUND and r["status"] == "closed"]
+    closed = [r for r in fed.rounds(row["job_id"]) if r["round"] == row["fault_round"] and r["status"] == "closed"]
     row["fault_round_attempt"] = closed[0]["attempt"] if closed else None
     row["fault_round_participants"] = closed[0]["participants"] if closed else []
     row["fault_round_version"] = closed[0]["new_version"] if closed else None
     return row
 
 
-def _capture_task(fed: Federation, client_id: str, job_id: str, round_: int) -> dict[str, Any]:
-    """Subscribe as an observer to a device's task topic and return the task of ``round_``."""
+def _capture_task(fed: Federation, client_id: str) -> tuple[Any, list[dict[str, Any]]]:
+    """Subscribe as the test observer to a device's task topic before the job starts (a round can be over
+    before a later subscription lands); :func:`_await_task` then returns the task of a round."""
     got: list[dict[str, Any]] = []
-    obs = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"observer-{client_id}")
+    obs = fed.broker.observer_client(f"observer-{client_id}")
     obs.on_message = lambda _c, _u, msg: got.append(json.loads(msg.payload))
-    obs.connect("127.0.0.1", fed.broker.port)
     obs.subscribe(topics.task_topic(client_id), qos=1)
-    obs.loop_start()
+    return obs, got
+
+
+def _await_task(obs: Any, got: list[dict[str, Any]], client_id: str, job_id: str, round_: int) -> dict[str, Any]:
     try:
         return wait_until(lambda: next((t for t in got if t.get("job_id") == job_id and t.get("round") == round_),
                                        None), 120, f"task of round {round_} for {client_id}")
@@ -176,17 +176,17 @@ def restart_device(fed: Federation) -> dict[str, Any]:
     idx = 0
     victim = fed.ids[idx]
 
+    obs, got = _capture_task(fed, victim)
+
     def inject(job_id: str) -> dict[str, Any]:
-        task = _capture_task(fed, victim, job_id, FAULT_ROUND)
+        task = _await_task(obs, got, victim, job_id, FAULT_ROUND)
         wait_until(lambda: any(u["client_id"] == victim and u["round"] == FAULT_ROUND and u["status"] == "accepted"
                                for u in fed.updates(job_id)), 60, "the victim's update")
         fed.kill_device(idx)
         log_mark = len(fed.device_log(idx))
         fed.start_device(idx)
         wait_until(lambda: "online via" in fed.device_log(idx)[log_mark:], STARTUP_S, "the restarted device online")
-        pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="observer-republish")
-        pub.connect("127.0.0.1", fed.broker.port)
-        pub.loop_start()
+        pub = fed.broker.observer_client("observer-republish")
         pub.publish(topics.task_topic(victim), json.dumps(task), qos=1).wait_for_publish(10)
         pub.loop_stop()
         pub.disconnect()
@@ -196,7 +196,11 @@ def restart_device(fed: Federation) -> dict[str, Any]:
                    "the re-delivered task handled without training")
         return {"victim": victim, "log_mark": log_mark}
 
-    row = _run(fed, "restart a device mid-round", inject)
+    try:
+        row = _run(fed, "restart a device mid-round", inject)
+    finally:
+        obs.loop_stop()
+        obs.disconnect()
     after = fed.device_log(idx)[row.pop("log_mark"):]
     job_id = row["job_id"]
     row["skipped_duplicate_task"] = (f"already sent an update for job {job_id} round {FAULT_ROUND}" in after
@@ -241,24 +245,25 @@ def disk_full(fed: Federation) -> dict[str, Any]:
     """Fill the coordinator's data directory once an update of a round is accepted; free it once the coordinator
     has said so (REST notice, `job status`) and 4 s more have passed."""
     def inject(job_id: str) -> dict[str, Any]:
-        rnd = fed.open_round(job_id, FAULT_ROUND, min_accepted=1)
+        rnd = fed.open_round(job_id, FAULT_ROUND, min_accepted=1, later_ok=True)
         full = DiskFull(fed)
         full.fill()
         before = {u["client_id"] for u in fed.updates(job_id)
-                  if u["status"] == "accepted" and u["round"] == FAULT_ROUND and u["attempt"] == rnd["attempt"]}
+                  if u["status"] == "accepted" and u["round"] == rnd["round"] and u["attempt"] == rnd["attempt"]}
         notice = wait_until(lambda: fed.job(job_id).get("notice"), 60, "a storage notice in REST")
-        status_out = subprocess.run(cli("job", "status", job_id, "--coordinator", fed.coord.url),
-                                    capture_output=True, text=True, env=child_env(), cwd=ROOT, timeout=60).stdout
+        status_out = subprocess.run(cli("job", "status", job_id, "--coordinator", fed.coord.url, "--ca",
+                                        str(fed.tls.ca)), capture_output=True, text=True, cwd=ROOT, timeout=60,
+                                    env={**child_env(), "FEDSIGHT_TOKEN": fed.coord.token}).stdout
         time.sleep(4.0)
         full.free()
         t_free = time.monotonic()
-        wait_until(lambda: fed.job(job_id)["current_round"] >= FAULT_ROUND, 60, "the held round committed")
+        wait_until(lambda: fed.job(job_id)["current_round"] >= rnd["round"], 60, "the held round committed")
         return {"notice": notice, "cli_status": status_out, "accepted_before_full": sorted(before),
-                "fault_attempt": rnd["attempt"], "recover_s": round(time.monotonic() - t_free, 2),
+                "fault_round": rnd["round"], "fault_attempt": rnd["attempt"], "recover_s": round(time.monotonic() - t_free, 2),
                 "full_disk_by": full.how}
 
     row = _run(fed, "coordinator disk full", inject, timeout_s=30.0)
-    closed = [r for r in fed.rounds(row["job_id"]) if r["round"] == FAULT_ROUND and r["status"] == "closed"]
+    closed = [r for r in fed.rounds(row["job_id"]) if r["round"] == row["fault_round"] and r["status"] == "closed"]
     row["fault_round_participants"] = closed[0]["participants"] if closed else []
     row["fault_round_attempt"] = closed[0]["attempt"] if closed else None
     return row
