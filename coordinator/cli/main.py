@@ -20,6 +20,8 @@ from converters import spec_text
 
 from coordinator.cli import parser
 from coordinator.cli.rest_client import TLS_HINT, Api, CliError, operator_token
+from coordinator.cli.server_commands import cmd_certs, cmd_coordinator
+from coordinator.cli.tables import eval_notes, eval_summary, format_table, rounds_table
 
 EXIT_USER_ERROR = 2
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -27,73 +29,6 @@ log = logging.getLogger("fedsight")
 
 
 # ------------------------------------------------------------------------------------------- commands
-def cmd_coordinator(args: argparse.Namespace) -> int:
-    from coordinator.security.certs import ServerTls, parse_san
-    from coordinator.server import serve  # handles SIGINT/SIGTERM itself: clean shutdown
-
-    if (args.tls_cert is None) != (args.tls_key is None):
-        raise CliError("--tls-cert and --tls-key go together", "or give neither: a certificate is generated")
-    if args.insecure and (args.tls_cert or args.tls_ca or args.tls_san or args.broker_ca):
-        raise CliError("--insecure turns TLS off; it cannot be combined with --tls-* or --broker-ca options")
-    for path in (args.tls_cert, args.tls_key, args.tls_ca, args.broker_ca):
-        if path and not Path(path).is_file():
-            raise CliError(f"no such file: {path}", "`fedsight certs` creates a CA and certificates")
-    if args.broker.startswith("mqtt://") and not args.insecure:
-        raise CliError(f"--broker {args.broker} is plain MQTT", "give the broker a TLS listener and use "
-                       "mqtts://HOST:PORT (docs/security.md), or add --insecure")
-    for name in args.tls_san:
-        try:
-            parse_san(name)
-        except ValueError as exc:
-            raise CliError(f"--tls-san: {exc}") from None
-    tls = ServerTls(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_ca) if args.tls_ca else None) \
-        if args.tls_cert else None
-    port = args.mqtt_port if args.mqtt_port is not None else (1883 if args.insecure else 8883)
-    try:
-        serve(args.host, args.port, Path(args.data_dir), broker=args.broker, broker_host=args.mqtt_host,
-              broker_port=port, public_url=args.public_url, advertised_broker_url=args.public_broker,
-              weights_dir=args.weights_dir, broker_admin=broker_admin(args), tls=tls, insecure=args.insecure,
-              tls_names=tuple(args.tls_san), broker_ca=args.broker_ca)
-    except KeyboardInterrupt:
-        pass
-    return 0
-
-
-def broker_admin(args: argparse.Namespace) -> tuple[str, str] | None:
-    """The external broker's dynamic-security admin identity from flags / environment (None when embedded)."""
-    if args.broker == "embedded":
-        return None
-    hint = ("create it with `mosquitto_ctrl dynsec init FILE USER`, then pass --broker-admin USER and set "
-            "FEDSIGHT_BROKER_ADMIN_PASSWORD (docs/security.md)")
-    if not args.broker_admin:
-        raise CliError(f"--broker {args.broker} needs the broker's dynamic-security admin identity", hint)
-    if args.broker_admin_password_file:
-        try:
-            lines = Path(args.broker_admin_password_file).read_text().splitlines()
-        except OSError as exc:
-            raise CliError(f"cannot read --broker-admin-password-file: {exc}") from None
-        password = lines[0] if lines else ""
-    else:
-        password = os.environ.get("FEDSIGHT_BROKER_ADMIN_PASSWORD", "")
-    if not password:
-        raise CliError(f"no password for broker admin {args.broker_admin!r}", hint)
-    return args.broker_admin, password
-
-
-def cmd_certs(args: argparse.Namespace) -> int:
-    from coordinator.security.certs import ensure_server_cert, load_cert, sans_of
-
-    try:
-        files = ensure_server_cert(Path(args.out), args.san, name=args.name, force=args.force)
-    except ValueError as exc:
-        raise CliError(str(exc), "e.g. fedsight certs --san coord.example.com --san 192.0.2.10") from None
-    print(f"CA for devices:   {files.ca}  (fedsight client --ca {files.ca})")
-    print(f"CA key (secret):  {Path(args.out) / 'ca-key.pem'}")
-    print(f"certificate:      {files.cert}  valid for {', '.join(sans_of(load_cert(files.cert)))}")
-    print(f"key (0600):       {files.key}")
-    return 0
-
-
 def load_partition(spec: tuple[str, Path | None], partition: float | str, num: int, index: int, seed: int,
                    image_size: int | None = None, channels: int | None = None) -> Any:
     """This device's shard of a dataset; every process with the same seed computes the same split."""
@@ -271,67 +206,6 @@ def cmd_job(args: argparse.Namespace) -> int:
         for note in eval_notes(rounds):
             print(note)
     return 0
-
-
-def eval_summary(cfg: dict[str, Any]) -> str:
-    """How the job's versions are scored, in words (the columns below depend on it)."""
-    ev = cfg.get("eval") or {}
-    parts = []
-    if ev.get("dataset") == "imagefolder":
-        parts.append(f"server-side on {ev.get('path')}")
-    elif ev.get("dataset"):
-        parts.append(f"server-side on {ev['dataset']}")
-    if ev.get("holdout_fraction"):
-        parts.append(f"devices on {ev['holdout_fraction']:.0%} held-out data")
-    return " + ".join(parts) or "none"
-
-
-def _score(value: dict[str, Any] | None) -> str:
-    """Accuracy cell: a percentage, or the evaluation's state (failed/pending/...), '-' only when not configured."""
-    if not value:
-        return "-"
-    if value.get("accuracy") is not None:
-        return f"{value['accuracy'] * 100:.1f}%"
-    if value.get("error"):
-        return "failed"
-    return str(value.get("status", "-"))
-
-
-def eval_notes(rounds: Sequence[dict[str, Any]]) -> list[str]:
-    """One line per failed evaluation, with its reason (a failure is never just a '-')."""
-    notes = []
-    for r in rounds:
-        if (r.get("eval") or {}).get("error"):
-            notes.append(f"round {r.get('round')}: server evaluation failed: {r['eval']['error']}")
-        fed = r.get("federated_eval") or {}
-        server_scored = (r.get("eval") or {}).get("accuracy") is not None
-        if fed.get("status") == "failed" or (fed.get("status") == "not_run" and not server_scored):
-            notes.append(f"round {r.get('round')}: device evaluation {fed['status'].replace('_', ' ')}: "
-                         f"{fed.get('reason', '')}")
-    return notes
-
-
-def rounds_table(rounds: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    from coordinator.cli.chart import human_bytes
-
-    rows = []
-    for r in rounds:
-        ratio = r.get("compression_ratio")  # accepted updates only
-        refused = int(r.get("rejected_bytes") or 0) + int(r.get("junk_bytes") or 0)
-        rows.append([str(r.get("round")), str(r.get("status", "")),
-                     f"{r.get('accepted', 0)}/{r.get('rejected', 0)}/{r.get('junk') or 0}",
-                     human_bytes(r.get("uplink_bytes") or 0), human_bytes(refused) if refused else "-",
-                     human_bytes(r.get("downlink_bytes") or 0), f"{ratio:.1f}x" if ratio else "-",
-                     _score(r.get("eval")), _score(r.get("federated_eval")), f"{r.get('duration_s') or 0:.1f}s"])
-    return ["round", "status", "acc/rej/junk", "uplink", "refused", "downlink", "compression", "accuracy",
-            "device acc", "time"], rows
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def export_local(data_dir: Path, job_id: str, version: str | None) -> tuple[bytes, str]:
