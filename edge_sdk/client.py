@@ -38,7 +38,7 @@ from .protocol.wire import UpdateHeader, encode_update
 from .sent_journal import SentJournal
 from .tls import PinnedSession
 from .trainer import LocalTrainer
-from .update import encode_delta, statistics_mask
+from .update import encode_delta, statistics_mask, wire_codec, wire_metrics
 from .transport import BrokerAddress, BrokerRefused, MqttTransport
 
 log = logging.getLogger(__name__)
@@ -459,9 +459,9 @@ class EdgeClient:
         metrics = {"loss": float(result.loss), "accuracy": float(result.accuracy),
                    "train_time_s": float(result.wall_time_s), **scored}
         header = UpdateHeader(job_id=job_id, round=rnd, client_id=self.client_id,
-                              base_version=str(task["base_version"]), codec=spec,
+                              base_version=str(task["base_version"]), codec=wire_codec(spec),
                               num_samples=int(result.num_samples), numel=int(global_vec.size),
-                              metrics=metrics, attempt=int(task.get("attempt", 1)))
+                              metrics=wire_metrics(metrics), attempt=int(task.get("attempt", 1)))
         message = encode_update(header, payload, self._device_key)
         encode_time = time.perf_counter() - t0
         limit = int(config.get("max_update_bytes", DEFAULT_MAX_UPDATE_BYTES))
