@@ -138,7 +138,7 @@ def test_rounds_table_formats_each_round() -> None:
                "compression_ratio": None, "eval": None, "duration_s": None}]
     rounds[0]["federated_eval"] = {"status": "ok", "accuracy": 0.8125, "num_samples": 40.0}
     lines = cli.format_table(*cli.rounds_table(rounds)).splitlines()
-    assert lines[0].split() == ["round", "status", "acc/rej/junk", "uplink", "refused", "downlink", "compression",
+    assert lines[0].split() == ["round", "status", "acc/rej/junk", "uplink", "refused", "downlink", "vs", "raw", "fp32",
                                 "accuracy", "device", "acc", "time"]
     # uplink is accepted updates only; rejected + junk bytes are shown apart
     assert lines[2].split() == ["1", "closed", "5/1/562", "25", "KB", "67", "MB", "3", "MB", "40.0x", "87.5%",

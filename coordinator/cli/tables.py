@@ -48,14 +48,14 @@ def rounds_table(rounds: Sequence[dict[str, Any]]) -> tuple[list[str], list[list
 
     rows = []
     for r in rounds:
-        ratio = r.get("compression_ratio")  # accepted updates only
+        ratio = r.get("compression_ratio")  # 4 x numel over the mean accepted message: vs raw fp32, not measured
         refused = int(r.get("rejected_bytes") or 0) + int(r.get("junk_bytes") or 0)
         rows.append([str(r.get("round")), str(r.get("status", "")),
                      f"{r.get('accepted', 0)}/{r.get('rejected', 0)}/{r.get('junk') or 0}",
                      human_bytes(r.get("uplink_bytes") or 0), human_bytes(refused) if refused else "-",
                      human_bytes(r.get("downlink_bytes") or 0), f"{ratio:.1f}x" if ratio else "-",
                      _score(r.get("eval")), _score(r.get("federated_eval")), f"{r.get('duration_s') or 0:.1f}s"])
-    return ["round", "status", "acc/rej/junk", "uplink", "refused", "downlink", "compression", "accuracy",
+    return ["round", "status", "acc/rej/junk", "uplink", "refused", "downlink", "vs raw fp32", "accuracy",
             "device acc", "time"], rows
 
 
