@@ -41,11 +41,11 @@ WARMUP = {"warmup_rounds": 6, "warmup_density": 0.25}
 # label -> (codec, strategy); "dense fp32" is the baseline every ratio is measured against
 ROWS: dict[str, tuple[dict, dict | None]] = {
     "dense fp32": (DENSE, None),
-    "top-k 1% int8 +EF (previous default)": ({"name": "topk", "density": 0.01, "values": "int8"}, None),
-    "top-k 1% sign+rice, warm-up, server momentum": (
-        {"name": "topk", "density": 0.01, "values": "sign", "index_coding": "rice", **WARMUP}, MOMENTUM),
     "top-k 0.3% sign+rice, warm-up, server momentum": (
         {"name": "topk", "density": 0.003, "values": "sign", "index_coding": "rice", **WARMUP}, MOMENTUM),
+    "top-k 1% sign+rice, warm-up, server momentum": (
+        {"name": "topk", "density": 0.01, "values": "sign", "index_coding": "rice", **WARMUP}, MOMENTUM),
+    "top-k 1% int8 +EF (previous default)": ({"name": "topk", "density": 0.01, "values": "int8"}, None),
 }
 DIGITS_TRAIN = {"epochs": 2, "batch_size": 16, "lr": 0.05}
 
@@ -92,8 +92,8 @@ def colour(arch: str, rounds: int, size: int = 16, train_per_class: int = 200, t
 SETUPS: dict[str, tuple[Callable[[], Setup], tuple[str, ...]]] = {
     "digits-a0.5": (lambda: digits(0.5, 10, 10, 20), tuple(ROWS)),
     "digits-a0.1": (lambda: digits(0.1, 10, 10, 20), tuple(ROWS)),
-    "digits-50dev": (lambda: digits(0.5, 50, 15, 30), ("dense fp32", *list(ROWS)[2:])),
-    "colour-small_cnn": (lambda: colour("small_cnn", 20), ("dense fp32", *list(ROWS)[2:])),
+    "digits-50dev": (lambda: digits(0.5, 50, 15, 30), tuple(ROWS)[:3]),
+    "colour-small_cnn": (lambda: colour("small_cnn", 20), tuple(ROWS)[:3]),
 }
 
 

@@ -4,8 +4,9 @@ Per round: the strategy's ``configure_round`` (which resolves a density warm-up)
 selected device's shard (BatchNorm statistics re-estimated on device, as product code does), error feedback
 through ``ResidualStore``, ``codecs.encode`` and the wire framing with the header a device sends
 (``wire_codec``/``wire_metrics``, a 64-hex base version, the MAC), then ``decode_update`` + ``codecs.decode``
-into the strategy's accumulator, ``clamp_variances`` as the runner does, and a test-set evaluation. Only MQTT
-is left out; it moves exactly the bytes counted here.
+into the strategy's accumulator (with a job's default limits: weighting and adaptive clipping),
+``clamp_variances`` as the runner does, and a test-set evaluation. Only MQTT is left out; it moves exactly
+the bytes counted here.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Subset, TensorDataset
 
+from coordinator.rounds.limits import UpdateLimits
 from coordinator.rounds.strategy import make_strategy
 from edge_sdk import params
 from edge_sdk.error_feedback import ResidualStore
@@ -59,7 +61,7 @@ def run(setup: Setup, codec: dict, strategy: dict | None, seed: int) -> dict:
     global_vec = flatten(template)
     stats = statistics_mask(template)
     trainer = LocalTrainer(device="cpu")
-    strat = make_strategy(strategy)
+    strat = make_strategy(strategy, UpdateLimits.from_config(None))  # a job's default weighting and clipping
     rng = np.random.default_rng(seed)
     job = {"id": "job-3f9a1c2e", "config": {"codec": codec, "seed": seed, "train": setup.train_cfg}}
     accs: list[float] = []

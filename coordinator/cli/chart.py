@@ -87,7 +87,8 @@ def plot_rounds(rounds: Sequence[Mapping[str, Any]], out_path: str | Path, *, ti
         total_sent, total_dense = sum(sent), sum(dense)
         if total_sent > 0:
             ax_bytes.set_title(f"uplink per round: {human_bytes(total_sent)} sent in total vs "
-                               f"{human_bytes(total_dense)} raw fp32 ({total_dense / total_sent:.0f}x less vs raw fp32)",
+                               f"{human_bytes(total_dense)} raw fp32 "
+                               f"({total_dense / total_sent:.0f}x less vs raw fp32)",
                                fontsize=10)
     else:
         ax_bytes.set_title(f"uplink per round ({human_bytes(sum(sent))} in total)", fontsize=10)
