@@ -34,6 +34,7 @@ from benchmarks.report import write_section  # noqa: E402
 from edge_sdk.data import dirichlet_partition, load_digits_split  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "compression.json"
+RUN_CACHE = ROOT / "benchmarks" / "results" / "compression-runs.jsonl"
 SEEDS = (0, 1, 2)
 DENSE = {"name": "dense", "dtype": "float32"}
 MOMENTUM = {"name": "fedavgm", "beta": 0.7, "eta": 0.7}
@@ -89,11 +90,13 @@ def colour(arch: str, rounds: int, size: int = 16, train_per_class: int = 200, t
                  {"epochs": 2, "batch_size": 16, "lr": 0.05})
 
 
+BEST = "top-k 0.3% sign+rice, warm-up, server momentum"
+PREVIOUS = "top-k 1% int8 +EF (previous default)"
 SETUPS: dict[str, tuple[Callable[[], Setup], tuple[str, ...]]] = {
-    "digits-a0.5": (lambda: digits(0.5, 10, 10, 20), tuple(ROWS)),
-    "digits-a0.1": (lambda: digits(0.1, 10, 10, 20), tuple(ROWS)),
-    "digits-50dev": (lambda: digits(0.5, 50, 15, 30), tuple(ROWS)[:3]),
-    "colour-small_cnn": (lambda: colour("small_cnn", 20), tuple(ROWS)[:3]),
+    "digits-a0.5": (lambda: digits(0.5, 10, 10, 20), ("dense fp32", BEST, PREVIOUS)),
+    "digits-a0.1": (lambda: digits(0.1, 10, 10, 20), ("dense fp32", BEST, PREVIOUS)),
+    "digits-50dev": (lambda: digits(0.5, 50, 15, 30), ("dense fp32", BEST)),
+    "colour-small_cnn": (lambda: colour("small_cnn", 20), ("dense fp32", BEST)),
 }
 
 
@@ -155,6 +158,15 @@ def verdicts(rows: list[dict]) -> list[str]:
     return out
 
 
+def _cached_runs() -> dict[str, dict]:
+    """Finished runs by (setup, codec, strategy, seed): an interrupted benchmark resumes where it stopped.
+    Delete the file (or pass --fresh) after changing code that affects results."""
+    if not RUN_CACHE.exists():
+        return {}
+    rows = (json.loads(line) for line in RUN_CACHE.read_text().splitlines() if line.strip())
+    return {row["key"]: row["run"] for row in rows}
+
+
 def _merge(setup: str, fresh: list[dict]) -> list[dict]:
     """Replace ``setup``'s rows in the results file (locked: several setups may run in parallel)."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -173,12 +185,14 @@ def main() -> None:
     parser.add_argument("--setups", nargs="*", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
     parser.add_argument("--smoke", action="store_true", help="2 rounds, results to /tmp, BENCHMARKS.md untouched")
+    parser.add_argument("--fresh", action="store_true", help="ignore runs cached in compression-runs.jsonl")
     args = parser.parse_args()
-    global RESULTS
+    global RESULTS, RUN_CACHE
     if args.smoke:
-        RESULTS = Path("/tmp/compression-smoke.json")
+        RESULTS, RUN_CACHE = Path("/tmp/compression-smoke.json"), Path("/tmp/compression-smoke-runs.jsonl")
     torch.set_num_threads(1)
     old: list[dict] = []
+    cache = _cached_runs()
     for key in args.setups:
         make, labels = SETUPS[key]
         setup = make()
@@ -188,8 +202,13 @@ def main() -> None:
         for label in labels:
             codec, strategy = ROWS[label]
             for seed in args.seeds:
-                result = run(setup, codec, strategy, seed)
-                runs.setdefault(label, []).append({**result, "codec": codec, "strategy": strategy})
+                key = json.dumps([setup.name, codec, strategy, seed], sort_keys=True)
+                result = cache.get(key) if not args.fresh else None
+                if result is None:
+                    result = {**run(setup, codec, strategy, seed), "codec": codec, "strategy": strategy}
+                    with open(RUN_CACHE, "a") as fh:
+                        fh.write(json.dumps({"key": key, "run": result}) + "\n")
+                runs.setdefault(label, []).append(result)
                 print(f"{setup.name} | {label} | seed {seed}: acc {result['final_accuracy']:.4f}, "
                       f"{sum(result['message_bytes_per_round']):,} B", flush=True)
         dense = {r["seed"]: r for r in runs["dense fp32"]}

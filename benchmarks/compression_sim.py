@@ -75,6 +75,7 @@ def run(setup: Setup, codec: dict, strategy: dict | None, seed: int) -> dict:
             cfg = strat.configure_round(job, rnd, [f"device-{c:03d}" for c in chosen])
             spec = cfg["codec"]
             version = hashlib.sha256(global_vec.tobytes()).hexdigest()
+            strat.observe_layout(stats)
             acc = strat.begin(global_vec)
             round_msg = round_pay = 0
             for cid in chosen:

@@ -72,3 +72,17 @@ def test_wire_codec_is_shorter_and_decodes_to_the_same_spec(spec: dict):
 def test_wire_metrics_round_to_four_significant_digits():
     assert wire_metrics({"loss": 0.123456789, "accuracy": 0.9583333333333334, "n": 360.0}) == {
         "loss": 0.1235, "accuracy": 0.9583, "n": 360.0}
+
+
+def test_fedavgm_averages_batchnorm_statistics_without_momentum():
+    """Running statistics are estimates: momentum on them overshoots (server accuracy swung 10-90 % in the
+    demo before this), so they get the plain mean delta and no momentum state."""
+    s = FedAvgM(beta=0.9, eta=1.0)
+    stats = np.array([False, True])
+    s.observe_layout(stats)
+    g = np.zeros(2, np.float32)
+    for _ in range(3):
+        g = _round(s, g, codecs.Decoded(None, np.array([1.0, 1.0], np.float32)))
+    assert g[1] == pytest.approx(3.0)                  # three plain steps of 1
+    assert g[0] == pytest.approx(1 + 1.9 + 2.71)       # momentum: 1, 1.9, 2.71
+    assert s.m is not None and s.m[1] == 0.0

@@ -103,6 +103,7 @@ class Strategy:
 
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, float]] = {}
+    statistics: np.ndarray | None = None  # set by observe_layout
 
     def __init__(self, limits: UpdateLimits | None = None, **params: Any) -> None:
         self.limits = limits or UpdateLimits()
@@ -140,6 +141,11 @@ class Strategy:
 
     def begin(self, global_vec: np.ndarray) -> Accumulator:
         return Accumulator(np.asarray(global_vec, dtype=np.float32), self._step, self.limits)
+
+    def observe_layout(self, statistics: np.ndarray) -> None:
+        """Which coordinates are BatchNorm running statistics (called before ``begin``). Server optimisers
+        must only average those: they are estimates, not parameters, and momentum makes them overshoot."""
+        self.statistics = np.asarray(statistics, dtype=bool)
 
     def _step(self, global_vec: np.ndarray, delta: np.ndarray) -> np.ndarray:
         """Apply the round's weighted mean delta; server optimisers override this."""
@@ -199,7 +205,12 @@ class FedAvgM(Strategy):
         if self.m is None or self.m.shape != delta.shape:
             self.m = np.zeros_like(delta)
         self.m = self.params["beta"] * self.m + delta
-        return to_float32(global_vec.astype(np.float64) + self.params["eta"] * self.m)
+        step = self.params["eta"] * self.m
+        stats = self.statistics
+        if stats is not None and stats.shape == delta.shape:  # running statistics: plain average, no momentum
+            self.m[stats] = 0.0
+            step[stats] = delta[stats]
+        return to_float32(global_vec.astype(np.float64) + step)
 
     def state(self) -> dict[str, np.ndarray]:
         return super().state() if self.m is None else {**super().state(), "m": self.m}
