@@ -456,12 +456,12 @@ class EdgeClient:
         spec = codecs.validate_spec(config.get("codec") or {"name": "dense", "dtype": "float32"})
         payload, _ = encode_delta(spec, local_vec - global_vec, layout_sizes(arrays), self.residuals, job_id,
                                   statistics_mask(arrays))
-        metrics = {"loss": float(result.loss), "accuracy": float(result.accuracy),
-                   "train_time_s": float(result.wall_time_s), **scored}
+        metrics = wire_metrics({"loss": float(result.loss), "accuracy": float(result.accuracy),
+                                "train_time_s": float(result.wall_time_s), **scored})  # as sent
         header = UpdateHeader(job_id=job_id, round=rnd, client_id=self.client_id,
                               base_version=str(task["base_version"]), codec=wire_codec(spec),
                               num_samples=int(result.num_samples), numel=int(global_vec.size),
-                              metrics=wire_metrics(metrics), attempt=int(task.get("attempt", 1)))
+                              metrics=metrics, attempt=int(task.get("attempt", 1)))
         message = encode_update(header, payload, self._device_key)
         encode_time = time.perf_counter() - t0
         limit = int(config.get("max_update_bytes", DEFAULT_MAX_UPDATE_BYTES))
