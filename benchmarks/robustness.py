@@ -215,6 +215,9 @@ def report_lines(table: dict[str, dict[str, float]], args: argparse.Namespace) -
                         else "within 2 points under every one of them.")
                      + (f" Adaptive `evade`: {row['evade'] * 100:.1f}% ({(clean - row['evade']) * 100:.1f} points)."
                         if "evade" in row else ""))
+    if args.codec != "dense":
+        lines += ["", f"With a codec, attackers' vectors go through it too: validation decodes exactly the round's "
+                  f"codec (`k` values for top-k), so no device can send a dense update into a sparse round."]
     lines += ["", "Attacks: `inflate` claims 1e6 samples and pulls towards a random model; `signflip` sends -10x its "
               "honest update; `garbage` sends N(0, 1) noise; `combined` = signflip + 1e6 samples; `evade` is a "
               "white-box signflip turned just past the direction screen (cosine +0.01 to its reference). Defaults: "
@@ -223,7 +226,7 @@ def report_lines(table: dict[str, dict[str, float]], args: argparse.Namespace) -
               "the mean; see docs/rest.md, `limits`, and docs/security.md). `clip_only` is the default without the "
               "screen (the previous default): clipping bounds each attacker to the honest norm, but a sign-flipping "
               "minority still cancels honest progress. The coordinate-wise robust strategies discard it too, but "
-              "need dense updates (a sparse codec's zeros look like agreement to them)."]
+              "need dense updates (a sparse codec's zeros look like agreement to them) and do not use the screen."]
     return lines
 
 
