@@ -215,6 +215,11 @@ def report_lines(table: dict[str, dict[str, float]], args: argparse.Namespace) -
                         else "within 2 points under every one of them.")
                      + (f" Adaptive `evade`: {row['evade'] * 100:.1f}% ({(clean - row['evade']) * 100:.1f} points)."
                         if "evade" in row else ""))
+    d_row, c_row = table.get("default", {}), table.get("clip_only", {})
+    if "evade" in d_row and "evade" in c_row and d_row["evade"] < c_row["evade"]:
+        lines += ["", "The direction screen leaves the default *more* exposed than clipping alone to `evade`, an "
+                  "attacker that knows the screen's reference (docs/security.md, \"Poisoning limits\", says why); "
+                  "`trimmed_mean`/`median` hold against it on dense updates."]
     if args.codec != "dense":
         lines += ["", f"With a codec, attackers' vectors go through it too: validation decodes exactly the round's "
                   f"codec (`k` values for top-k), so no device can send a dense update into a sparse round."]
