@@ -13,6 +13,9 @@ train the honest devices, and the coordinator's own strategy classes (with the j
   removed and a sliver (cosine +0.01) added back, so it just passes the screen; without a screen the reference
   is the last global step, which every device can compute from the models it downloads.
 
+With ``--codec`` other than dense, attackers' vectors go through the round's codec too: the coordinator decodes
+exactly that codec (``k`` values for top-k), so no device can send a dense update into a sparse round.
+
 Defences: ``undefended`` (FedAvg by claimed num_samples, no cap, no clipping, no screen), ``clip_only``
 (the default limits without the direction screen: the previous default), ``default`` (what a job gets when
 its body says nothing: see ``coordinator/rounds/limits.py`` and ``direction.py``), ``trimmed_mean`` and
@@ -221,8 +224,8 @@ def report_lines(table: dict[str, dict[str, float]], args: argparse.Namespace) -
                   "attacker that knows the screen's reference (docs/security.md, \"Poisoning limits\", says why); "
                   "`trimmed_mean`/`median` hold against it on dense updates."]
     if args.codec != "dense":
-        lines += ["", f"With a codec, attackers' vectors go through it too: validation decodes exactly the round's "
-                  f"codec (`k` values for top-k), so no device can send a dense update into a sparse round."]
+        lines += ["", "With a codec, attackers' vectors go through it too: validation decodes exactly the round's "
+                  "codec (`k` values for top-k), so no device can send a dense update into a sparse round."]
     lines += ["", "Attacks: `inflate` claims 1e6 samples and pulls towards a random model; `signflip` sends -10x its "
               "honest update; `garbage` sends N(0, 1) noise; `combined` = signflip + 1e6 samples; `evade` is a "
               "white-box signflip turned just past the direction screen (cosine +0.01 to its reference). Defaults: "
