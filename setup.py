@@ -32,7 +32,7 @@ SERVER = EDGE + [
     "matplotlib>=3.8",
     "psutil>=5.9",
 ]
-TEST = ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3"]
+TEST = ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "scipy>=1.11"]  # scipy: uniformity tests
 
 setup(
     name="fedsight",

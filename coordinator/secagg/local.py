@@ -13,6 +13,7 @@ import numpy as np
 
 from edge_sdk.protocol import secagg_wire as sw
 from edge_sdk.secagg.device import SecAggDevice
+from edge_sdk.secagg.ring import FixedPoint
 
 from coordinator.secagg.server import RoundResult, SecAggParams, SecAggServer
 
@@ -50,9 +51,12 @@ class LocalRound:
 def run_round(inputs: dict[str, np.ndarray], params: SecAggParams, *, drop_before_sharing: Iterable[str] = (),
               drop_after_masking: Iterable[str] = (), drop_before_reveal: Iterable[str] = (),
               tamper: Callable[[str, int, bytes], bytes] | None = None, job_id: str = "job-1", round_: int = 1,
-              attempt: int = 1, seed: int = 0, rng: np.random.Generator | None = None) -> LocalRound:
+              attempt: int = 1, seed: int = 0, rng: np.random.Generator | None = None,
+              encode: Callable[[str, FixedPoint], np.ndarray] | None = None) -> LocalRound:
     """Run one round over ``inputs`` (device id -> float vector of length k).
 
+    ``encode(device, fixed)`` may produce a device's ring vector itself (error feedback needs the round's
+    fixed-point grid); by default ``inputs[device]`` is clipped and encoded.
     ``tamper(device, kind, frame)`` may replace a device's uplink frame before it is decoded (tests of
     rejection). Devices in the ``drop_*`` sets stop at that point."""
     before, after, no_reveal = set(drop_before_sharing), set(drop_after_masking), set(drop_before_reveal)
@@ -107,7 +111,7 @@ def run_round(inputs: dict[str, np.ndarray], params: SecAggParams, *, drop_befor
             device(lambda dev=dev, msg=msg: dev.receive_inbox(msg))
             if d in after:
                 continue
-            encoded = dev.fixed.encode(inputs[d])
+            encoded = encode(d, dev.fixed) if encode is not None else dev.fixed.encode(inputs[d])
             up(d, device(lambda dev=dev, e=encoded: dev.mask(e, rng)))
         requests = down(coord(server.close_masked))
         for d, msg in requests.items():
