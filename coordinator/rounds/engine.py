@@ -30,6 +30,7 @@ from coordinator.rounds.journal import RoundJournal
 from coordinator.rounds.open_round import OpenRound
 from coordinator.rounds.replay import ReplayGuard
 from coordinator.rounds.runner import JobRunner
+from coordinator.secagg.flow import file_message
 from coordinator.storage.store import Store
 from coordinator.rounds.validation import Rejected
 
@@ -330,6 +331,10 @@ class RoundEngine:
         self._record(topic_client_id, verdict, header, rnd, nbytes)
         self._ack(topic_client_id, verdict)
         return verdict
+
+    def submit_secagg(self, topic_client_id: str, raw: bytes) -> str | None:
+        """One secure-aggregation message (keys, shares, masked input, reveal); never raises."""
+        return file_message(self, topic_client_id, raw)
 
     def _ack(self, client_id: str, verdict: Verdict) -> None:
         ack = {"job": verdict.job_id, "round": verdict.round, "status": verdict.status, "reason": verdict.reason}

@@ -45,6 +45,8 @@ class OpenRound:
     _metric_weights: dict[str, float] = field(default_factory=dict)
     _scored: list[tuple[float, float, float]] = field(default_factory=list)  # (loss, accuracy, weight)
     cond: threading.Condition = field(default_factory=threading.Condition)
+    secagg: Any = None  # the round's SecAggServer under secure aggregation (coordinator/secagg/flow.py)
+    failure: str | None = None  # why the round cannot close (e.g. the secure-aggregation protocol failed)
 
     @property
     def target(self) -> int:
