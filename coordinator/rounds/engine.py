@@ -195,7 +195,7 @@ class RoundEngine:
         return RunnerContext(store=self.store, models=self.models, config=self.config, presence=self.presence,
                              evaluator=self.evaluator, exports=self.exports, send_task=self.send_task,
                              send_event=self.send_event, eligible_clients=self.eligible_clients,
-                             model_path=self.model_path, journal=self.journal)
+                             model_path=self.model_path, journal=self.journal, send_relay=self.send_relay)
 
     def _runner_done(self, runner: JobRunner) -> None:
         with self._lock:
@@ -228,6 +228,12 @@ class RoundEngine:
 
     def send_task(self, client_id: str, task: dict[str, Any]) -> None:
         self._publish_json(topics.task_topic(client_id), task)
+
+    def send_relay(self, client_id: str, frame: bytes) -> None:
+        try:
+            self.publisher.publish(topics.relay_topic(client_id), frame, qos=1, retain=False)
+        except Exception:  # noqa: BLE001 - as _publish_json: the round's phase timeout covers a lost message
+            log.exception("relay to %s failed", client_id)
 
     def send_event(self, job_id: str, event: dict[str, Any]) -> None:
         self._publish_json(topics.job_events_topic(job_id), event)

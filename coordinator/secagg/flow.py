@@ -65,7 +65,7 @@ def collect_secure(runner: JobRunner, job: dict[str, Any], rnd: OpenRound, array
     except SecAggAbort as exc:
         rnd.failure = f"secure aggregation: {exc}"
         for cid in sorted(server.keys):
-            eng.publisher.publish(topics.relay_topic(cid), sw.encode(server.abort_message(cid)), qos=1)
+            eng.send_relay(cid, sw.encode(server.abort_message(cid)))
         result = None
     rnd.close()
     runner.current = None
@@ -96,7 +96,7 @@ def _relay(eng: Any, rnd: OpenRound, close: Any) -> None:
     with rnd.cond:
         out = close()
     for cid, msg in out.items():
-        eng.publisher.publish(topics.relay_topic(cid), sw.encode(msg), qos=1)
+        eng.send_relay(cid, sw.encode(msg))
 
 
 def file_message(engine: RoundEngine, topic_client_id: str, raw: bytes) -> str | None:
