@@ -62,6 +62,8 @@ def test_secure_round_with_a_dropout_updates_the_model_by_the_survivors_mean(tmp
         assert job["status"] == "finished", job
         r1 = [r for r in env.store.get_rounds(JOB) if r["status"] == "closed"][0]
         assert r1["participants"] == ["a", "b", "c"] and r1["rejected"] == 1
+        assert r1["metrics"]["secagg_survivors"] == 3 and r1["metrics"]["secagg_dropped"] == 1
+        assert r1["metrics"]["secagg_noise_multiplier"] == 0.0  # no distributed noise configured
         v0 = flatten(load_model(env.svc.models.get(env.version0))[0])
         v1 = flatten(load_model(env.svc.models.get(job["current_version"]))[0])
         want = v0.astype(np.float64)

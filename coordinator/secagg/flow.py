@@ -75,6 +75,12 @@ def collect_secure(runner: JobRunner, job: dict[str, Any], rnd: OpenRound, array
             for cid in result.survivors:
                 rnd.accepted_clients[cid] = sum(n for key, n in server.bytes_up.items() if key.startswith(f"{cid}:"))
             rnd.uplink_bytes = sum(server.bytes_up.values())
+            # what a DP accountant needs of the round (with the job's clip bound): the noise the sum carries
+            rnd.protocol_metrics = {"secagg_survivors": float(len(result.survivors)),
+                                    "secagg_dropped": float(len(result.dropped)),
+                                    "secagg_left_out": float(len(result.left_out)),
+                                    "secagg_noise_multiplier": float(result.effective_noise_multiplier),
+                                    "secagg_coordinator_s": float(sum(result.timings.values()))}
         log.info("job %s round %d: unmasked the sum of %d device(s) (%d dropped after sharing, %d left out), "
                  "coordinator crypto %.2f s", rnd.job_id, rnd.round, len(result.survivors), len(result.dropped),
                  len(result.left_out), sum(result.timings.values()))

@@ -2,6 +2,7 @@
 messages passed through the wire encoding (so byte counts are what MQTT would carry) instead of a broker.
 
 Used by the tests and ``benchmarks/secagg.py``; the MQTT flow (``flow.py``) drives the same two objects.
+Times are CPU seconds of the calling thread, so other load on shared cores does not inflate them.
 """
 from __future__ import annotations
 
@@ -43,9 +44,10 @@ class LocalRound:
     result: RoundResult | None
     server: SecAggServer
     traffic: Traffic
-    coordinator_s: float
+    coordinator_s: float  # CPU seconds of this thread (robust to other load on shared cores)
     devices_s: float
     error: str | None = None
+    finish_s: float = 0.0  # of coordinator_s: rebuilding seeds and removing masks
 
 
 def run_round(inputs: dict[str, np.ndarray], params: SecAggParams, *, drop_before_sharing: Iterable[str] = (),
@@ -70,33 +72,33 @@ def run_round(inputs: dict[str, np.ndarray], params: SecAggParams, *, drop_befor
         if tamper is not None:
             frame = tamper(d, msg.kind, frame)
         traffic.add("up", d, msg.name, len(frame))
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         decoded = sw.decode(frame)
         if sw.verify(frame, KEY):
             server.receive(d, decoded, len(frame))
-        clock["coord"] += time.perf_counter() - t0
+        clock["coord"] += time.thread_time() - t0
 
     def down(out: dict[str, sw.SecAggMessage]) -> dict[str, sw.SecAggMessage]:
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         frames = {d: sw.encode(m) for d, m in out.items()}
-        clock["coord"] += time.perf_counter() - t0
+        clock["coord"] += time.thread_time() - t0
         for d, f in frames.items():
             traffic.add("down", d, out[d].name, len(f))
         return {d: sw.decode(f) for d, f in frames.items()}
 
     def device(fn: Callable[[], sw.SecAggMessage | None]) -> sw.SecAggMessage | None:
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         try:
             return fn()
         finally:
-            clock["dev"] += time.perf_counter() - t0
+            clock["dev"] += time.thread_time() - t0
 
     def coord(fn: Callable[[], dict[str, sw.SecAggMessage]]) -> dict[str, sw.SecAggMessage]:
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         try:
             return fn()
         finally:
-            clock["coord"] += time.perf_counter() - t0
+            clock["coord"] += time.thread_time() - t0
 
     try:
         for d, dev in devices.items():
@@ -117,9 +119,10 @@ def run_round(inputs: dict[str, np.ndarray], params: SecAggParams, *, drop_befor
         for d, msg in requests.items():
             if d not in no_reveal:
                 up(d, device(lambda dev=devices[d], msg=msg: dev.reveal(msg)))
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         result = server.finish()
-        clock["coord"] += time.perf_counter() - t0
-        return LocalRound(result, server, traffic, clock["coord"], clock["dev"])
+        finish_s = time.thread_time() - t0
+        clock["coord"] += finish_s
+        return LocalRound(result, server, traffic, clock["coord"], clock["dev"], finish_s=finish_s)
     except Exception as exc:  # SecAggAbort, or a device refusing (ProtocolError): the round failed
         return LocalRound(None, server, traffic, clock["coord"], clock["dev"], f"{type(exc).__name__}: {exc}")
