@@ -145,6 +145,22 @@ def test_shares_of_the_wrong_size_are_rejected_and_the_round_completes() -> None
     assert np.abs(out.result.sum - _plain(inputs, {"c-006"})).max() <= 8 * out.server.fixed.resolution
 
 
+def test_low_order_public_key_is_rejected_and_the_round_completes() -> None:
+    """An all-zero X25519 key would make every neighbour's key agreement fail; it is refused at the door."""
+    inputs = _inputs(5)
+
+    def zero_key(device: str, kind: int, frame: bytes) -> bytes:
+        if device == "c-001" and kind == sw.KEYS:
+            return _retag(frame, body=bytes(32) + sw.decode(frame).body[32:])
+        return frame
+
+    out = run_round(inputs, _params(), tamper=zero_key)
+    assert out.error is None and out.result is not None
+    assert out.server.rejections == [("c-001", "invalid public key (a low-order X25519 point)")]
+    assert out.result.left_out == ["c-001"]
+    assert np.abs(out.result.sum - _plain(inputs, {"c-001"})).max() <= 5 * out.server.fixed.resolution
+
+
 def test_envelope_sealed_for_another_round_does_not_open() -> None:
     """Envelopes carried inside a correctly labelled message but sealed for another round fail
     authentication at their recipient, which leaves those shares out: one such envelope costs one share and

@@ -339,8 +339,12 @@ class RoundEngine:
         return verdict
 
     def submit_secagg(self, topic_client_id: str, raw: bytes) -> str | None:
-        """One secure-aggregation message (keys, shares, masked input, reveal); never raises."""
-        return file_message(self, topic_client_id, raw)
+        """One secure-aggregation message (keys, shares, masked input, reveal); never raises. A rejection is
+        stored and acked with its reason, as for updates; None means it was filed."""
+        reason, job_id, round_ = file_message(self, topic_client_id, raw)
+        if reason is not None:
+            self._ack(topic_client_id, Verdict("rejected", "secure_aggregation", reason, job_id, round_))
+        return reason
 
     def _ack(self, client_id: str, verdict: Verdict) -> None:
         ack = {"job": verdict.job_id, "round": verdict.round, "status": verdict.status, "reason": verdict.reason}

@@ -34,7 +34,7 @@ from coordinator.rounds.open_round import OpenRound
 from coordinator.rounds.recovery import load_strategy_state, restore_open_round
 from coordinator.rounds.strategy import Strategy, make_strategy, round_seed
 from coordinator.secagg.config import task_fields
-from coordinator.secagg.flow import collect_secure
+from coordinator.secagg.flow import run_secure
 
 
 log = logging.getLogger(__name__)
@@ -217,8 +217,9 @@ class JobRunner:
                     "base_version": base_version, "model_path": eng.model_path(self.job_id, base_version),
                     "config": task_cfg, "deadline_s": cfg["round_timeout_s"]}
         eng.store.open_round(self.job_id, round_, attempt, base_version, task_cfg["codec"], selected)
-        if cfg.get("secure_aggregation"):
-            return collect_secure(self, job, rnd, arrays, strategy)
+        if cfg.get("secure_aggregation"):  # the coordinator only ever sees the sum (coordinator/secagg/flow.py)
+            run_secure(self, job, rnd)
+            return self._close(job, rnd, arrays, strategy)
         return self._collect(job, rnd, arrays, strategy)
 
     def _collect(self, job: dict[str, Any], rnd: OpenRound, arrays: dict[str, Any], strategy: Strategy) -> bool:

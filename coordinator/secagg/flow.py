@@ -14,7 +14,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from edge_sdk.protocol import secagg_wire as sw
-from edge_sdk.protocol import topics
 from edge_sdk.protocol.errors import ProtocolError
 from edge_sdk.secagg.update import round_indices
 
@@ -24,16 +23,15 @@ from coordinator.secagg.server import SecAggAbort, SecAggParams, SecAggServer
 if TYPE_CHECKING:
     from coordinator.rounds.engine import RoundEngine
     from coordinator.rounds.runner import JobRunner
-    from coordinator.rounds.strategy import Strategy
 
 log = logging.getLogger(__name__)
 
 MAX_FRAME_BYTES = 64 << 20
 
 
-def collect_secure(runner: JobRunner, job: dict[str, Any], rnd: OpenRound, arrays: dict[str, Any],
-                   strategy: Strategy) -> bool:
-    """Announce ``rnd``, run the protocol, fold the unmasked sum into the round's accumulator, close it."""
+def run_secure(runner: JobRunner, job: dict[str, Any], rnd: OpenRound) -> None:
+    """Announce ``rnd`` and run the protocol; on success the unmasked sum is folded into the round's accumulator
+    and the survivors count as accepted, otherwise ``rnd.failure`` says why. The runner then closes the round."""
     eng, cfg = runner.ctx, job["config"]
     sa = cfg["secure_aggregation"]
     idx = round_indices(rnd.codec, rnd.numel)
@@ -84,7 +82,6 @@ def collect_secure(runner: JobRunner, job: dict[str, Any], rnd: OpenRound, array
         log.info("job %s round %d: unmasked the sum of %d device(s) (%d dropped after sharing, %d left out), "
                  "coordinator crypto %.2f s", rnd.job_id, rnd.round, len(result.survivors), len(result.dropped),
                  len(result.left_out), sum(result.timings.values()))
-    return runner._close(job, rnd, arrays, strategy)
 
 
 def _wait(rnd: OpenRound, server: SecAggServer, stop: Any, deadline: float) -> None:
@@ -105,9 +102,9 @@ def _relay(eng: Any, rnd: OpenRound, close: Any) -> None:
         eng.send_relay(cid, sw.encode(msg))
 
 
-def file_message(engine: RoundEngine, topic_client_id: str, raw: bytes) -> str | None:
-    """Authenticate one ``secagg`` message and hand it to its round; None if filed, else the reason (logged,
-    recorded as a rejected update and acked to the device). Never raises."""
+def file_message(engine: RoundEngine, topic_client_id: str, raw: bytes) -> tuple[str | None, str | None, int | None]:
+    """Authenticate one ``secagg`` message and hand it to its round: ``(None, job, round)`` if filed, else
+    ``(reason, job, round)``, the rejection logged and recorded as a rejected update. Never raises."""
     try:
         reason, job_id, round_ = _file(engine, topic_client_id, raw)
     except Exception as exc:  # noqa: BLE001 - the network thread must survive anything a device sends
@@ -120,9 +117,7 @@ def file_message(engine: RoundEngine, topic_client_id: str, raw: bytes) -> str |
                                     job_id=job_id, round_=round_)
         except Exception:  # noqa: BLE001 - bookkeeping must not fail the intake
             log.exception("could not record a rejected secure-aggregation message")
-        engine._publish_json(topics.ack_topic(topic_client_id), {  # noqa: SLF001 - the engine's ack channel
-            "status": "rejected", "code": "secure_aggregation", "reason": reason, "job": job_id, "round": round_})
-    return reason
+    return reason, job_id, round_
 
 
 def _file(engine: RoundEngine, cid: str, raw: bytes) -> tuple[str | None, str | None, int | None]:

@@ -111,6 +111,8 @@ class SecAggServer:
         if msg.kind == sw.KEYS:
             if cid in self.keys:
                 return "keys already advertised"
+            if not (prg.usable_public(msg.body[:32]) and prg.usable_public(msg.body[32:64])):
+                return "invalid public key (a low-order X25519 point)"
             self.keys[cid] = msg.body
         elif msg.kind == sw.SHARES:
             if cid not in self.roster:

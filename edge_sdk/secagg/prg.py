@@ -40,6 +40,16 @@ def load_public(raw: bytes) -> X25519PublicKey:
     return X25519PublicKey.from_public_bytes(raw)
 
 
+def usable_public(raw: bytes) -> bool:
+    """False for a key every agreement with would fail (low-order point: all-zero shared secret), so one
+    device cannot make its neighbours' key agreement throw."""
+    try:
+        X25519PrivateKey.generate().exchange(load_public(raw))
+    except ValueError:
+        return False
+    return True
+
+
 def _pair(a: str, b: str) -> bytes:
     lo, hi = sorted((a, b))
     return f"{lo}|{hi}".encode()
