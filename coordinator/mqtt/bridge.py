@@ -137,5 +137,6 @@ class MqttBridge:
         elif kind == topics.UPDATE:
             if self.engine.screen(client_id, len(payload)) is None:
                 self._queue.put((client_id, payload))
-        elif kind == topics.SECAGG:  # small messages, filed in O(1) crypto-free work: no queue needed
-            self.engine.submit_secagg(client_id, payload)
+        elif kind == topics.SECAGG:  # small frames, filed with one HMAC check: no queue needed; same rate limit
+            if self.engine.screen(client_id, len(payload)) is None:
+                self.engine.submit_secagg(client_id, payload)
