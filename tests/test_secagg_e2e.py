@@ -13,7 +13,6 @@ import json
 import queue
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
