@@ -3,6 +3,7 @@ devices are driven by the test through ``engine.submit_secagg`` and the relay fr
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from edge_sdk.protocol import secagg_wire as sw
 from edge_sdk.protocol import topics
@@ -71,6 +72,35 @@ def test_secure_round_with_a_dropout_updates_the_model_by_the_survivors_mean(tmp
         want[idx] += np.mean([sent[c].values for c in "abc"], axis=0)
         assert np.abs(v1 - want).max() < 1e-5
         assert np.array_equal(np.flatnonzero(v1 != v0), np.intersect1d(idx, np.flatnonzero(want != v0)))
+    finally:
+        env.close()
+
+
+def test_distributed_noise_reaches_the_round_record(tmp_path) -> None:
+    """With noise_multiplier z every survivor adds its share of Skellam noise; the round records the noise
+    multiplier its sum carries (the DP accountant's input): z * sqrt(survivors / min survivors)."""
+    env = Env(tmp_path, clients="abc", online="abc", **{**SECURE, "clients_per_round": 3,
+              "secure_aggregation": {"clip": 1.0, "phase_timeout_s": 3, "noise_multiplier": 0.5}})
+    try:
+        env.engine.start_job(JOB)
+        rnd = env.open_round()
+        devs = {c: SecAggDevice(c, JOB, 1, rnd.attempt) for c in "abc"}
+        for c, d in devs.items():
+            _send(env, c, d.advertise())
+        for c, d in devs.items():
+            _send(env, c, d.share(_relayed(env, c, sw.ROSTER)))
+        for c, d in devs.items():
+            d.receive_inbox(_relayed(env, c, sw.INBOX))
+            assert d.noise_var > 0
+            _send(env, c, d.mask(np.zeros(d.k, np.uint32)))
+        for c in "abc":
+            _send(env, c, devs[c].reveal(_relayed(env, c, sw.UNMASK)))
+        assert env.engine.wait_idle(JOB, 30)
+        r1 = [r for r in env.store.get_rounds(JOB) if r["status"] == "closed"][0]
+        assert r1["metrics"]["secagg_noise_multiplier"] == pytest.approx(0.5 * np.sqrt(3 / 2))
+        v0 = flatten(load_model(env.svc.models.get(env.version0))[0])
+        v1 = flatten(load_model(env.svc.models.get(env.store.get_job(JOB)["current_version"]))[0])
+        assert np.count_nonzero(v1 != v0) > 0.9 * devs["a"].k  # zero updates, yet the model moved: the noise
     finally:
         env.close()
 
