@@ -204,18 +204,19 @@ def _kb(x: float) -> str:
 
 def report(results: dict) -> list[str]:
     lines = ["### Bytes per device per round (digits SmallCNN, 26,202 parameters; mean over devices)", "",
-             "| devices | graph degree | rand-k density (k) | keys | shares | masked input | unmasking | **uplink total** "
-             "| downlink (roster + relayed shares + unmask request) | dense fp32 update | vs dense fp32 "
-             "| Flower SecAgg+ int64 vector | vs Flower |",
+             "| devices | graph degree | rand-k density (k) | keys | shares | masked input | unmasking "
+             "| **uplink total** | downlink (roster + relayed shares + unmask request) | dense fp32 update "
+             "| vs dense fp32 | Flower SecAgg+ int64 vector | vs Flower |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["bytes"]:
         u = r["uplink"]
         lines.append(f"| {r['devices']} | {r['degree']} | {r['density']:.0%} ({r['k']}) | {_kb(u['keys'])} "
-                     f"| {_kb(u['shares'])} | {_kb(u['masked'])} | {_kb(u['reveal'])} | **{_kb(r['uplink_total'])}** "
-                     f"| {_kb(r['downlink_total'])} | {_kb(r['dense_fp32_bytes'])} | **{r['ratio_vs_dense_fp32']:.1f}x** "
+                     f"| {_kb(u['shares'])} | {_kb(u['masked'])} | {_kb(u['reveal'])} "
+                     f"| **{_kb(r['uplink_total'])}** | {_kb(r['downlink_total'])} | {_kb(r['dense_fp32_bytes'])} "
+                     f"| **{r['ratio_vs_dense_fp32']:.1f}x** "
                      f"| {_kb(r['flower_secaggplus_int64_bytes'])} | {r['ratio_vs_flower_int64']:.1f}x |")
-    lines += ["", "Key exchange, shares and unmasking happen every round (fresh keys per round), so they are counted in "
-              "full in every round, not amortised away. Flower's column is its masked vector alone (its key and "
+    lines += ["", "Key exchange, shares and unmasking happen every round (fresh keys per round), so they are counted "
+              "in full in every round, not amortised away. Flower's column is its masked vector alone (its key and "
               "share traffic would come on top).", "",
               "### Coordinator CPU time per round (10 % of devices drop after masking; real cryptography)",
               "", "| devices | graph degree | k | coordinator CPU s/round | of which unmasking | device CPU ms each "
@@ -236,7 +237,8 @@ def report(results: dict) -> list[str]:
     dense = dense_fp32_message_bytes(NUMEL)
     for r in results["accuracy"]:
         delta = (f"{100 * (r['final_accuracy'] - plain[r['density']]):+.1f}" if r["secure_aggregation"] else "")
-        lines.append(f"| {r['label']} | {r['final_accuracy']:.3f} | {delta} | {_kb(r['uplink_bytes_per_device_round'])} "
+        lines.append(f"| {r['label']} | {r['final_accuracy']:.3f} | {delta} "
+                     f"| {_kb(r['uplink_bytes_per_device_round'])} "
                      f"| {dense / r['uplink_bytes_per_device_round']:.1f}x |")
     conv = results.get("convergence") or []
     if conv:
@@ -250,8 +252,8 @@ def report(results: dict) -> list[str]:
             lines.append(f"| {r['density']:.0%} | {dense / r['uplink_bytes_per_device_round']:.1f}x | "
                          + " | ".join(f"{accs[m - 1]:.3f}" for m in marks) + f" | {r['rounds_to_90'] or '-'} |")
     lines += ["", f"Setup: {results['accuracy'][0]['setup']}, {len(results['accuracy'][0]['accuracy_per_round'])} "
-              f"rounds, FedAvg with uniform weights. Without secure aggregation the coordinator clips each update to L2 "
-              f"{results['clip']}; with it each device clips what it sends to the same bound (the coordinator "
+              f"rounds, FedAvg with uniform weights. Without secure aggregation the coordinator clips each update "
+              f"to L2 {results['clip']}; with it each device clips what it sends to the same bound (the coordinator "
               f"cannot), so the rows differ only by the protocol."]
     return lines
 
