@@ -21,6 +21,7 @@ from edge_sdk.protocol.modelfile import dump_model
 
 from coordinator.rounds.limits import normalize_limits
 from coordinator.rounds.strategy import make_strategy
+from coordinator.secagg.config import normalize_secure_aggregation
 
 DEFAULT_MAX_UPDATE_BYTES = 64 << 20
 HARD_MAX_UPDATE_BYTES = 256 << 20
@@ -141,7 +142,7 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
     """Validate a job body and return the full config with every default filled in."""
     top = {"name", "model", "rounds", "clients_per_round", "min_clients", "round_timeout_s", "train", "codec",
            "eval", "seed", "class_names", "normalization", "input_scale", "max_update_bytes", "strategy",
-           "limits", "stall_timeout_s", "on_stall"}
+           "limits", "stall_timeout_s", "on_stall", "secure_aggregation"}
     body = _object(body, top, "")
     name = _get(body, "name", str, "job", "")
     if not 1 <= len(name) <= 200:
@@ -201,13 +202,17 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
         limits = normalize_limits(body.get("limits"))
     except ValueError as exc:
         raise JobSpecError(str(exc)) from None
+    try:
+        secure = normalize_secure_aggregation(body.get("secure_aggregation"), codec, strategy, min_clients)
+    except ValueError as exc:
+        raise JobSpecError(str(exc)) from None
     return {"name": name, "model": {"arch": arch, "num_classes": num_classes, "in_channels": channels,
                                     "image_size": image_size, "weights": weights},
             "rounds": rounds, "clients_per_round": k, "min_clients": min_clients, "round_timeout_s": timeout,
             "train": train_cfg, "codec": codec, "eval": eval_cfg, "seed": seed, "class_names": class_names,
             "normalization": _normalization(body, channels, digits), "input_scale": input_scale,
             "max_update_bytes": max_bytes, "strategy": strategy, "limits": limits,
-            "stall_timeout_s": stall, "on_stall": on_stall}
+            "stall_timeout_s": stall, "on_stall": on_stall, "secure_aggregation": secure}
 
 
 def job_input_scale(config: dict[str, Any]) -> float:

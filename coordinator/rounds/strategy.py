@@ -34,6 +34,11 @@ class DecodedLike(Protocol):
     values: np.ndarray
 
 
+class _Sum:
+    def __init__(self, indices: np.ndarray, values: np.ndarray) -> None:
+        self.indices, self.values = indices, values
+
+
 class Accumulator:
     """Running ``sum_i n_i * delta_i`` and ``sum_i n_i`` for one round; holds no reference to any update."""
 
@@ -74,6 +79,14 @@ class Accumulator:
             self.screen.hold(clipped, w)
         self.count += 1
         return w
+
+    def add_secure_sum(self, indices: np.ndarray, values_sum: np.ndarray, count: int) -> None:
+        """Fold in the sum of ``count`` updates over shared ``indices`` (secure aggregation: the coordinator
+        never sees one update, so each counts with weight 1 and was clipped on its device)."""
+        self._check(_Sum(np.asarray(indices), np.asarray(values_sum)))
+        self._sum[np.asarray(indices)] += np.asarray(values_sum, dtype=np.float64)
+        self.total_weight += float(count)
+        self.count += int(count)
 
     def _fold(self, decoded: DecodedLike, weight: float) -> None:
         values = np.asarray(decoded.values)
