@@ -31,7 +31,7 @@ SERVER = EDGE + [
     "dp-accounting>=0.4",  # privacy accountant of DP jobs (coordinator/privacy/accountant.py)
     "psutil>=5.9",
 ]
-TEST = ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3"]
+TEST = ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "scipy>=1.10"]  # scipy: DP noise statistics
 
 setup(
     name="fedsight",
