@@ -211,7 +211,7 @@ def test_adaptive_bound_moves_on_the_noised_unclipped_fraction() -> None:
         fractions.append(f)
         step = min(max(f, 0.0), 1.0) - 0.5  # a noised fraction outside [0, 1] counts as 0 or 1
         assert acc.release["next_clip_bound"] == pytest.approx(math.exp(-0.2 * step))
-        assert mech.bound.bound == acc.release["next_clip_bound"]
+        assert mech.bound.bound == 1.0  # moves only when the round is committed (JobPrivacy.charge)
     assert np.mean(fractions) == pytest.approx(0.7, abs=4 * sb / k / math.sqrt(400))
     assert np.std(fractions) == pytest.approx(sb / k, rel=0.1)  # the count is noised, not exact
 
@@ -281,6 +281,9 @@ def test_accountant_state_survives_a_coordinator_restart(mk) -> None:
     assert runner._privacy.accountant.events == [(z, 1.0)]
     assert runner._privacy.spent() == pytest.approx(spent["epsilon"])
     assert runner._privacy.mechanism.bound.bound == pytest.approx(spent["next_clip_bound"])
+    assert spent["next_clip_bound"] != 1.0  # the noised count moved it; round 2's devices are told the new bound
+    wait_for(lambda: env.pub.json_on(topics.task_topic("a")), what="round 2 task after the restart")
+    assert env.pub.json_on(topics.task_topic("a"))[-1]["config"]["dp"]["clip_bound"] == spent["next_clip_bound"]
     run_round(env, 2)  # re-opened after the restart (attempt 1 from the journal, or a fresh attempt)
     assert engine2.wait_idle(JOB, 10)
     final = env.store.get_job(JOB)

@@ -66,8 +66,10 @@ class JobPrivacy:
                 "target_epsilon": self.target}
 
     def charge(self, record: dict[str, Any]) -> None:
-        """The round was committed: its release counts from now on."""
+        """The round was committed: its release counts from now on, and the adaptive bound takes its step."""
         self.accountant.record(float(record["noise_multiplier"]), float(record.get("sampling_probability", 1.0)))
+        if record.get("next_clip_bound") is not None:
+            self.mechanism.bound.bound = float(record["next_clip_bound"])
 
     def status(self) -> dict[str, Any]:
         """The job-level summary shown in REST and ``job status``."""

@@ -17,6 +17,7 @@ Mironov 2012; docs/privacy.md says so.
 """
 from __future__ import annotations
 
+import copy
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -92,7 +93,7 @@ class DPAccumulator(Accumulator):
         return 1.0
 
     def noised_delta(self, rng: np.random.Generator | None = None) -> np.ndarray:
-        """(sum of clipped updates + Gaussian noise) / clients_per_round; also steps the adaptive bound."""
+        """(sum of clipped updates + Gaussian noise) / clients_per_round; ``release`` says what was released."""
         if self.count == 0:
             raise ValueError("no update was accumulated in this round")
         rng = rng or self.mech.rng_factory()
@@ -106,7 +107,9 @@ class DPAccumulator(Accumulator):
             noised_count = self.unclipped - self.count / 2.0 + float(rng.normal(0.0, m.count_stddev))
             fraction = noised_count / m.denominator + 0.5
             release["noised_unclipped_fraction"] = fraction
-            release["next_clip_bound"] = m.bound.update(fraction)
+            # computed on a copy: the bound moves only once the round is committed (JobPrivacy.charge), so a
+            # discarded round's noised count never reaches a task
+            release["next_clip_bound"] = copy.copy(m.bound).update(fraction)
         else:
             release["next_clip_bound"] = self.clip_bound
         self.release = release
