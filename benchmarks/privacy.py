@@ -162,7 +162,7 @@ def report_lines(table: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> list[
              "| clip C | target epsilon | epsilon spent (accountant) | noise multiplier z | noise std per value "
              "(z C / K) | final accuracy |", "| ---: | --- | ---: | ---: | ---: | ---: |"]
     for name, row in table.items():
-        eps = {"inf": "inf (clipped, no noise)", "no_dp": "no DP (job default)"}.get(row["epsilon"], row["epsilon"])
+        eps = {"inf": "inf (clipped, no noise)", "no_dp": "no DP (job default limits)"}.get(row["epsilon"], row["epsilon"])
         lines.append(f"| {'-' if row['clip'] is None else format(row['clip'], 'g')} | {eps} | "
                      f"{_eps(row['epsilon_spent'])} | {row['noise_multiplier']:.3g} | "
                      f"{row['noise_stddev_per_coordinate']:.2g} | {row['accuracy_mean'] * 100:.1f}% |")

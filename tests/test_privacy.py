@@ -17,7 +17,6 @@ from scipy import optimize, stats
 
 from coordinator.privacy import accountant
 from coordinator.privacy.mechanism import DPAccumulator, DPMechanism
-from coordinator.privacy.spec import normalize_privacy
 from coordinator.rounds.clipping import AdaptiveBound, ClipBound, l2_norm
 from coordinator.rounds.engine import MemoryPublisher, RoundEngine
 from coordinator.rounds.jobspec import JobSpecError, normalize_job
@@ -25,7 +24,7 @@ from edge_sdk.error_feedback import ResidualStore
 from edge_sdk.protocol import codecs, topics
 from edge_sdk.protocol.modelfile import flatten, load_model
 from edge_sdk.update import encode_delta
-from tests.test_engine import JOB, mk, wait_for  # noqa: F401 - mk is a fixture
+from tests.test_engine import JOB, Env, wait_for
 
 MODEL = {"arch": "small_cnn", "in_channels": 1, "image_size": 8}
 
@@ -217,6 +216,20 @@ def test_adaptive_bound_moves_on_the_noised_unclipped_fraction() -> None:
 
 
 # ------------------------------------------------------------------------------- the budget, enforced
+@pytest.fixture
+def mk(tmp_path: Path):
+    """Round engines over a real store and journal, driven through ``engine.submit`` (tests/test_engine.py)."""
+    made: list[Env] = []
+
+    def make(**kw):
+        made.append(Env(tmp_path / str(len(made)), **kw))
+        return made[-1]
+
+    yield make
+    for env in made:
+        env.close()
+
+
 def dp_env(mk, rounds=6, z=2.0, budget=None, clip=None):
     """A DP job whose budget fits exactly ``allowed`` rounds of multiplier z."""
     privacy = {"epsilon": budget, "noise_multiplier": z, "clip": clip or {"mode": "fixed", "bound": 1.0}}
