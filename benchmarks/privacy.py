@@ -55,6 +55,7 @@ from edge_sdk.update import encode_delta  # noqa: E402
 log = logging.getLogger("benchmarks.privacy")
 RESULTS = ROOT / "benchmarks" / "results" / "privacy.json"
 DENSE = codecs.validate_spec({"name": "dense", "dtype": "float32"})
+TARGET_STD = 0.002  # noise per value small next to small_cnn's weights (~0.05-0.1): for the computed K note
 
 
 class Dense:
@@ -174,6 +175,13 @@ def report_lines(table: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> list[
               "DP needs many devices per round; with one digits dataset spread over "
               f"{cfg['clients']} devices, see the rows for where the noise starts to cost accuracy. The clip bound "
               "trades progress per round (a round moves the model by at most C) against noise (proportional to C)."]
+    dp_rows = [r for r in table.values() if r["noise_multiplier"] > 0 and r["clip"] == min(cfg["clips"])]
+    if dp_rows:  # arithmetic from the calibrated z, not a measurement
+        need = ", ".join(f"epsilon {r['epsilon']}: {math.ceil(r['noise_multiplier'] * r['clip'] / TARGET_STD):,}"
+                         for r in dp_rows)
+        lines += ["", f"Computed, not measured: devices per round K for the noise per value z C / K to fall to "
+                  f"{TARGET_STD} (a few percent of a typical small_cnn weight) at C = {min(cfg['clips']):g} and the "
+                  f"same {cfg['rounds']} rounds: {need}."]
     return lines
 
 
