@@ -1,10 +1,13 @@
-"""Round overhead: round wall time minus the slowest client's local training time.
+"""Round overhead: the spacing of consecutive round closes minus the slowest selected device's training time.
 
-Everything that is not training (announce, model download, encode, MQTT transfer, validation, aggregation,
-storing the new version, server-side evaluation) shows up here. Real parts: a Mosquitto broker (TLS listener),
-the coordinator process (HTTPS) and N device processes on loopback, all pinned to one private test CA.
+A round "closes" when its new version is aggregated, scored by server-side evaluation and stored (the rounds
+record's ``closed_at``), so everything that is not local training shows up here: waiting for devices, loading the
+base model, the announcement, model download, encode, MQTT transfer, validation, aggregation, evaluation and the
+store. Real parts: a Mosquitto broker (TLS listener, dynamic-security identities), the coordinator process (HTTPS)
+and N device processes on loopback, all pinned to one private test CA. Evaluation is on (the 360 held-out digits).
 
-    python benchmarks/round_overhead.py --clients 10 --rounds 5
+    nice -n 10 python benchmarks/round_overhead.py                    # 10 devices, 6 rounds, 4 configurations
+    python benchmarks/round_overhead.py --models small_cnn --codecs dense --rounds 4   # quick look
 """
 from __future__ import annotations
 
@@ -15,15 +18,63 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import write_section  # noqa: E402
+from converters.spec_text import parse_codec  # noqa: E402
 from tests.support.processes import Coordinator, Mosquitto, make_pki, start_device, stop_process  # noqa: E402
 
+TARGET_S = 0.3
+MODELS = {"small_cnn": {"arch": "small_cnn", "num_classes": 10, "in_channels": 1, "image_size": 8},
+          "mobilenet_v3_small": {"arch": "mobilenet_v3_small", "num_classes": 10, "in_channels": 3,
+                                 "image_size": 32}}
 
-def run(clients: int, rounds: int, codec: dict) -> dict:
+
+def _wait_online(server: Coordinator, clients: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while sum(c.get("online", False) for c in
+              server.http.get(f"{server.api}/clients", timeout=5).json()["clients"]) < clients:
+        if time.monotonic() > deadline:
+            raise TimeoutError("devices did not come online")
+        time.sleep(0.5)
+
+
+def run_job(server: Coordinator, clients: int, rounds: int, model: str, codec_text: str) -> dict[str, Any]:
+    """One job on an already running federation; returns per-round spacing, training time and overhead."""
+    body = {"name": f"overhead-{model}-{codec_text}", "model": MODELS[model], "rounds": rounds,
+            "clients_per_round": clients, "min_clients": clients, "round_timeout_s": 300,
+            "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}, "codec": parse_codec(codec_text),
+            "eval": {"dataset": "digits"}, "seed": 0}
+    job = server.http.post(f"{server.api}/jobs", json=body, timeout=30)
+    job.raise_for_status()
+    job_id = job.json()["id"]
+    t_start = time.time()
+    server.http.post(f"{server.api}/jobs/{job_id}/start", timeout=10).raise_for_status()
+    while server.http.get(f"{server.api}/jobs/{job_id}", timeout=5).json()["status"] not in (
+            "finished", "failed", "stopped"):
+        time.sleep(0.5)
+    recs = sorted((r for r in server.http.get(f"{server.api}/jobs/{job_id}/rounds", timeout=5).json()["rounds"]
+                   if r["status"] == "closed"), key=lambda r: r["round"])
+    updates = server.http.get(f"{server.api}/jobs/{job_id}/updates", timeout=5).json()["updates"]
+    rows, prev_close = [], t_start
+    for r in recs:
+        train = [u["metrics"].get("train_time_s", 0.0) for u in updates
+                 if u["round"] == r["round"] and u["status"] == "accepted"]
+        spacing = r["closed_at"] - prev_close
+        prev_close = r["closed_at"]
+        rows.append({"round": r["round"], "spacing_s": round(spacing, 3), "slowest_train_s": round(max(train), 3),
+                     "overhead_s": round(spacing - max(train), 3),
+                     "accuracy": (r.get("eval") or {}).get("accuracy")})
+    # Round 1 includes the job start, every device's first model download and torch warm-up: reported, not judged.
+    steady = [row["overhead_s"] for row in rows[1:]] or [rows[0]["overhead_s"]]
+    return {"model": model, "codec": codec_text, "rounds": rows, "median_overhead_s": statistics.median(steady),
+            "max_overhead_s": max(steady)}
+
+
+def run(clients: int, rounds: int, models: list[str], codecs: list[str]) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         pki = make_pki(work / "pki")
@@ -31,61 +82,53 @@ def run(clients: int, rounds: int, codec: dict) -> dict:
         server = Coordinator(work, broker.url, pki, broker.admin)
         procs = [start_device(work, server, i, clients) for i in range(clients)]
         try:
-            deadline = time.monotonic() + 180
-            while sum(c.get("online", False) for c in
-                      server.http.get(f"{server.api}/clients", timeout=5).json()["clients"]) < clients:
-                if time.monotonic() > deadline:
-                    raise TimeoutError("devices did not come online")
-                time.sleep(0.5)
-            body = {"name": "overhead", "model": {"arch": "small_cnn", "num_classes": 10, "in_channels": 1,
-                                                   "image_size": 8},
-                    "rounds": rounds, "clients_per_round": clients, "min_clients": clients,
-                    "round_timeout_s": 120, "train": {"epochs": 1, "batch_size": 32, "lr": 0.05},
-                    "codec": codec, "eval": None, "seed": 0}
-            job = server.http.post(f"{server.api}/jobs", json=body, timeout=10).json()
-            server.http.post(f"{server.api}/jobs/{job['id']}/start", timeout=10).raise_for_status()
-            while server.http.get(f"{server.api}/jobs/{job['id']}", timeout=5).json()["status"] not in (
-                    "finished", "failed", "stopped"):
-                time.sleep(0.5)
-            recs = [r for r in server.http.get(f"{server.api}/jobs/{job['id']}/rounds", timeout=5).json()["rounds"]
-                    if r["status"] == "closed"]
-            updates = server.http.get(f"{server.api}/jobs/{job['id']}/updates", timeout=5).json()["updates"]
+            _wait_online(server, clients)
+            results = []
+            for model in models:
+                for codec in codecs:
+                    results.append(run_job(server, clients, rounds, model, codec))
+                    r = results[-1]
+                    print(f"{model} {codec}: median overhead {r['median_overhead_s']:.3f} s "
+                          f"(max {r['max_overhead_s']:.3f} s)", flush=True)
+            return results
         finally:
             for p in procs:
                 stop_process(p)
             server.stop()
             broker.stop()
-    rows = []
-    for r in recs:
-        train = [u["metrics"].get("train_time_s", 0.0) for u in updates
-                 if u["round"] == r["round"] and u["status"] == "accepted"]
-        rows.append({"round": r["round"], "duration_s": r["duration_s"], "slowest_train_s": max(train),
-                     "overhead_s": r["duration_s"] - max(train)})
-    # Round 1 includes every device's first model download and torch warm-up; report it, judge the rest.
-    steady = [row["overhead_s"] for row in rows[1:]] or [rows[0]["overhead_s"]]
-    return {"clients": clients, "rounds": rows, "median_overhead_s": statistics.median(steady),
-            "max_overhead_s": max(steady), "codec": codec, "target_s": 0.5}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--clients", type=int, default=10, help="device processes (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds per job (default: %(default)s)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--codecs", nargs="+", default=["dense", "topk:0.01:int8"])
     args = parser.parse_args()
-    result = run(args.clients, args.rounds, {"name": "dense", "dtype": "float32"})
+    results = run(args.clients, args.rounds, args.models, args.codecs)
     out = ROOT / "benchmarks" / "results" / "round_overhead.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    lines = ["| round | duration (s) | slowest client training (s) | overhead (s) |", "| --- | --- | --- | --- |"]
-    lines += [f"| {r['round']} | {r['duration_s']:.3f} | {r['slowest_train_s']:.3f} | {r['overhead_s']:.3f} |"
-              for r in result["rounds"]]
-    verdict = "meets" if result["median_overhead_s"] <= 0.5 else "misses"
-    lines += ["", f"Median overhead after round 1: **{result['median_overhead_s']:.3f} s** (max "
-              f"{result['max_overhead_s']:.3f} s), {args.clients} device processes, Mosquitto on loopback, "
-              "all over TLS: "
-              f"{verdict} the 0.5 s target. Flower 1.42 on this machine: 11-28 s per round with 4 nodes."]
-    write_section("round_overhead", "Round overhead",
-                  f"python benchmarks/round_overhead.py --clients {args.clients} --rounds {args.rounds}", lines)
+    out.write_text(json.dumps({"clients": args.clients, "rounds": args.rounds, "target_s": TARGET_S,
+                               "results": results}, indent=2))
+    lines = [f"{args.clients} device processes, Mosquitto (TLS, dynamic security) on loopback, HTTPS coordinator, "
+             f"server-side evaluation on, {args.rounds} rounds per job, 1 local epoch. Overhead = spacing of "
+             "consecutive round closes (version aggregated, evaluated and stored) minus the slowest selected "
+             "device's training time; round 1 (job start, first download, warm-up) is shown but not judged.", "",
+             "| model | codec | per-round overhead (s), rounds 1..N | median after round 1 (s) | max (s) | "
+             "slowest training (s, median) |", "| --- | --- | --- | ---: | ---: | ---: |"]
+    for r in results:
+        per = ", ".join(f"{row['overhead_s']:.2f}" for row in r["rounds"])
+        train = statistics.median(row["slowest_train_s"] for row in r["rounds"])
+        lines.append(f"| {r['model']} | `{r['codec']}` | {per} | **{r['median_overhead_s']:.3f}** | "
+                     f"{r['max_overhead_s']:.3f} | {train:.2f} |")
+    worst = max(r["median_overhead_s"] for r in results)
+    lines += ["", f"Worst median overhead: **{worst:.3f} s** against the {TARGET_S} s target "
+              f"({'met' if worst <= TARGET_S else 'missed'}). The machine had 2 CPU cores shared by the "
+              f"{args.clients} device processes, the broker and the coordinator, so training and overhead compete "
+              "for the same cores."]
+    cmd = (f"python benchmarks/round_overhead.py --clients {args.clients} --rounds {args.rounds} --models "
+           f"{' '.join(args.models)} --codecs {' '.join(args.codecs)}")
+    write_section("round_overhead", "Round overhead", cmd, lines)
     print("\n".join(lines))
 
 

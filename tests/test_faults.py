@@ -25,11 +25,11 @@ from tests.test_engine import JOB, Env, wait_for
 
 pytestmark = pytest.mark.integration
 
-# The issue asks for 1 point, but the digits test split has 360 images: 1 point is 3.6 images, and fault-free
-# and faulty runs of this job differ by up to 4 images (1.1 points) from which devices happen to contribute.
-# Two standard errors of the difference of two accuracy estimates near 99 % on 360 images is 1.5 points, so the
-# suite asserts that; the fault benchmark reports the exact deltas (BENCHMARKS.md, "Fault injection").
-ACCURACY_POINTS = 0.015
+# 1 point, as the issue asks. This holds because a run is repeatable: the per-round seeds come from the job seed
+# (not the job id) and the job clips with a per-round bound, so two fault-free runs on seed 0 end at the same
+# accuracy (measured: 99.17 % twice), and what remains is the fault's own effect (SIGSTOP, kill: -0.28 points).
+# An epsilon absorbs float rounding of n/360.
+ACCURACY_POINTS = 0.01 + 1e-9
 
 
 # ------------------------------------------------------------------------------------------- in-process

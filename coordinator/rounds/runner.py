@@ -211,7 +211,7 @@ class JobRunner:
         if clients is None:
             return False
         attempt = eng.store.next_attempt(self.job_id, round_)
-        rng = random.Random(round_seed(self.job_id, cfg["seed"], round_, attempt))
+        rng = random.Random(round_seed(cfg["seed"], round_, attempt))
         selected = sorted(rng.sample(clients, min(cfg["clients_per_round"], len(clients))))
         task_cfg = strategy.configure_round(job, round_, selected, attempt=attempt)
         task_cfg["holdout_fraction"] = holdout_fraction(cfg)  # devices score the base model on this share
@@ -296,6 +296,8 @@ class JobRunner:
             metrics.append((_numbers(common["metrics"]), "clients"))
         if evaluation and "error" not in evaluation:
             metrics.append((_numbers(evaluation), "eval"))
+        done = time.time()  # a round closes when its version is stored and scored, not when intake stops
+        common.update(closed_at=done, duration_s=done - rnd.started_at)
         version = self._commit(rnd, data, strategy, {"status": "closed", "eval": evaluation,
                                                      "federated_eval": pending, **common}, metrics)
         if version is None:

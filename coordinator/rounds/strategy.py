@@ -125,7 +125,7 @@ class Strategy:
         """Task config sent to every selected client (DESIGN.md task JSON ``config``)."""
         cfg = job["config"] if "config" in job else job
         train = cfg.get("train", {})
-        seed = round_seed(str(job.get("id", "")), int(cfg.get("seed", 0)), round_, attempt)
+        seed = round_seed(int(cfg.get("seed", 0)), round_, attempt)
         codec = dict(cfg["codec"])
         if codec.get("name") == "randk":  # one fresh shared mask per round, announced to everyone
             codec["seed"] = seed
@@ -161,9 +161,10 @@ class Strategy:
             bound.bound = float(state["clip_bound"][0])
 
 
-def round_seed(job_id: str, job_seed: int, round_: int, attempt: int) -> int:
-    """Deterministic per (job, round, attempt) seed: reproducible runs, fresh randomness each attempt."""
-    digest = hashlib.sha256(f"{job_id}/{job_seed}/{round_}/{attempt}".encode()).digest()
+def round_seed(job_seed: int, round_: int, attempt: int) -> int:
+    """Deterministic per (job seed, round, attempt) seed: fresh randomness each attempt, and two jobs with the same
+    seed select, shuffle and mask alike, so a run can be repeated (the fault suite compares runs this way)."""
+    digest = hashlib.sha256(f"{job_seed}/{round_}/{attempt}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
