@@ -18,6 +18,8 @@ EDGE = [
     "paho-mqtt>=2.0",
     "requests>=2.31",
     "scikit-learn>=1.4",  # the bundled digits dataset (demo, simulated devices)
+    "cryptography>=42",  # secure aggregation: X25519, HKDF, ChaCha20 masks, AES-GCM share envelopes
+    "pycryptodome>=3.20",  # secure aggregation: Shamir secret sharing (Crypto.Protocol.SecretSharing)
 ]
 SERVER = EDGE + [
     "flask>=3.0",
@@ -31,7 +33,7 @@ SERVER = EDGE + [
     "dp-accounting>=0.4",  # privacy accountant of DP jobs (coordinator/privacy/accountant.py)
     "psutil>=5.9",
 ]
-TEST = ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "scipy>=1.10"]  # scipy: DP noise statistics
+TEST = ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "scipy>=1.11"]  # scipy: uniformity and DP noise tests
 
 setup(
     name="fedsight",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -74,28 +75,40 @@ def run_job(server: Coordinator, clients: int, rounds: int, model: str, codec_te
             "max_overhead_s": max(steady)}
 
 
-def run(clients: int, rounds: int, models: list[str], codecs: list[str]) -> list[dict[str, Any]]:
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        pki = make_pki(work / "pki")
-        broker = Mosquitto(work / "broker", pki)
-        server = Coordinator(work, broker.url, pki, broker.admin)
-        procs = [start_device(work, server, i, clients) for i in range(clients)]
-        try:
-            _wait_online(server, clients)
-            results = []
-            for model in models:
+def device_flags(model: str) -> tuple[str, ...]:
+    """A digits device prepares its images once, at start, for the model it will train (it refuses a mismatch)."""
+    m = MODELS[model]
+    return ("--image-size", str(m["image_size"]), "--channels", str(m["in_channels"]))
+
+
+def run(clients: int, rounds: int, models: list[str], codecs: list[str],
+        keep_logs: Path | None = None) -> list[dict[str, Any]]:
+    """One federation (broker, coordinator, device processes) per model; one job per codec on it."""
+    results = []
+    for model in models:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            pki = make_pki(work / "pki")
+            broker = Mosquitto(work / "broker", pki)
+            server = Coordinator(work, broker.url, pki, broker.admin)
+            procs = [start_device(work, server, i, clients, extra=device_flags(model)) for i in range(clients)]
+            try:
+                _wait_online(server, clients)
                 for codec in codecs:
                     results.append(run_job(server, clients, rounds, model, codec))
                     r = results[-1]
                     print(f"{model} {codec}: median overhead {r['median_overhead_s']:.3f} s "
                           f"(max {r['max_overhead_s']:.3f} s)", flush=True)
-            return results
-        finally:
-            for p in procs:
-                stop_process(p)
-            server.stop()
-            broker.stop()
+            finally:
+                for p in procs:
+                    stop_process(p)
+                server.stop()
+                broker.stop()
+                if keep_logs is not None:  # coordinator and device logs, timestamped per phase, for profiling
+                    (keep_logs / model).mkdir(parents=True, exist_ok=True)
+                    for f in work.glob("*.log"):
+                        shutil.copy(f, keep_logs / model / f.name)
+    return results
 
 
 def main() -> None:
@@ -104,8 +117,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="rounds per job (default: %(default)s)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--codecs", nargs="+", default=["dense", "topk:0.01:int8"])
+    parser.add_argument("--keep-logs", type=Path, help="copy coordinator and device logs here (for profiling)")
     args = parser.parse_args()
-    results = run(args.clients, args.rounds, args.models, args.codecs)
+    results = run(args.clients, args.rounds, args.models, args.codecs, args.keep_logs)
     out = ROOT / "benchmarks" / "results" / "round_overhead.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"clients": args.clients, "rounds": args.rounds, "target_s": TARGET_S,

@@ -35,6 +35,7 @@ from .protocol import codecs, topics
 from .protocol.errors import ProtocolError
 from .protocol.modelfile import flatten, layout_sizes, load_model
 from .protocol.wire import UpdateHeader, encode_update
+from .secagg.session import SecAggAborted, SecureRounds
 from .sent_journal import SentJournal
 from .tls import PinnedSession
 from .trainer import LocalTrainer
@@ -152,12 +153,14 @@ class EdgeClient:
         self._finished_jobs: list[str] = []
         self._worker: threading.Thread | None = None
         self._transport = self._make_transport()
+        self._secure = SecureRounds(self.client_id, self._device_key,
+                                    lambda topic, frame: self._transport.publish(topic, frame, wait=30))
 
     def _make_transport(self) -> MqttTransport:
         return MqttTransport(
             self.broker_url, topics.device_mqtt_id(self.client_id), self._on_message,
             subscriptions=[topics.task_topic(self.client_id), topics.ack_topic(self.client_id),
-                           topics.JOB_EVENTS_WILDCARD, topics.PRESENCE_QUERY],
+                           topics.relay_topic(self.client_id), topics.JOB_EVENTS_WILDCARD, topics.PRESENCE_QUERY],
             will=(topics.status_topic(self.client_id), self._status("offline")), on_connect=self._on_connected,
             **self._mqtt_login, tls_ca=self.ca_file if BrokerAddress.parse(self.broker_url).tls else None)
 
@@ -333,6 +336,9 @@ class EdgeClient:
             self._on_job_event(topics.parse_job_topic(topic), payload)
             return
         _, kind = topics.parse_client_topic(topic)
+        if kind == topics.RELAY:  # secure-aggregation messages are binary frames
+            self._secure.on_relay(payload)
+            return
         message = json.loads(payload)
         if kind == topics.TASK:
             try:
@@ -454,6 +460,16 @@ class EdgeClient:
 
         t0 = time.perf_counter()
         spec = codecs.validate_spec(config.get("codec") or {"name": "dense", "dtype": "float32"})
+        if config.get("secure_aggregation"):  # only masked shares of the sum leave the device, no metrics
+            try:
+                sent = self._secure.run(task, spec, local_vec - global_vec, self.residuals, statistics_mask(arrays))
+            except (SecAggAborted, ProtocolError) as exc:
+                log.warning("job %s round %d: secure aggregation did not complete: %s", job_id, rnd, exc)
+                return None
+            report = RoundReport(job_id, rnd, int(result.num_samples), sent, fetched.transferred,
+                                 float(result.wall_time_s), time.perf_counter() - t0, {})
+            self.history.append(report)
+            return report
         dp = config.get("dp")  # differential privacy: clip what is sent; no metrics, no sample count (1)
         payload, _ = encode_delta(spec, local_vec - global_vec, layout_sizes(arrays), self.residuals, job_id,
                                   statistics_mask(arrays), clip_bound=float(dp["clip_bound"]) if dp else None)

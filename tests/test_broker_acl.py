@@ -142,6 +142,33 @@ def test_a_device_cannot_publish_tasks_acks_or_events(broker: Broker) -> None:
             p.close()
 
 
+def test_secure_aggregation_topics_are_per_device(broker: Broker) -> None:
+    """A device publishes only its own ``secagg`` and reads only its own ``relay``: another device can neither
+    read the shares relayed to it nor inject protocol messages in its name, nor relay anything itself."""
+    (a, a_pw), (b, b_pw) = broker.device("a"), broker.device("b")
+    coord = broker.connect_coordinator()
+    dev_a, dev_b = broker.connect_device(a, a_pw), broker.connect_device(b, b_pw)
+    try:
+        assert not any(c.is_failure for c in dev_a.subscribe(topics.relay_topic(a)))
+        assert not any(c.is_failure for c in dev_b.subscribe(topics.relay_topic(b)))
+        for snoop in (topics.relay_topic(b), topics.secagg_topic(b), topics.SECAGG_WILDCARD,
+                      f"{topics.PREFIX}/clients/+/relay"):
+            assert_denied(broker, dev_a.subscribe(snoop))
+        for topic in (topics.secagg_topic(b), topics.relay_topic(b), topics.relay_topic(a)):
+            reason = dev_a.publish(topic, b"forged")
+            if broker.mqtt5:
+                assert reason is not None and reason.value == NOT_AUTHORIZED, (topic, reason)
+        dev_a.publish(topics.secagg_topic(a), b"a's keys")  # the controls
+        coord.publish(topics.relay_topic(b), b"b's inbox")
+        assert coord.wait_for(topics.secagg_topic(a)) == b"a's keys"
+        assert dev_b.wait_for(topics.relay_topic(b)) == b"b's inbox"
+        assert dev_a.drain() == [] and dev_b.drain() == []
+        assert coord.drain() == [(topics.relay_topic(b), b"b's inbox")]  # its own publish echoed; nothing forged
+    finally:
+        for p in (coord, dev_a, dev_b):
+            p.close()
+
+
 def test_anonymous_wrong_password_and_unknown_users_are_refused(broker: Broker) -> None:
     a, a_pw = broker.device("a")
     attempts = {"anonymous": (f"fedsight-{a}", None, None), "wrong password": (f"fedsight-{a}", a, "not-it"),

@@ -17,11 +17,11 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parent.parent
 # import name -> distribution name, where they differ
 DISTRIBUTION = {"sklearn": "scikit-learn", "paho": "paho-mqtt", "PIL": "pillow", "cv2": "opencv-python",
-                "dp_accounting": "dp-accounting"}
+                "Crypto": "pycryptodome", "dp_accounting": "dp-accounting"}
 OPTIONAL = {"cv2"}  # examples/camera_app.py reads video files with it when present; nothing requires it
 # Packages only the training device / coordinator need: none may be pulled in by the base install.
 NOT_BASE = {"torch", "torchvision", "paho", "requests", "flask", "cheroot", "cryptography", "amqtt", "onnx",
-            "onnxscript", "sklearn", "tqdm", "matplotlib", "psutil", "werkzeug", "dp_accounting"}
+            "onnxscript", "sklearn", "tqdm", "matplotlib", "psutil", "werkzeug", "Crypto", "dp_accounting"}
 
 
 def setup_kwargs() -> dict[str, Any]:
@@ -67,6 +67,7 @@ def test_base_install_is_torch_free_and_extras_cover_every_import() -> None:
     assert base == {"numpy", "onnxruntime", "pillow"}
     assert not base & {DISTRIBUTION.get(m, m) for m in NOT_BASE}
     assert {"torch", "torchvision", "paho-mqtt", "requests"} <= extras["edge"]
+    assert {"cryptography", "pycryptodome"} <= extras["edge"]  # a training device runs secure aggregation
     assert {"flask", "cheroot", "cryptography", "amqtt", "onnx"} <= extras["server"]
     assert "waitress" not in extras["server"]  # replaced by cheroot, which terminates TLS itself
     assert extras["all"] == extras["edge"] | extras["server"]

@@ -2,10 +2,11 @@
 
 Both broker back-ends enforce exactly these grants: the embedded amqtt broker checks them in its topic plugin
 (``embedded_acl.py``); for Mosquitto they become dynamic-security roles (``dynsec.py``). A device may publish
-only its own ``status`` and ``update``, subscribe to / receive only its own ``task`` and ``ack`` plus the job
+only its own ``status``, ``update`` and ``secagg``, subscribe to / receive only its own ``task``, ``ack`` and
+``relay`` (secure aggregation: the coordinator relays each device only what is addressed to it) plus the job
 events (``fedsight/v1/jobs/+/events``: every device may read every job's events, which carry round numbers,
-model versions and selected client ids, never model data). Only the coordinator publishes tasks, acks and
-events. Everything else is denied.
+model versions and selected client ids, never model data). Only the coordinator publishes tasks, acks, relays
+and events. Everything else is denied.
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ EVENTS_GRANTS = Grants(publish=(), subscribe=(topics.JOB_EVENTS_WILDCARD,), rece
 
 def own_grants(client_id: str) -> Grants:
     """The device-specific part of a device's grants (raises ValueError for an id that cannot be a topic level)."""
-    own_in = (topics.task_topic(client_id), topics.ack_topic(client_id))
-    return Grants(publish=(topics.status_topic(client_id), topics.update_topic(client_id)),
+    own_in = (topics.task_topic(client_id), topics.ack_topic(client_id), topics.relay_topic(client_id))
+    return Grants(publish=(topics.status_topic(client_id), topics.update_topic(client_id),
+                           topics.secagg_topic(client_id)),
                   subscribe=own_in, receive=own_in)
 
 

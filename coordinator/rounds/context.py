@@ -55,3 +55,4 @@ class RunnerContext:
     eligible_clients: Callable[[str], list[str]]
     model_path: Callable[[str, str], str]  # (job_id, version) -> '/api/v1/jobs/<id>/models/<v>'
     journal: RoundJournal | None = None  # durable spool + strategy state; None: rounds restart after a crash
+    send_relay: Callable[[str, bytes], None] | None = None  # secure aggregation: a frame to one device's relay

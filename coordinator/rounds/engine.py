@@ -30,6 +30,7 @@ from coordinator.rounds.journal import RoundJournal
 from coordinator.rounds.open_round import OpenRound
 from coordinator.rounds.replay import ReplayGuard
 from coordinator.rounds.runner import JobRunner
+from coordinator.secagg.flow import file_message
 from coordinator.storage.store import Store
 from coordinator.rounds.validation import Rejected
 
@@ -194,7 +195,7 @@ class RoundEngine:
         return RunnerContext(store=self.store, models=self.models, config=self.config, presence=self.presence,
                              evaluator=self.evaluator, exports=self.exports, send_task=self.send_task,
                              send_event=self.send_event, eligible_clients=self.eligible_clients,
-                             model_path=self.model_path, journal=self.journal)
+                             model_path=self.model_path, journal=self.journal, send_relay=self.send_relay)
 
     def _runner_done(self, runner: JobRunner) -> None:
         with self._lock:
@@ -227,6 +228,12 @@ class RoundEngine:
 
     def send_task(self, client_id: str, task: dict[str, Any]) -> None:
         self._publish_json(topics.task_topic(client_id), task)
+
+    def send_relay(self, client_id: str, frame: bytes) -> None:
+        try:
+            self.publisher.publish(topics.relay_topic(client_id), frame, qos=1, retain=False)
+        except Exception:  # noqa: BLE001 - as _publish_json: the round's phase timeout covers a lost message
+            log.exception("relay to %s failed", client_id)
 
     def send_event(self, job_id: str, event: dict[str, Any]) -> None:
         self._publish_json(topics.job_events_topic(job_id), event)
@@ -330,6 +337,14 @@ class RoundEngine:
         self._record(topic_client_id, verdict, header, rnd, nbytes)
         self._ack(topic_client_id, verdict)
         return verdict
+
+    def submit_secagg(self, topic_client_id: str, raw: bytes) -> str | None:
+        """One secure-aggregation message (keys, shares, masked input, reveal); never raises. A rejection is
+        stored and acked with its reason, as for updates; None means it was filed."""
+        reason, job_id, round_ = file_message(self, topic_client_id, raw)
+        if reason is not None:
+            self._ack(topic_client_id, Verdict("rejected", "secure_aggregation", reason, job_id, round_))
+        return reason
 
     def _ack(self, client_id: str, verdict: Verdict) -> None:
         ack = {"job": verdict.job_id, "round": verdict.round, "status": verdict.status, "reason": verdict.reason}

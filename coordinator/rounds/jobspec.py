@@ -22,6 +22,7 @@ from edge_sdk.protocol.modelfile import dump_model
 from coordinator.privacy.spec import normalize_privacy
 from coordinator.rounds.limits import normalize_limits
 from coordinator.rounds.strategy import make_strategy
+from coordinator.secagg.config import normalize_secure_aggregation
 
 DEFAULT_MAX_UPDATE_BYTES = 64 << 20
 HARD_MAX_UPDATE_BYTES = 256 << 20
@@ -142,7 +143,7 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
     """Validate a job body and return the full config with every default filled in."""
     top = {"name", "model", "rounds", "clients_per_round", "min_clients", "round_timeout_s", "train", "codec",
            "eval", "seed", "class_names", "normalization", "input_scale", "max_update_bytes", "strategy",
-           "limits", "stall_timeout_s", "on_stall", "privacy"}
+           "limits", "stall_timeout_s", "on_stall", "privacy", "secure_aggregation"}
     body = _object(body, top, "")
     name = _get(body, "name", str, "job", "")
     if not 1 <= len(name) <= 200:
@@ -203,7 +204,15 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
         privacy = normalize_privacy(body.get("privacy"), rounds, k)
     except ValueError as exc:
         raise JobSpecError(str(exc)) from None
+    try:
+        secure = normalize_secure_aggregation(body.get("secure_aggregation"), codec, strategy, min_clients)
+    except ValueError as exc:
+        raise JobSpecError(str(exc)) from None
     if privacy is not None:
+        if secure is not None:
+            raise JobSpecError("'privacy' (central noise, added by the coordinator to a sum it sees) cannot be "
+                               "combined with 'secure_aggregation' yet; use secure_aggregation.noise_multiplier "
+                               "for noise added on devices (docs/privacy.md)")
         limits = _private_limits(body, strategy, eval_cfg, limits)
     return {"name": name, "model": {"arch": arch, "num_classes": num_classes, "in_channels": channels,
                                     "image_size": image_size, "weights": weights},
@@ -211,7 +220,7 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
             "train": train_cfg, "codec": codec, "eval": eval_cfg, "seed": seed, "class_names": class_names,
             "normalization": _normalization(body, channels, digits), "input_scale": input_scale,
             "max_update_bytes": max_bytes, "strategy": strategy, "limits": limits,
-            "stall_timeout_s": stall, "on_stall": on_stall, "privacy": privacy}
+            "stall_timeout_s": stall, "on_stall": on_stall, "privacy": privacy, "secure_aggregation": secure}
 
 
 def _private_limits(body: dict[str, Any], strategy: dict[str, Any], eval_cfg: dict[str, Any] | None,

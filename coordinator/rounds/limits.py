@@ -4,12 +4,15 @@ rule, and server-side L2 clipping of its update.
 Why: ``num_samples`` is the device's own claim and the FedAvg weight; unchecked, one device reporting 1e15
 samples replaces the global model with its own. The cap bounds the claim, ``"uniform"`` ignores it, and
 clipping bounds the update's magnitude, so a device's influence on a round is at most ``weight share x C``.
+The direction screen (``direction.py``) keeps updates that point against the federation's last step out of
+the round's mean, which clipping alone cannot do.
 
 Job body field ``"limits"`` (all optional)::
 
     {"max_num_samples": 10000, "weighting": "num_samples" | "uniform",
      "clip": {"mode": "adaptive" | "fixed" | "none", "bound": 1.0, "quantile": 0.5, "lr": 0.5,
-              "step": "update" | "round"}}
+              "step": "update" | "round"},
+     "direction": {"mode": "cosine" | "none", "min_cosine": 0.0, "min_agree": 0.5}}
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.rounds.clipping import CLIP_MODES, ClipBound, RoundClipper, make_bound
+from coordinator.rounds.direction import DirectionReference, normalize_direction
 
 WEIGHTINGS = ("num_samples", "uniform")
 DEFAULT_MAX_NUM_SAMPLES = 10_000
@@ -39,9 +43,10 @@ def normalize_limits(body: Any) -> dict[str, Any]:
     body = {} if body is None else body
     if not isinstance(body, dict):
         raise ValueError("'limits' must be an object")
-    unknown = sorted(set(body) - {"max_num_samples", "weighting", "clip"})
+    unknown = sorted(set(body) - {"max_num_samples", "weighting", "clip", "direction"})
     if unknown:
-        raise ValueError(f"unknown field(s) {unknown} in 'limits'; allowed: clip, max_num_samples, weighting")
+        raise ValueError(f"unknown field(s) {unknown} in 'limits'; allowed: clip, direction, max_num_samples, "
+                         "weighting")
     cap = body.get("max_num_samples", DEFAULT_MAX_NUM_SAMPLES)
     if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= 2**53:
         raise ValueError(f"'limits.max_num_samples' must be an integer in [1, 2**53], got {cap!r}")
@@ -67,7 +72,8 @@ def normalize_limits(body: Any) -> dict[str, Any]:
         clip["step"] = clip_in.get("step", DEFAULT_CLIP["step"])
         if clip["step"] not in CLIP_STEPS:
             raise ValueError(f"'limits.clip.step' must be one of {', '.join(CLIP_STEPS)}, got {clip['step']!r}")
-    return {"max_num_samples": cap, "weighting": weighting, "clip": clip}
+    return {"max_num_samples": cap, "weighting": weighting, "clip": clip,
+            "direction": normalize_direction(body.get("direction"))}
 
 
 @dataclass
@@ -77,13 +83,15 @@ class UpdateLimits:
     max_num_samples: int | None = None
     weighting: str = "num_samples"
     bound: ClipBound = field(default_factory=ClipBound)
+    direction: DirectionReference = field(default_factory=DirectionReference)
 
     @classmethod
     def from_config(cls, limits: dict[str, Any] | None) -> UpdateLimits:
         """From a stored job config's ``limits`` (None: the defaults, so jobs created before limits existed
         are protected too)."""
         norm = normalize_limits(limits)
-        return cls(norm["max_num_samples"], norm["weighting"], make_bound(norm["clip"]))
+        return cls(norm["max_num_samples"], norm["weighting"], make_bound(norm["clip"]),
+                   DirectionReference.from_config(norm["direction"]))
 
     def weight(self, num_samples: int) -> float:
         """The aggregation weight of an update whose device claims ``num_samples``."""

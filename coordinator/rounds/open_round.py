@@ -45,6 +45,9 @@ class OpenRound:
     _metric_weights: dict[str, float] = field(default_factory=dict)
     _scored: list[tuple[float, float, float]] = field(default_factory=list)  # (loss, accuracy, weight)
     cond: threading.Condition = field(default_factory=threading.Condition)
+    secagg: Any = None  # the round's SecAggServer under secure aggregation (coordinator/secagg/flow.py)
+    failure: str | None = None  # why the round cannot close (e.g. the secure-aggregation protocol failed)
+    protocol_metrics: dict[str, float] = field(default_factory=dict)  # e.g. secure aggregation's survivors, noise
 
     @property
     def target(self) -> int:
@@ -120,7 +123,8 @@ class OpenRound:
 
     def metrics(self) -> dict[str, float]:
         """Client-reported metrics averaged with num_samples as weights."""
-        return {k: self._metric_sums[k] / w for k, w in self._metric_weights.items() if w > 0}
+        return {**{k: self._metric_sums[k] / w for k, w in self._metric_weights.items() if w > 0},
+                **self.protocol_metrics}
 
     def compression_ratio(self) -> float | None:
         """Dense float32 size of an update over the mean size of the accepted messages."""

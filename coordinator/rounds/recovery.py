@@ -50,10 +50,13 @@ def restore_open_round(ctx: RunnerContext, job: dict[str, Any], strategy: Strate
                                    reason="coordinator restarted", closed_at=time.time())
             if ctx.journal is not None:
                 ctx.journal.drop_round(job_id, row["round"], row["attempt"])
-    if target is None or ctx.journal is None:
+    secure = bool(job["config"].get("secure_aggregation"))  # the devices' round secrets died with the attempt
+    if target is None or ctx.journal is None or secure:
         if target is not None:
             ctx.store.update_round(job_id, target["round"], target["attempt"], status="aborted",
-                                   reason="coordinator restarted", closed_at=time.time())
+                                   reason="coordinator restarted" + (" (a secure-aggregation round cannot be resumed; "
+                                                                     "it is retried)" if secure else ""),
+                                   closed_at=time.time())
         return None
     cfg, attempt = job["config"], target["attempt"]
     arrays, _ = load_model(ctx.models.get(target["base_version"]))

@@ -34,6 +34,8 @@ from coordinator.rounds.limits import UpdateLimits
 from coordinator.rounds.open_round import OpenRound
 from coordinator.rounds.recovery import load_strategy_state, restore_open_round
 from coordinator.rounds.strategy import Strategy, make_strategy, round_seed
+from coordinator.secagg.config import task_fields
+from coordinator.secagg.flow import run_secure
 
 
 log = logging.getLogger(__name__)
@@ -215,6 +217,8 @@ class JobRunner:
         selected = sorted(rng.sample(clients, min(cfg["clients_per_round"], len(clients))))
         task_cfg = strategy.configure_round(job, round_, selected, attempt=attempt)
         task_cfg["holdout_fraction"] = holdout_fraction(cfg)  # devices score the base model on this share
+        if cfg.get("secure_aggregation"):
+            task_cfg["secure_aggregation"] = task_fields(cfg["secure_aggregation"])
         base_version = job["current_version"]
         arrays, _ = load_model(eng.models.get(base_version))
         vec = flatten(arrays)
@@ -226,6 +230,9 @@ class JobRunner:
                     "base_version": base_version, "model_path": eng.model_path(self.job_id, base_version),
                     "config": task_cfg, "deadline_s": cfg["round_timeout_s"]}
         eng.store.open_round(self.job_id, round_, attempt, base_version, task_cfg["codec"], selected)
+        if cfg.get("secure_aggregation"):  # the coordinator only ever sees the sum (coordinator/secagg/flow.py)
+            run_secure(self, job, rnd)
+            return self._close(job, rnd, arrays, strategy)
         return self._collect(job, rnd, arrays, strategy)
 
     def _collect(self, job: dict[str, Any], rnd: OpenRound, arrays: dict[str, Any], strategy: Strategy) -> bool:
@@ -260,7 +267,7 @@ class JobRunner:
             self._drop_spool(rnd)
             return False
         if rnd.accepted < cfg["min_clients"]:
-            reason = f"{rnd.accepted} update(s) accepted, min_clients is {cfg['min_clients']}"
+            reason = rnd.failure or f"{rnd.accepted} update(s) accepted, min_clients is {cfg['min_clients']}"
             try:
                 eng.store.update_round(*key, status="failed", reason=reason, **common)
             except sqlite3.Error as exc:  # e.g. disk full: the attempt stays 'open' and is aborted on restart

@@ -33,6 +33,11 @@ class DecodedLike(Protocol):
     values: np.ndarray
 
 
+class _Sum:
+    def __init__(self, indices: np.ndarray, values: np.ndarray) -> None:
+        self.indices, self.values = indices, values
+
+
 class Accumulator:
     """Running ``sum_i n_i * delta_i`` and ``sum_i n_i`` for one round; holds no reference to any update."""
 
@@ -48,6 +53,7 @@ class Accumulator:
         self._finish = finish
         self.limits = limits or UpdateLimits()
         self.clipper = self.limits.clipper()
+        self.screen = self.limits.direction.screen(self.numel)
 
     def _check(self, decoded: DecodedLike) -> None:
         """Shape checks, before anything is changed, so a bad update leaves the round untouched."""
@@ -63,13 +69,25 @@ class Accumulator:
             raise ValueError("sparse update: indices must be sorted, unique and within the model")
 
     def add(self, decoded: DecodedLike, num_samples: int) -> float:
-        """Fold one update in (weighted and clipped per the job's limits); returns the weight it got."""
+        """Fold one update in (weighted, clipped and direction-screened per the job's limits); returns its weight."""
         w = self.limits.weight(num_samples)
         self._check(decoded)
-        self._fold(self.clipper.clip(decoded), w)
-        self.total_weight += w
+        clipped = self.clipper.clip(decoded)
+        if self.screen.admits(clipped):
+            self._fold(clipped, w)
+            self.total_weight += w
+        else:  # held back; used only if the round falls back (stale reference, see direction.py)
+            self.screen.hold(clipped, w)
         self.count += 1
         return w
+
+    def add_secure_sum(self, indices: np.ndarray, values_sum: np.ndarray, count: int) -> None:
+        """Fold in the sum of ``count`` updates over shared ``indices`` (secure aggregation: the coordinator
+        never sees one update, so each counts with weight 1 and was clipped on its device)."""
+        self._check(_Sum(np.asarray(indices), np.asarray(values_sum)))
+        self._sum[np.asarray(indices)] += np.asarray(values_sum, dtype=np.float64)
+        self.total_weight += float(count)
+        self.count += int(count)
 
     def _fold(self, decoded: DecodedLike, weight: float) -> None:
         values = np.asarray(decoded.values)
@@ -82,12 +100,15 @@ class Accumulator:
     def mean_delta(self) -> np.ndarray:
         if self.count == 0:
             raise ValueError("no update was accumulated in this round")
-        return self._sum / self.total_weight
+        total, weight = self.screen.merge(self._sum, self.total_weight)
+        return total / weight
 
     def finalize(self) -> np.ndarray:
-        """The new global vector (float32); adapts the clip bound to this round's update norms."""
+        """The new global vector (float32); adapts the clip bound to this round's update norms and makes the
+        round's mean delta the next direction reference."""
         delta = self.mean_delta()
         self.clipper.end_round()
+        self.limits.direction.set(delta)
         if self._finish is not None:
             return self._finish(self.global_vec, delta)
         return to_float32(self.global_vec.astype(np.float64) + delta)
@@ -150,15 +171,20 @@ class Strategy:
 
     def state(self) -> dict[str, np.ndarray]:
         """Server-side state to persist after each round: the adaptive clip bound (it moves with every update,
-        so re-folding a round after a restart needs the bound it started from), plus a server optimiser's."""
-        bound = self.limits.bound
-        return {"clip_bound": np.array([bound.bound])} if isinstance(bound, AdaptiveBound) else {}
+        so re-folding a round after a restart needs the bound it started from), the direction reference, plus
+        a server optimiser's."""
+        bound, ref = self.limits.bound, self.limits.direction.vector
+        out = {"clip_bound": np.array([bound.bound])} if isinstance(bound, AdaptiveBound) else {}
+        return out if ref is None else {**out, "direction_ref": ref}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         """Restore what :meth:`state` returned (after a coordinator restart)."""
         bound = self.limits.bound
         if isinstance(bound, AdaptiveBound) and "clip_bound" in state and state["clip_bound"].size == 1:
             bound.bound = float(state["clip_bound"][0])
+        ref = state.get("direction_ref")
+        if self.limits.direction.active and ref is not None and ref.ndim == 1 and np.isfinite(ref).all():
+            self.limits.direction.vector = np.array(ref, dtype=np.float32)
 
 
 def round_seed(job_seed: int, round_: int, attempt: int) -> int:

@@ -1,7 +1,8 @@
 """MQTT topic layout, version 1 — the only place topic strings are built or parsed.
 
 Every per-device topic lives under ``fedsight/v1/clients/<client_id>/`` so a broker ACL can confine a device
-to its own subtree (it may publish only its own ``status`` and ``update``, read only its ``task`` and ``ack``).
+to its own subtree (it may publish only its own ``status``, ``update`` and ``secagg``, read only its ``task``,
+``ack`` and ``relay``). ``secagg``/``relay`` carry the secure-aggregation messages (``secagg_wire``).
 """
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ STATUS = "status"
 TASK = "task"
 UPDATE = "update"
 ACK = "ack"
-CLIENT_KINDS = (STATUS, TASK, UPDATE, ACK)
+SECAGG = "secagg"  # device -> coordinator: secure-aggregation keys, shares, masked input, reveals
+RELAY = "relay"  # coordinator -> device: roster, relayed shares, unmask requests
+CLIENT_KINDS = (STATUS, TASK, UPDATE, ACK, SECAGG, RELAY)
 
 STATUS_WILDCARD = f"{PREFIX}/clients/+/{STATUS}"
 # The coordinator publishes here (not retained) after each (re)connect; every device answers by re-publishing
 # its retained ``status``, so presence is rebuilt even when the broker lost its retained messages.
 PRESENCE_QUERY = f"{PREFIX}/presence/query"
 UPDATE_WILDCARD = f"{PREFIX}/clients/+/{UPDATE}"
+SECAGG_WILDCARD = f"{PREFIX}/clients/+/{SECAGG}"
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _CLIENT_TOPIC_RE = re.compile(rf"^{re.escape(PREFIX)}/clients/([^/]+)/([a-z]+)$")
@@ -58,6 +62,14 @@ def update_topic(client_id: str) -> str:
 
 def ack_topic(client_id: str) -> str:
     return _client(client_id, ACK)
+
+
+def secagg_topic(client_id: str) -> str:
+    return _client(client_id, SECAGG)
+
+
+def relay_topic(client_id: str) -> str:
+    return _client(client_id, RELAY)
 
 
 def job_events_topic(job_id: str) -> str:
