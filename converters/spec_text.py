@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-_VALUE_ALIASES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "int8": "int8"}
-CODEC_GRAMMAR = ("dense[:float16] | topk:DENSITY[:float32|float16|int8][:per_tensor][:noef][:stochastic] | "
-                 "randk:DENSITY[:float32|float16|int8] | a JSON object")
+_VALUE_ALIASES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "int8": "int8",
+                  "sign": "sign"}
+CODEC_GRAMMAR = ("dense[:float16] | topk:DENSITY[:float32|float16|int8|sign][:rice][:warmup=ROUNDS/START_DENSITY]"
+                 "[:per_tensor][:noef][:stochastic] | randk:DENSITY[:float32|float16|int8|sign] | a JSON object")
 
 
 def parse_codec(text: str) -> dict[str, Any]:
@@ -49,6 +50,10 @@ def parse_codec(text: str) -> dict[str, Any]:
                 spec["error_feedback"] = key == "ef"
             elif key == "stochastic" and name != "dense":
                 spec["stochastic"] = True
+            elif key == "rice" and name == "topk":
+                spec["index_coding"] = "rice"
+            elif key.startswith("warmup=") and name != "dense":
+                spec.update(_warmup(key[len("warmup="):], text))
             else:
                 raise ValueError(f"unknown codec option {part!r} in {text!r}; use {CODEC_GRAMMAR}")
     probe = {**spec, "seed": 0} if spec.get("name") == "randk" and "seed" not in spec else spec
@@ -61,6 +66,14 @@ def parse_codec(text: str) -> dict[str, Any]:
     return normalised
 
 
+def _warmup(value: str, text: str) -> dict[str, Any]:
+    rounds, _, start = value.partition("/")
+    try:
+        return {"warmup_rounds": int(rounds), **({"warmup_density": float(start)} if start else {})}
+    except ValueError:
+        raise ValueError(f"warm-up must look like warmup=6/0.25 (rounds/start density), got {text!r}") from None
+
+
 def codec_label(spec: dict[str, Any] | None) -> str:
     """Inverse of parse_codec for display: ``{"name": "topk", "density": 0.01, "values": "int8"}`` -> topk:0.01:int8."""
     if not spec:
@@ -68,6 +81,9 @@ def codec_label(spec: dict[str, Any] | None) -> str:
     if spec.get("name") == "dense":
         return f"dense:{spec.get('dtype', 'float32')}"
     label = f"{spec.get('name')}:{spec.get('density')}:{spec.get('values', 'float32')}"
+    label += ":rice" if spec.get("index_coding") == "rice" else ""
+    if spec.get("warmup_rounds"):
+        label += f":warmup={spec['warmup_rounds']}/{spec.get('warmup_density', 0.25)}"
     return label + (":per_tensor" if spec.get("scope") == "per_tensor" else "")
 
 

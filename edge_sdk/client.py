@@ -39,7 +39,7 @@ from .secagg.session import SecAggAborted, SecureRounds
 from .sent_journal import SentJournal
 from .tls import PinnedSession
 from .trainer import LocalTrainer
-from .update import encode_delta, statistics_mask
+from .update import encode_delta, statistics_mask, wire_codec, wire_metrics
 from .transport import BrokerAddress, BrokerRefused, MqttTransport
 
 log = logging.getLogger(__name__)
@@ -473,10 +473,10 @@ class EdgeClient:
         dp = config.get("dp")  # differential privacy: clip what is sent; no metrics, no sample count (1)
         payload, _ = encode_delta(spec, local_vec - global_vec, layout_sizes(arrays), self.residuals, job_id,
                                   statistics_mask(arrays), clip_bound=float(dp["clip_bound"]) if dp else None)
-        metrics = {} if dp else {"loss": float(result.loss), "accuracy": float(result.accuracy),
-                                 "train_time_s": float(result.wall_time_s), **scored}
+        metrics = {} if dp else wire_metrics({"loss": float(result.loss), "accuracy": float(result.accuracy),
+                                              "train_time_s": float(result.wall_time_s), **scored})  # as sent
         header = UpdateHeader(job_id=job_id, round=rnd, client_id=self.client_id,
-                              base_version=str(task["base_version"]), codec=spec,
+                              base_version=str(task["base_version"]), codec=wire_codec(spec),
                               num_samples=1 if dp else int(result.num_samples), numel=int(global_vec.size),
                               metrics=metrics, attempt=int(task.get("attempt", 1)))
         message = encode_update(header, payload, self._device_key)

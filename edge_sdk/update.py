@@ -5,6 +5,9 @@ Shared by ``EdgeClient`` and the benchmarks so that what is measured is what dev
 BatchNorm running statistics are averaged state, not accumulating parameters: feeding back what a sparse
 codec left out of them lets residuals pile up until a running variance turns negative and the model emits
 NaN. So those coordinates never use the residual (they are sent fresh each round, when selected).
+
+The header fields a device fills in are kept short (:func:`wire_codec`, :func:`wire_metrics`): at 100x and
+beyond, a few hundred header bytes are a large share of a small model's message.
 """
 from __future__ import annotations
 
@@ -17,6 +20,24 @@ from .protocol.codecs import Decoded
 from .protocol.modelfile import Arrays, is_float
 
 _STAT_SUFFIXES = ("running_mean", "running_var")
+METRIC_DIGITS = 4  # significant digits of the display-only metrics a device reports
+
+
+def wire_codec(spec: dict) -> dict:
+    """The codec spec as a device echoes it in its update header: keys that equal their defaults left out.
+
+    ``codecs.validate_spec`` of the result equals that of ``spec``, which is all the coordinator compares."""
+    norm = codecs.validate_spec(spec)
+    defaults = codecs.validate_spec({"name": norm["name"], **({"seed": norm["seed"]} if "seed" in norm else {})})
+    short = {k: v for k, v in norm.items() if k in ("name", "seed") or defaults.get(k) != v}
+    if codecs.validate_spec(short) != norm:  # a default that depends on another key: keep everything
+        return norm
+    return short
+
+
+def wire_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Metrics rounded to ``METRIC_DIGITS`` significant digits (they are dashboards' numbers, not state)."""
+    return {k: float(f"{float(v):.{METRIC_DIGITS}g}") for k, v in metrics.items()}
 
 
 def statistics_mask(arrays: Arrays) -> np.ndarray:

@@ -31,9 +31,20 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
     ("dense:fp16", {"name": "dense", "dtype": "float16", "error_feedback": False}),
     ('{"name": "topk", "density": 0.2}', {"name": "topk", "density": 0.2, "values": "float32",
                                           "scope": "global", "error_feedback": True, "stochastic": False}),
+    ("topk:0.003:sign:rice:warmup=6/0.25", {"name": "topk", "density": 0.003, "values": "sign", "scope": "global",
+                                            "index_coding": "rice", "error_feedback": True, "stochastic": False,
+                                            "warmup_rounds": 6, "warmup_density": 0.25}),
 ])
 def test_codec_spec_parsing(text: str, expected: dict) -> None:
     assert spec_text.parse_codec(text) == expected
+
+
+def test_codec_label_round_trips_the_new_options() -> None:
+    text = "topk:0.003:sign:rice:warmup=6/0.25"
+    assert spec_text.codec_label(spec_text.parse_codec(text)) == text
+    for bad in ("topk:0.01:warmup=x", "topk:0.01:warmup=6/0.001", "dense:rice"):
+        with pytest.raises(ValueError):
+            spec_text.parse_codec(bad)
 
 
 def test_randk_seed_is_left_to_the_coordinator() -> None:
@@ -138,7 +149,7 @@ def test_rounds_table_formats_each_round() -> None:
                "compression_ratio": None, "eval": None, "duration_s": None}]
     rounds[0]["federated_eval"] = {"status": "ok", "accuracy": 0.8125, "num_samples": 40.0}
     lines = cli.format_table(*cli.rounds_table(rounds)).splitlines()
-    assert lines[0].split() == ["round", "status", "acc/rej/junk", "uplink", "refused", "downlink", "compression",
+    assert lines[0].split() == ["round", "status", "acc/rej/junk", "uplink", "refused", "downlink", "vs", "raw", "fp32",
                                 "accuracy", "device", "acc", "time"]
     # uplink is accepted updates only; rejected + junk bytes are shown apart
     assert lines[2].split() == ["1", "closed", "5/1/562", "25", "KB", "67", "MB", "3", "MB", "40.0x", "87.5%",

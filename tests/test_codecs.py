@@ -18,7 +18,7 @@ FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCh
 
 layouts = st.lists(st.integers(0, 300) | st.integers(1000, 40_000), min_size=1, max_size=6).filter(
     lambda s: sum(s) > 0)
-value_kinds = st.sampled_from(["float32", "float16", "int8"])
+value_kinds = st.sampled_from(["float32", "float16", "int8", "sign"])
 densities = st.sampled_from([1e-4, 0.003, 0.05, 0.3, 0.5, 0.77, 1.0])
 
 
@@ -30,6 +30,7 @@ def specs(draw: st.DrawFn) -> dict:
     spec = {"name": name, "density": draw(densities), "values": draw(value_kinds), "stochastic": draw(st.booleans())}
     if name == "topk":
         spec["scope"] = draw(st.sampled_from(["global", "per_tensor"]))
+        spec["index_coding"] = draw(st.sampled_from(["auto", "rice"]))
         if draw(st.booleans()):
             spec["seed"] = draw(st.integers(0, 2**64 - 1))
     else:
@@ -66,6 +67,11 @@ def assert_quantised_close(kind: str, x: np.ndarray, sent: np.ndarray, stochasti
         clipped = np.clip(x64, -quant.FP16_MAX, quant.FP16_MAX)
         assert np.isfinite(sent).all()
         assert (np.abs(s64 - clipped) <= np.maximum(np.abs(clipped) * 2.0**-11, 2.0**-25)).all()
+    elif kind == "sign":  # +-(mean |x| of the block), the sign of x (zero counts as positive)
+        for start in range(0, x.size, quant.BLOCK):
+            xb, sb = x64[start:start + quant.BLOCK], s64[start:start + quant.BLOCK]
+            assert np.allclose(np.abs(sb), np.abs(xb).mean(), rtol=1e-5, atol=1e-40)
+            assert (np.signbit(sb) == np.signbit(x[start:start + quant.BLOCK])).all()
     else:
         for start in range(0, x.size, quant.BLOCK):
             xb, sb = x64[start:start + quant.BLOCK], s64[start:start + quant.BLOCK]
@@ -372,7 +378,8 @@ def test_decode_rejects_bad_call_arguments() -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(spec=st.sampled_from([TOPK, TOPK16, INT8, PER_T, {"name": "dense", "dtype": "float16"},
-                             {"name": "randk", "density": 0.005, "values": "int8", "seed": 9}]),
+                             {"name": "randk", "density": 0.005, "values": "int8", "seed": 9},
+                             {"name": "topk", "density": 0.003, "values": "sign", "index_coding": "rice"}]),
        data=st.data())
 def test_mutated_payloads_only_raise_protocol_error(spec: dict, data: st.DataObject) -> None:
     vec = np.random.default_rng(data.draw(st.integers(0, 1000))).standard_normal(NUMEL).astype(np.float32)

@@ -95,11 +95,12 @@ def plot_rounds(rounds: Sequence[Mapping[str, Any]], out_path: str | Path, *, ti
     dx, dense = _series(rounds, "dense_bytes")
     if dx:
         ax_bytes.plot(dx, dense, linestyle="--", color=DENSE_COLOR, linewidth=2,
-                      label="dense fp32 equivalent")
+                      label="raw fp32 (4 B x numel)")
         total_sent, total_dense = sum(sent), sum(dense)
         if total_sent > 0:
             ax_bytes.set_title(f"uplink per round: {human_bytes(total_sent)} sent in total vs "
-                               f"{human_bytes(total_dense)} dense ({total_dense / total_sent:.0f}x less)",
+                               f"{human_bytes(total_dense)} raw fp32 "
+                               f"({total_dense / total_sent:.0f}x less vs raw fp32)",
                                fontsize=10)
     else:
         ax_bytes.set_title(f"uplink per round ({human_bytes(sum(sent))} in total)", fontsize=10)

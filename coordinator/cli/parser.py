@@ -230,7 +230,8 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     c.add_argument("--input-scale", type=float, metavar="N",
                    help="raw integer pixels are divided by this (default: 255; 16 for --eval digits)")
     c.add_argument("--strategy", type=_typed(_strategy, "strategy"), metavar="NAME|JSON",
-                   help='fedavg (server default), fedprox, fedadam, fedyogi, or JSON like {"name": "fedadam", ...}')
+                   help='fedavg (server default), fedprox, fedavgm, fedadam, fedyogi, '
+                        'or JSON like {"name": "fedadam", ...}')
     c.add_argument("--seed", type=int)
     c.add_argument("--max-update-bytes", type=int)
     c.add_argument("--stall-timeout", type=float, metavar="SECONDS",

@@ -228,7 +228,7 @@ def _private_limits(body: dict[str, Any], strategy: dict[str, Any], eval_cfg: di
     """A DP job: refuse what DP-FedAvg cannot honour; weighting is uniform and clipping is privacy.clip."""
     if strategy["name"] in ("trimmed_mean", "median"):
         raise JobSpecError(f"'strategy' {strategy['name']!r} cannot be combined with 'privacy': the Gaussian noise is "
-                           "calibrated to a sum of clipped updates; use fedavg, fedprox, fedadam or fedyogi")
+                           "calibrated to a sum of clipped updates; use fedavg, fedavgm, fedprox, fedadam or fedyogi")
     given = body.get("limits") or {}
     if isinstance(given, dict) and ("clip" in given or given.get("weighting") not in (None, "uniform")):
         raise JobSpecError("'limits.clip' and 'limits.weighting' cannot be set with 'privacy': DP-FedAvg weighs "

@@ -127,7 +127,8 @@ class OpenRound:
                 **self.protocol_metrics}
 
     def compression_ratio(self) -> float | None:
-        """Dense float32 size of an update over the mean size of the accepted messages."""
+        """Raw float32 size (4 x numel) over the mean size of the accepted messages: "vs raw fp32", not a
+        measured dense message (those carry a header and may be zlib'd; benchmarks/compression.py measures them)."""
         if not self.accepted_clients:
             return None
         mean_bytes = sum(self.accepted_clients.values()) / len(self.accepted_clients)

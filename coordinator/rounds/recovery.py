@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from edge_sdk.protocol.modelfile import flatten, layout_sizes, load_model
+from edge_sdk.update import statistics_mask
 
 from coordinator.rounds import validation
 from coordinator.rounds.context import RunnerContext
@@ -61,6 +62,7 @@ def restore_open_round(ctx: RunnerContext, job: dict[str, Any], strategy: Strate
     cfg, attempt = job["config"], target["attempt"]
     arrays, _ = load_model(ctx.models.get(target["base_version"]))
     vec = flatten(arrays)
+    strategy.observe_layout(statistics_mask(arrays))
     selected = list(target["selected"])
     task_cfg = strategy.configure_round(job, next_round, selected, attempt=attempt)
     task_cfg["holdout_fraction"] = holdout_fraction(cfg)  # as _run_round: devices score the base model

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from edge_sdk.protocol.modelfile import dump_model, flatten, layout_sizes, load_model, unflatten
-from edge_sdk.update import clamp_variances
+from edge_sdk.update import clamp_variances, statistics_mask
 
 from coordinator.privacy.budget import JobPrivacy
 from coordinator.rounds.context import RunnerContext
@@ -222,6 +222,7 @@ class JobRunner:
         base_version = job["current_version"]
         arrays, _ = load_model(eng.models.get(base_version))
         vec = flatten(arrays)
+        strategy.observe_layout(statistics_mask(arrays))
         rnd = OpenRound(job_id=self.job_id, round=round_, attempt=attempt, base_version=base_version,
                         codec=task_cfg["codec"], numel=int(vec.size), layout_sizes=layout_sizes(arrays),
                         selected=frozenset(selected), max_update_bytes=cfg["max_update_bytes"],

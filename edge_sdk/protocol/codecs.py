@@ -10,8 +10,10 @@ Payload layout (little-endian; full byte map in docs/codecs.md)::
     topk    b"S" | flags u8 | count u32 (= k)     | ilen u32 | vlen u32 | indices | values
     randk   b"R" | flags u8 | count u32 (= k)     | vlen u32 | values      (indices come from the seed)
 
-flags: bits 0-1 value coding (0 float32, 1 float16, 2 int8), bit 2 values zlib'd, bit 3 index bitmap
-(else delta-varint), bit 4 index zlib'd; bits 5-7 must be zero.
+flags: bits 0-1 value coding (0 float32, 1 float16, 2 int8, 3 sign), bit 2 values zlib'd, bit 3 index bitmap,
+bit 4 index zlib'd, bit 5 index Golomb-Rice (only for a spec with ``"index_coding": "rice"``; neither bit 3
+nor bit 5: delta-varint); bits 6-7 must be zero. Payloads of specs without the newer options (sign values,
+rice positions) are byte-identical to earlier releases; a decoder that predates them refuses such a spec.
 """
 from __future__ import annotations
 
@@ -34,7 +36,9 @@ F_VALUES_MASK = 0x03
 F_VALUES_ZLIB = 0x04
 F_INDEX_BITMAP = 0x08
 F_INDEX_ZLIB = 0x10
-_F_RESERVED = 0xE0
+F_INDEX_RICE = 0x20
+_F_RESERVED = 0xC0
+INDEX_CODINGS = ("auto", "rice")
 _HEAD = struct.Struct("<cBI")
 _U32 = struct.Struct("<I")
 ZLIB_LEVEL = 6
@@ -44,8 +48,9 @@ _DEFAULT_ROUNDING_SEED = 0x5EED
 
 _ALLOWED_KEYS = {
     "dense": {"name", "dtype", "error_feedback"},
-    "topk": {"name", "density", "scope", "values", "stochastic", "error_feedback", "seed"},
-    "randk": {"name", "density", "values", "stochastic", "error_feedback", "seed"},
+    "topk": {"name", "density", "scope", "values", "stochastic", "error_feedback", "seed", "index_coding",
+             "warmup_rounds", "warmup_density"},
+    "randk": {"name", "density", "values", "stochastic", "error_feedback", "seed", "warmup_rounds", "warmup_density"},
 }
 
 
@@ -110,7 +115,13 @@ def validate_spec(spec: dict) -> dict:
         if scope not in ("global", "per_tensor"):
             raise _bad(f"scope must be global or per_tensor, got {scope!r}")
         out["scope"] = scope
+        coding = spec.get("index_coding", "auto")
+        if coding not in INDEX_CODINGS:
+            raise _bad(f"index_coding must be one of {', '.join(INDEX_CODINGS)}, got {coding!r}")
+        if coding != "auto":  # absent = auto, so specs without the option normalise as before
+            out["index_coding"] = coding
     out.update(values=values, stochastic=stochastic, error_feedback=spec.get("error_feedback", True))
+    out.update(_warmup(spec, density))
     if "seed" in spec or name == "randk":
         seed = spec.get("seed")
         if not _is_int(seed) or not 0 <= int(seed) < 1 << 64:
@@ -118,6 +129,38 @@ def validate_spec(spec: dict) -> dict:
                        else "seed must be an integer in [0, 2**64)")
         out["seed"] = int(seed)
     return out
+
+
+def _warmup(spec: dict, density: float) -> dict[str, Any]:
+    """Density warm-up keys (DGC's sparsity warm-up), present only when the job asks for them."""
+    if "warmup_rounds" not in spec and "warmup_density" not in spec:
+        return {}
+    rounds = spec.get("warmup_rounds", 0)
+    if not _is_int(rounds) or not 0 <= int(rounds) <= 1000:
+        raise _bad("warmup_rounds must be an integer in [0, 1000]")
+    start = spec.get("warmup_density", 0.25)
+    if isinstance(start, bool) or not isinstance(start, (int, float, np.floating, np.integer)):
+        raise _bad("warmup_density must be a number")
+    if not density <= float(start) <= 1.0:
+        raise _bad(f"warmup_density must be in [density={density}, 1.0], got {start}")
+    return {"warmup_rounds": int(rounds), "warmup_density": float(start)}
+
+
+def round_spec(spec: dict, round_: int) -> dict:
+    """The spec devices use in ``round_`` (1-based): a warm-up schedule resolved to that round's density.
+
+    Density falls geometrically from ``warmup_density`` in round 1 to ``density`` in round
+    ``warmup_rounds + 1`` and stays there: early rounds, where the model moves most, get more coordinates.
+    The result carries no warm-up keys, so devices and the payload check see a plain spec."""
+    if "warmup_rounds" not in spec and "warmup_density" not in spec:
+        return dict(spec)
+    norm = validate_spec(spec)
+    rounds = norm.pop("warmup_rounds", 0)
+    start = norm.pop("warmup_density", norm.get("density"))
+    if rounds and round_ <= rounds:
+        frac = (max(1, int(round_)) - 1) / rounds
+        norm["density"] = max(norm["density"], float(f"{start * (norm['density'] / start) ** frac:.3g}"))
+    return norm
 
 
 def uses_error_feedback(spec: dict) -> bool:
@@ -245,9 +288,11 @@ def encode(spec: dict, vec: np.ndarray, layout_sizes: list[int]) -> tuple[bytes,
     count = numel if indices is None else indices.size
     index_part = b""
     if name == "topk":
-        method, raw_index = sparse_index.encode_indices(indices, numel)
+        method, raw_index = sparse_index.encode_indices(indices, numel, rice=norm.get("index_coding") == "rice")
         if method == sparse_index.BITMAP:
             flags |= F_INDEX_BITMAP
+        elif method == sparse_index.RICE:
+            flags |= F_INDEX_RICE
         packed = _deflate(raw_index)
         if packed is not None:
             raw_index, flags = packed, flags | F_INDEX_ZLIB
@@ -292,8 +337,10 @@ def _decode(spec: dict, payload: bytes, numel: int, layout_sizes: list[int]) -> 
     got_kind = quant.VALUE_NAMES.get(flags & F_VALUES_MASK, "reserved")
     if got_kind != kind:
         raise ProtocolError(f"value coding mismatch: payload has {got_kind}, spec says {kind}")
-    if name != "topk" and flags & (F_INDEX_BITMAP | F_INDEX_ZLIB):
+    if name != "topk" and flags & (F_INDEX_BITMAP | F_INDEX_ZLIB | F_INDEX_RICE):
         raise ProtocolError(f"index flags set on a {name} payload, which carries no indices")
+    if flags & F_INDEX_RICE and (flags & F_INDEX_BITMAP or norm.get("index_coding") != "rice"):
+        raise ProtocolError("rice index flag set, but the spec does not allow rice positions (or bitmap also set)")
     expected = numel if name == "dense" else sum(expected_counts(norm, sizes))
     if count != expected:
         raise ProtocolError(f"count mismatch: payload declares k={count}, spec and numel imply {expected}")
@@ -309,7 +356,8 @@ def _decode(spec: dict, payload: bytes, numel: int, layout_sizes: list[int]) -> 
         raise ProtocolError(f"trailing garbage: {len(view) - total} bytes after payload")
     indices = None
     if name == "topk":
-        method = sparse_index.BITMAP if flags & F_INDEX_BITMAP else sparse_index.VARINT
+        method = (sparse_index.BITMAP if flags & F_INDEX_BITMAP else
+                  sparse_index.RICE if flags & F_INDEX_RICE else sparse_index.VARINT)
         raw_index: bytes | memoryview = view[pos:pos + ilen]
         if flags & F_INDEX_ZLIB:
             raw_index = _inflate(raw_index, sparse_index.max_raw_size(method, count, numel), "index")
