@@ -50,6 +50,7 @@ def test_privacy_defaults_calibrate_noise_to_the_budget() -> None:
 def test_privacy_job_is_uniformly_weighted_without_device_metrics() -> None:
     cfg = job(privacy={"epsilon": 4.0, "clip": {"mode": "fixed", "bound": 0.5}})
     assert cfg["limits"]["weighting"] == "uniform" and cfg["limits"]["clip"] == {"mode": "none"}
+    assert cfg["limits"]["direction"]["mode"] == "none"  # the DP accumulator folds in every clipped update
     assert cfg["eval"]["holdout_fraction"] == 0.0  # device scores are not noised: not collected
     assert cfg["privacy"]["clip"] == {"mode": "fixed", "bound": 0.5}
     assert job()["privacy"] is None and job()["limits"]["weighting"] == "uniform"  # non-DP jobs unchanged
@@ -74,6 +75,7 @@ def test_privacy_job_is_uniformly_weighted_without_device_metrics() -> None:
     ({"epsilon": 4}, {"strategy": {"name": "median"}}, "cannot be combined with 'privacy'"),
     ({"epsilon": 4}, {"limits": {"weighting": "num_samples"}}, "cannot be set with 'privacy'"),
     ({"epsilon": 4}, {"limits": {"clip": {"mode": "none"}}}, "cannot be set with 'privacy'"),
+    ({"epsilon": 4}, {"limits": {"direction": {"mode": "cosine"}}}, "cannot be set with 'privacy'"),
     ({"epsilon": 4}, {"eval": {"holdout_fraction": 0.2}}, "'eval.holdout_fraction' must be 0 with 'privacy'"),
     ("lots", {}, "'privacy' must be an object"),
     ({"epsilon": 4}, {"secure_aggregation": {}, "codec": {"name": "randk", "density": 0.1}, "min_clients": 2},

@@ -20,6 +20,7 @@ from edge_sdk.preprocess import DIGITS_INPUT_SCALE, DIGITS_NORMALIZATION, IMAGEN
 from edge_sdk.protocol.modelfile import dump_model
 
 from coordinator.privacy.spec import normalize_privacy
+from coordinator.rounds.direction import normalize_direction
 from coordinator.rounds.limits import normalize_limits
 from coordinator.rounds.strategy import make_strategy
 from coordinator.secagg.config import normalize_secure_aggregation
@@ -230,15 +231,17 @@ def _private_limits(body: dict[str, Any], strategy: dict[str, Any], eval_cfg: di
         raise JobSpecError(f"'strategy' {strategy['name']!r} cannot be combined with 'privacy': the Gaussian noise is "
                            "calibrated to a sum of clipped updates; use fedavg, fedavgm, fedprox, fedadam or fedyogi")
     given = body.get("limits") or {}
-    if isinstance(given, dict) and ("clip" in given or given.get("weighting") not in (None, "uniform")):
-        raise JobSpecError("'limits.clip' and 'limits.weighting' cannot be set with 'privacy': DP-FedAvg weighs "
-                           "every update the same and clips to 'privacy.clip'")
+    if isinstance(given, dict) and ("clip" in given or "direction" in given
+                                    or given.get("weighting") not in (None, "uniform")):
+        raise JobSpecError("'limits.clip', 'limits.direction' and 'limits.weighting' cannot be set with 'privacy': "
+                           "DP-FedAvg weighs every update the same, clips to 'privacy.clip' and folds in every "
+                           "clipped update (no direction screen)")
     if eval_cfg and eval_cfg["holdout_fraction"] > 0:
         if "holdout_fraction" in (body.get("eval") or {}):
             raise JobSpecError("'eval.holdout_fraction' must be 0 with 'privacy': device-reported scores are not "
                                "noised, so a DP job does not collect them; score it server-side (eval.dataset)")
         eval_cfg["holdout_fraction"] = 0.0
-    return {**limits, "weighting": "uniform", "clip": {"mode": "none"}}
+    return {**limits, "weighting": "uniform", "clip": {"mode": "none"}, "direction": normalize_direction({"mode": "none"})}
 
 
 def job_input_scale(config: dict[str, Any]) -> float:
