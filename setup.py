@@ -30,9 +30,10 @@ SERVER = EDGE + [
     "onnxscript>=0.1",  # torch.onnx needs it to export
     "tqdm>=4.66",
     "matplotlib>=3.8",
+    "dp-accounting>=0.4",  # privacy accountant of DP jobs (coordinator/privacy/accountant.py)
     "psutil>=5.9",
 ]
-TEST = ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "scipy>=1.11"]  # scipy: uniformity tests
+TEST = ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "scipy>=1.11"]  # scipy: uniformity and DP noise tests
 
 setup(
     name="fedsight",

@@ -470,13 +470,14 @@ class EdgeClient:
                                  float(result.wall_time_s), time.perf_counter() - t0, {})
             self.history.append(report)
             return report
+        dp = config.get("dp")  # differential privacy: clip what is sent; no metrics, no sample count (1)
         payload, _ = encode_delta(spec, local_vec - global_vec, layout_sizes(arrays), self.residuals, job_id,
-                                  statistics_mask(arrays))
-        metrics = wire_metrics({"loss": float(result.loss), "accuracy": float(result.accuracy),
-                                "train_time_s": float(result.wall_time_s), **scored})  # as sent
+                                  statistics_mask(arrays), clip_bound=float(dp["clip_bound"]) if dp else None)
+        metrics = {} if dp else wire_metrics({"loss": float(result.loss), "accuracy": float(result.accuracy),
+                                              "train_time_s": float(result.wall_time_s), **scored})  # as sent
         header = UpdateHeader(job_id=job_id, round=rnd, client_id=self.client_id,
                               base_version=str(task["base_version"]), codec=wire_codec(spec),
-                              num_samples=int(result.num_samples), numel=int(global_vec.size),
+                              num_samples=1 if dp else int(result.num_samples), numel=int(global_vec.size),
                               metrics=metrics, attempt=int(task.get("attempt", 1)))
         message = encode_update(header, payload, self._device_key)
         encode_time = time.perf_counter() - t0

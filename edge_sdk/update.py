@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .dp_clip import clip_encoded
 from .error_feedback import ResidualStore
 from .protocol import codecs
 from .protocol.codecs import Decoded
@@ -61,14 +62,21 @@ def clamp_variances(arrays: Arrays) -> int:
 
 
 def encode_delta(spec: dict, delta: np.ndarray, layout_sizes: list[int], residuals: ResidualStore | None,
-                 job_id: str, stats: np.ndarray | None = None) -> tuple[bytes, Decoded]:
-    """Codec payload for ``delta`` (local - global), applying and updating error feedback when enabled."""
+                 job_id: str, stats: np.ndarray | None = None, clip_bound: float | None = None
+                 ) -> tuple[bytes, Decoded]:
+    """Codec payload for ``delta`` (local - global), applying and updating error feedback when enabled.
+
+    ``clip_bound`` (differential privacy): the transmitted vector is scaled to at most this L2 norm
+    (``dp_clip``); the residual keeps only what the codec dropped, not what clipping removed."""
     delta = np.asarray(delta, dtype=np.float32)
     if residuals is None or not codecs.uses_error_feedback(spec):
-        return codecs.encode(spec, delta, layout_sizes)
+        encoded = codecs.encode(spec, delta, layout_sizes)
+        return encoded if clip_bound is None else clip_encoded(spec, delta, layout_sizes, clip_bound, encoded)
     corrected = residuals.apply(job_id, delta)
     if stats is not None and stats.any():
         corrected[stats] = delta[stats]
     payload, sent = codecs.encode(spec, corrected, layout_sizes)
     residuals.update(job_id, corrected, sent)
+    if clip_bound is not None:
+        return clip_encoded(spec, corrected, layout_sizes, clip_bound, (payload, sent))
     return payload, sent

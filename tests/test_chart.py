@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from coordinator.cli.chart import DENSE_COLOR, ONNX_COLOR, human_bytes, plot_rounds
+from coordinator.cli.chart import DENSE_COLOR, EPSILON_COLOR, ONNX_COLOR, human_bytes, plot_rounds
 
 
 def _rounds(n: int = 6, dense: bool = True) -> list[dict]:
@@ -45,6 +45,12 @@ def test_reference_line_and_onnx_marker_are_drawn_only_when_given(tmp_path: Path
     assert _pixels_near(without, DENSE_COLOR) == 0
     assert _pixels_near(with_all, ONNX_COLOR) > 50
     assert _pixels_near(without, ONNX_COLOR) == 0
+
+
+def test_epsilon_spent_is_drawn_for_dp_jobs_only(tmp_path: Path) -> None:
+    rows = [{**r, "epsilon": 0.5 * r["round"]} for r in _rounds()]
+    assert _pixels_near(plot_rounds(rows, tmp_path / "dp.png"), EPSILON_COLOR, tol=20) > 100
+    assert _pixels_near(plot_rounds(_rounds(), tmp_path / "plain.png"), EPSILON_COLOR, tol=20) == 0
 
 
 def test_rounds_without_accuracy_and_zero_bytes_are_tolerated(tmp_path: Path) -> None:

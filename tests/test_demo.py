@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 import psutil
 import pytest
@@ -60,6 +61,23 @@ def test_small_demo_trains_exports_and_charts(tmp_path: Path) -> None:
     assert chart.stat().st_size > 20_000
     onnx.checker.check_model(onnx.load(summary["onnx_path"]))
     assert not _leftovers(str(out)), "device processes outlived the demo"
+
+
+def test_dp_demo_reports_epsilon_per_round_in_summary_and_chart(tmp_path: Path) -> None:
+    out = tmp_path / "dp-demo"
+    result = subprocess.run(_demo(out, "--epsilon", "8", "--codec", "topk:0.1:int8"), capture_output=True, text=True,
+                            timeout=300, env=child_env(), cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    eps = [r["epsilon"] for r in summary["rounds"]]
+    assert len(eps) == 3 and all(b > a >= 0 for a, b in zip([0.0, *eps], eps))  # spent grows every round
+    assert eps[-1] <= 8.0 and eps[-1] == pytest.approx(8.0, rel=0.01)  # noise calibrated to the budget
+    assert summary["privacy"]["epsilon_spent"] == pytest.approx(eps[-1])
+    assert summary["privacy"]["target_epsilon"] == 8.0 and summary["privacy"]["delta"] == 1e-5
+    assert f"privacy: epsilon {eps[-1]:.3f} of 8 spent" in result.stdout
+    with Image.open(summary["chart_path"]) as img:
+        rgb = np.asarray(img.convert("RGB")).astype(int)
+    assert int((np.abs(rgb - np.array([0x94, 0x67, 0xBD])).max(axis=2) <= 20).sum()) > 100  # the epsilon line
 
 
 def test_ctrl_c_stops_every_device(tmp_path: Path) -> None:

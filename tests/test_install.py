@@ -17,11 +17,11 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parent.parent
 # import name -> distribution name, where they differ
 DISTRIBUTION = {"sklearn": "scikit-learn", "paho": "paho-mqtt", "PIL": "pillow", "cv2": "opencv-python",
-                "Crypto": "pycryptodome"}
+                "Crypto": "pycryptodome", "dp_accounting": "dp-accounting"}
 OPTIONAL = {"cv2"}  # examples/camera_app.py reads video files with it when present; nothing requires it
 # Packages only the training device / coordinator need: none may be pulled in by the base install.
 NOT_BASE = {"torch", "torchvision", "paho", "requests", "flask", "cheroot", "cryptography", "amqtt", "onnx",
-            "onnxscript", "sklearn", "tqdm", "matplotlib", "psutil", "werkzeug", "Crypto"}
+            "onnxscript", "sklearn", "tqdm", "matplotlib", "psutil", "werkzeug", "Crypto", "dp_accounting"}
 
 
 def setup_kwargs() -> dict[str, Any]:

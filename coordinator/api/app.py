@@ -21,6 +21,7 @@ from werkzeug.exceptions import HTTPException
 
 from edge_sdk.protocol.patch import make_patch
 
+from coordinator.privacy.budget import summary_from_rounds
 from coordinator.api.body_limit import BodyLimit
 from coordinator.auth import access, enrollment
 from coordinator.auth.paths import PathRefused, confine
@@ -104,6 +105,9 @@ def _job_view(job: dict[str, Any]) -> dict[str, Any]:
         "rejected": rnd.rejected, "deadline": rnd.deadline, **rnd.traffic()}
     view["traffic"] = _svc().store.job_traffic(job["id"])
     view["notice"] = _svc().engine.notice(job["id"])  # why it is not progressing now (stalled, disk full)
+    view["reason"] = job.get("reason")  # why it finished early (privacy budget reached)
+    if job["config"].get("privacy"):  # epsilon spent so far, from the stored round records
+        view["privacy"] = summary_from_rounds(job["config"]["privacy"], _svc().store.get_rounds(job["id"]))
     return view
 
 

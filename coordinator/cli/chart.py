@@ -21,6 +21,7 @@ ONNX_COLOR = "#2ca02c"
 SENT_COLOR = "#ff7f0e"
 DENSE_COLOR = "#d62728"
 REJECTED_COLOR = "#7f7f7f"
+EPSILON_COLOR = "#9467bd"
 
 
 def human_bytes(n: float, _pos: Any = None) -> str:
@@ -71,8 +72,19 @@ def plot_rounds(rounds: Sequence[Mapping[str, Any]], out_path: str | Path, *, ti
     ax_acc.set_ylim(0, 100)
     ax_acc.grid(True, alpha=0.3)
     ax_acc.set_title("accuracy on the held-out test set after each round", fontsize=10)
-    if xs or onnx_accuracy is not None:
-        ax_acc.legend(loc="lower right", fontsize=9)
+    handles, labels = ax_acc.get_legend_handles_labels()
+    ex, eps = _series(rounds, "epsilon")
+    if ex:  # DP jobs: privacy spent (accountant's epsilon after each round) on a second axis
+        ax_eps = ax_acc.twinx()
+        ax_eps.step(ex, eps, where="post", color=EPSILON_COLOR, linestyle="-.", label="epsilon spent")
+        ax_eps.set_ylabel("epsilon spent", color=EPSILON_COLOR)
+        ax_eps.set_ylim(0, max(eps) * 1.15 or 1.0)
+        h2, l2 = ax_eps.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+        ax_acc.set_title(f"accuracy on the held-out test set after each round; epsilon {eps[-1]:.2f} spent",
+                         fontsize=10)
+    if handles:
+        ax_acc.legend(handles, labels, loc="lower right", fontsize=9)
 
     bx, sent = _series(rounds, "uplink_bytes")
     ax_bytes.bar(bx, sent, width=0.6, color=SENT_COLOR, label="accepted updates (compressed)")

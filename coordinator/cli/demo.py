@@ -49,6 +49,8 @@ class DemoConfig:
     timeout: float = 900.0
     progress: bool = True
     insecure: bool = False
+    epsilon: float | None = None  # a DP job with this budget (delta below); None: no differential privacy
+    delta: float = 1e-5
 
 
 def add_demo_arguments(p: argparse.ArgumentParser, codec_type: Callable[[str], Any]) -> None:
@@ -71,6 +73,9 @@ def add_demo_arguments(p: argparse.ArgumentParser, codec_type: Callable[[str], A
                    "(default: %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--insecure", action="store_true", help="plain HTTP and MQTT instead of HTTPS and mqtts")
+    p.add_argument("--epsilon", type=float, help="client-level differential privacy with this budget "
+                   "(docs/privacy.md); the job stops before it would exceed it (default: no DP)")
+    p.add_argument("--delta", type=float, default=d.delta, help="DP delta with --epsilon (default: %(default)s)")
 
 
 class DemoError(RuntimeError):
@@ -170,6 +175,7 @@ def _round_rows(rows: list[dict[str, Any]], numel: int) -> list[dict[str, Any]]:
             rec["closed"] = True
             rec["accuracy"] = (r.get("eval") or {}).get("accuracy")
             rec["compression_ratio"] = r.get("compression_ratio")
+            rec["epsilon"] = (r.get("privacy") or {}).get("epsilon")  # DP jobs: total spent after this round
             rec["duration_s"] = r.get("duration_s")
     return [out[k] for k in sorted(out)]
 
@@ -241,7 +247,8 @@ def _job_body(cfg: DemoConfig) -> dict[str, Any]:
             "round_timeout_s": cfg.round_timeout, "codec": cfg.codec or parse_codec(DEFAULT_CODEC),
             "eval": {"dataset": "digits"}, "seed": cfg.seed,
             **({} if cfg.codec else {"strategy": DEFAULT_STRATEGY}),
-            "train": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr}}
+            "train": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr},
+            **({"privacy": {"epsilon": cfg.epsilon, "delta": cfg.delta}} if cfg.epsilon is not None else {})}
 
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = log.info,
@@ -325,6 +332,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = log.info,
             "uplink_reduction_basis": "vs raw fp32 (4 bytes x numel per accepted update)",
             "rejected_bytes_total": sum(r["rejected_bytes"] for r in rounds),
             "train_wall_time_s": round(train_s, 2), "wall_time_s": round(time.monotonic() - started, 2),
+            "privacy": job.get("privacy"), "finish_reason": job.get("reason"),
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         say(f"final accuracy on {scores['test_samples']} held-out digits: PyTorch {scores['pytorch_accuracy']:.2%}"
@@ -335,6 +343,11 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = log.info,
               f"({summary['uplink_reduction'] or 0:.1f}x less vs raw fp32)"
               + (f"; {human_bytes(refused)} rejected" if refused else "")
               + f"; wall time {summary['wall_time_s']:.1f}s")
+        if job.get("privacy"):
+            p = job["privacy"]
+            say(f"privacy: epsilon {p['epsilon_spent']:.3f} of {p['target_epsilon']:g} spent (delta {p['delta']:g}) "
+                f"over {p['rounds_released']} round(s), noise multiplier {p['noise_multiplier']:.3g}"
+                + (f"; {job['reason']}" if job.get("reason") else ""))
         say(f"wrote {chart}, {out / 'summary.json'}, {onnx_path}")
         return summary
     except BaseException as exc:  # every way out leaves a summary that says why

@@ -21,7 +21,8 @@ from converters import spec_text
 from coordinator.cli import parser
 from coordinator.cli.rest_client import TLS_HINT, Api, CliError, operator_token
 from coordinator.cli.server_commands import cmd_certs, cmd_coordinator
-from coordinator.cli.tables import eval_notes, eval_summary, format_table, rounds_table
+from coordinator.cli.privacy_flags import privacy_flags
+from coordinator.cli.tables import eval_notes, eval_summary, format_table, privacy_summary, rounds_table
 
 EXIT_USER_ERROR = 2
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -145,6 +146,7 @@ def job_body(args: argparse.Namespace) -> dict[str, Any]:
         body["eval"] = None
     elif kind or args.holdout is not None:
         body["eval"] = pick(dataset=kind, path=path, holdout_fraction=args.holdout)
+    body.update(privacy_flags(args))
     if (args.mean is None) != (args.std is None):
         raise CliError("--mean and --std go together", "give both, e.g. --mean 0.5 --std 0.5")
     if args.mean is not None:
@@ -198,6 +200,10 @@ def cmd_job(args: argparse.Namespace) -> int:
         print(f"job {_job_id(job)} ({job.get('name', '')}): {job.get('status')}, round {job.get('current_round', 0)}"
               f"/{cfg.get('rounds', '?')}, {cfg['model']['arch']}, codec {spec_text.codec_label(cfg.get('codec'))}")
         print(f"evaluation: {eval_summary(cfg)}")
+        if privacy_summary(job):
+            print(privacy_summary(job))
+        if job.get("reason"):
+            print(f"finished early: {job['reason']}")
         if job.get("notice"):
             print(f"notice: {job['notice']}")
         if job.get("error") and job.get("error") != job.get("notice"):

@@ -237,6 +237,13 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     c.add_argument("--stall-timeout", type=float, metavar="SECONDS",
                    help="report a job with too few devices after this long (server default: 300)")
     c.add_argument("--on-stall", choices=("pause", "fail"), help="then pause (default) or fail the job")
+    c.add_argument("--epsilon", type=float, help="client-level differential privacy with this budget; the job "
+                   "finishes before a round would exceed it (docs/privacy.md)")
+    c.add_argument("--delta", type=float, help="DP delta (server default: 1e-5); needs --epsilon")
+    c.add_argument("--noise-multiplier", type=float, metavar="Z", help="DP noise multiplier (default: calibrated "
+                   "so that --rounds rounds spend --epsilon); needs --epsilon")
+    c.add_argument("--dp-clip", metavar="fixed:C|adaptive:C", help="DP clip bound (server default: adaptive "
+                   "starting at 1.0); needs --epsilon")
     c.add_argument("--start", action="store_true", help="start the job right away")
     c.add_argument("--json", action="store_true", help="print the job as JSON instead of its id")
     for action, text in (("start", "start a created job"), ("stop", "stop a running job"),

@@ -43,9 +43,22 @@ def eval_notes(rounds: Sequence[dict[str, Any]]) -> list[str]:
     return notes
 
 
+def privacy_summary(job: dict[str, Any]) -> str | None:
+    """One line for a DP job: budget, what was spent, noise and clipping (None for other jobs)."""
+    p = job.get("privacy")
+    if not p:
+        return None
+    bound = p.get("clip_bound")
+    return (f"privacy: epsilon {p['epsilon_spent']:.3f} of {p['target_epsilon']:g} spent (delta {p['delta']:g}) "
+            f"over {p['rounds_released']} round(s), noise multiplier {p['noise_multiplier']:.3g}, "
+            f"{p['clip_mode']} clip bound {bound:.3g}; no sampling amplification claimed")
+
+
 def rounds_table(rounds: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """One row per round attempt; DP jobs get an ``epsilon`` column (total spent once the round closed)."""
     from coordinator.cli.chart import human_bytes
 
+    private = any(r.get("privacy") for r in rounds)
     rows = []
     for r in rounds:
         ratio = r.get("compression_ratio")  # 4 x numel over the mean accepted message: vs raw fp32, not measured
@@ -55,8 +68,12 @@ def rounds_table(rounds: Sequence[dict[str, Any]]) -> tuple[list[str], list[list
                      human_bytes(r.get("uplink_bytes") or 0), human_bytes(refused) if refused else "-",
                      human_bytes(r.get("downlink_bytes") or 0), f"{ratio:.1f}x" if ratio else "-",
                      _score(r.get("eval")), _score(r.get("federated_eval")), f"{r.get('duration_s') or 0:.1f}s"])
-    return ["round", "status", "acc/rej/junk", "uplink", "refused", "downlink", "vs raw fp32", "accuracy",
-            "device acc", "time"], rows
+        if private:
+            eps = (r.get("privacy") or {}).get("epsilon")
+            rows[-1].append(f"{eps:.3f}" if eps is not None else "-")
+    header = ["round", "status", "acc/rej/junk", "uplink", "refused", "downlink", "vs raw fp32", "accuracy",
+              "device acc", "time"]
+    return header + (["epsilon"] if private else []), rows
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -19,6 +19,8 @@ from edge_sdk.protocol.errors import ProtocolError
 from edge_sdk.preprocess import DIGITS_INPUT_SCALE, DIGITS_NORMALIZATION, IMAGENET_NORMALIZATION
 from edge_sdk.protocol.modelfile import dump_model
 
+from coordinator.privacy.spec import normalize_privacy
+from coordinator.rounds.direction import normalize_direction
 from coordinator.rounds.limits import normalize_limits
 from coordinator.rounds.strategy import make_strategy
 from coordinator.secagg.config import normalize_secure_aggregation
@@ -142,7 +144,7 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
     """Validate a job body and return the full config with every default filled in."""
     top = {"name", "model", "rounds", "clients_per_round", "min_clients", "round_timeout_s", "train", "codec",
            "eval", "seed", "class_names", "normalization", "input_scale", "max_update_bytes", "strategy",
-           "limits", "stall_timeout_s", "on_stall", "secure_aggregation"}
+           "limits", "stall_timeout_s", "on_stall", "privacy", "secure_aggregation"}
     body = _object(body, top, "")
     name = _get(body, "name", str, "job", "")
     if not 1 <= len(name) <= 200:
@@ -200,19 +202,46 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
         raise JobSpecError(f"'strategy': {exc}") from None
     try:
         limits = normalize_limits(body.get("limits"))
+        privacy = normalize_privacy(body.get("privacy"), rounds, k)
     except ValueError as exc:
         raise JobSpecError(str(exc)) from None
     try:
         secure = normalize_secure_aggregation(body.get("secure_aggregation"), codec, strategy, min_clients)
     except ValueError as exc:
         raise JobSpecError(str(exc)) from None
+    if privacy is not None:
+        if secure is not None:
+            raise JobSpecError("'privacy' (central noise, added by the coordinator to a sum it sees) cannot be "
+                               "combined with 'secure_aggregation' yet; use secure_aggregation.noise_multiplier "
+                               "for noise added on devices (docs/privacy.md)")
+        limits = _private_limits(body, strategy, eval_cfg, limits)
     return {"name": name, "model": {"arch": arch, "num_classes": num_classes, "in_channels": channels,
                                     "image_size": image_size, "weights": weights},
             "rounds": rounds, "clients_per_round": k, "min_clients": min_clients, "round_timeout_s": timeout,
             "train": train_cfg, "codec": codec, "eval": eval_cfg, "seed": seed, "class_names": class_names,
             "normalization": _normalization(body, channels, digits), "input_scale": input_scale,
             "max_update_bytes": max_bytes, "strategy": strategy, "limits": limits,
-            "stall_timeout_s": stall, "on_stall": on_stall, "secure_aggregation": secure}
+            "stall_timeout_s": stall, "on_stall": on_stall, "privacy": privacy, "secure_aggregation": secure}
+
+
+def _private_limits(body: dict[str, Any], strategy: dict[str, Any], eval_cfg: dict[str, Any] | None,
+                    limits: dict[str, Any]) -> dict[str, Any]:
+    """A DP job: refuse what DP-FedAvg cannot honour; weighting is uniform and clipping is privacy.clip."""
+    if strategy["name"] in ("trimmed_mean", "median"):
+        raise JobSpecError(f"'strategy' {strategy['name']!r} cannot be combined with 'privacy': the Gaussian noise is "
+                           "calibrated to a sum of clipped updates; use fedavg, fedavgm, fedprox, fedadam or fedyogi")
+    given = body.get("limits") or {}
+    if isinstance(given, dict) and ("clip" in given or "direction" in given
+                                    or given.get("weighting") not in (None, "uniform")):
+        raise JobSpecError("'limits.clip', 'limits.direction' and 'limits.weighting' cannot be set with 'privacy': "
+                           "DP-FedAvg weighs every update the same, clips to 'privacy.clip' and folds in every "
+                           "clipped update (no direction screen)")
+    if eval_cfg and eval_cfg["holdout_fraction"] > 0:
+        if "holdout_fraction" in (body.get("eval") or {}):
+            raise JobSpecError("'eval.holdout_fraction' must be 0 with 'privacy': device-reported scores are not "
+                               "noised, so a DP job does not collect them; score it server-side (eval.dataset)")
+        eval_cfg["holdout_fraction"] = 0.0
+    return {**limits, "weighting": "uniform", "clip": {"mode": "none"}, "direction": normalize_direction({"mode": "none"})}
 
 
 def job_input_scale(config: dict[str, Any]) -> float:

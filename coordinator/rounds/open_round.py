@@ -63,6 +63,8 @@ class OpenRound:
         """Fold an already-validated update in; caller holds ``cond``. Metrics get the capped weight the
         update got, so an inflated ``num_samples`` cannot dominate the reported loss either."""
         weight = self.accumulator.add(decoded, num_samples)
+        if not self.accumulator.keeps_client_metrics:
+            metrics = {}
         self.accepted_clients[client_id] = nbytes
         self.uplink_bytes += nbytes
         self._add_score(metrics, num_samples)

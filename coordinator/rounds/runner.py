@@ -27,6 +27,7 @@ import numpy as np
 from edge_sdk.protocol.modelfile import dump_model, flatten, layout_sizes, load_model, unflatten
 from edge_sdk.update import clamp_variances, statistics_mask
 
+from coordinator.privacy.budget import JobPrivacy
 from coordinator.rounds.context import RunnerContext
 from coordinator.rounds.jobspec import holdout_fraction, model_meta
 from coordinator.rounds.limits import UpdateLimits
@@ -63,6 +64,7 @@ class JobRunner:
         self.notice: str | None = None  # why the job is not progressing right now (REST, `job status`)
         self.paused = False
         self._strategy: Strategy | None = None
+        self._privacy: JobPrivacy | None = None  # DP jobs: mechanism + accountant (rebuilt from the store)
         self._pending: tuple[OpenRound, dict[str, Any]] | None = None
         self._on_done = on_done
         self.job_id = job_id
@@ -80,6 +82,7 @@ class JobRunner:
             job = self._job()
             self._strategy = _job_strategy(job["config"])
             load_strategy_state(self.ctx, job, self._strategy)
+            self._attach_privacy(job, self._strategy)
             self._pending = restore_open_round(self.ctx, job, self._strategy)
             if self._pending is not None:
                 self.current = self._pending[0]
@@ -108,6 +111,7 @@ class JobRunner:
             strategy = self._strategy or _job_strategy(cfg)
             if self._strategy is None:
                 load_strategy_state(self.ctx, job, strategy)
+                self._attach_privacy(job, strategy)
             pending, self._pending = self._pending, None
             self._baseline_eval(job)
             failures = 0
@@ -116,6 +120,10 @@ class JobRunner:
                     ok = self._collect(job, *pending, strategy)
                     pending = None
                 else:
+                    refusal = self._privacy.refusal(job["current_round"] + 1) if self._privacy else None
+                    if refusal is not None:
+                        self._finish(job, reason=refusal)
+                        return
                     try:
                         ok = self._run_round(job, job["current_round"] + 1, strategy)
                     except (OSError, sqlite3.Error) as exc:  # e.g. disk full while opening a round: not a
@@ -153,6 +161,11 @@ class JobRunner:
         finally:
             self.current = None
             self._on_done(self)
+
+    def _attach_privacy(self, job: dict[str, Any], strategy: Strategy) -> None:
+        """DP jobs aggregate with noise; the accountant and adaptive bound continue from the stored rounds."""
+        self._privacy = JobPrivacy.for_job(job, self.ctx.store.get_rounds(self.job_id))
+        strategy.privacy = self._privacy.mechanism if self._privacy else None
 
     def _job(self) -> dict[str, Any]:
         job = self.ctx.store.get_job(self.job_id)
@@ -275,6 +288,9 @@ class JobRunner:
                                          "attempt": rnd.attempt, "status": "failed", "reason": reason})
             log.error("job %s round %d: %s", self.job_id, rnd.round, reason)
             return False
+        release = getattr(rnd.accumulator, "release", None)
+        if self._privacy is not None and release is not None:
+            common["privacy"] = self._privacy.round_record(release)
         meta = model_meta(self.job_id, cfg, rnd.round, base_version=rnd.base_version, strategy=strategy.name)
         arrays = unflatten(new_vec, template)
         if clamp_variances(arrays):  # lossy codecs can push a BatchNorm variance below 0 (NaN outputs)
@@ -294,10 +310,15 @@ class JobRunner:
                                                      "federated_eval": pending, **common}, metrics)
         if version is None:
             return False
+        if self._privacy is not None and "privacy" in common:
+            self._privacy.charge(common["privacy"])
+            log.info("job %s round %d: epsilon %.4f of %g spent", self.job_id, rnd.round,
+                     common["privacy"]["epsilon"], self._privacy.target)
         self._record_federated(rnd, cfg)
         eng.send_event(self.job_id, {"type": "round_closed", "job_id": self.job_id, "round": rnd.round,
                                      "attempt": rnd.attempt, "status": "closed", "accepted": rnd.accepted,
-                                     "version": version})
+                                     "version": version,
+                                     "epsilon": (common.get("privacy") or {}).get("epsilon")})
         eng.send_event(self.job_id, {"type": "model_updated", "job_id": self.job_id, "round": rnd.round,
                                      "version": version, "model_path": eng.model_path(self.job_id, version),
                                      "eval": evaluation})
@@ -425,7 +446,8 @@ class JobRunner:
         elif result:  # the set does not fit the model: every round would fail the same way, say so now
             self.ctx.store.update_job(self.job_id, error=f"evaluation of version 0 failed: {result['error']}")
 
-    def _finish(self, job: dict[str, Any]) -> None:
+    def _finish(self, job: dict[str, Any], reason: str | None = None) -> None:
+        """The job is done: all rounds ran, or (``reason``) the next round would exceed its privacy budget."""
         eng = self.ctx
         hint = "see its server-side eval" if (job["config"].get("eval") or {}).get("dataset") else \
             "give the job eval.dataset imagefolder for a server-side score"
@@ -434,8 +456,11 @@ class JobRunner:
                 eng.store.update_round(self.job_id, r["round"], r["attempt"], federated_eval={
                     "status": "not_run", "reason": f"final version: devices score a version in the round after "
                                                    f"it; {hint}"})
-        eng.store.update_job(self.job_id, status="finished")
+        eng.store.update_job(self.job_id, status="finished", reason=reason)
+        if reason:
+            log.info("job %s finished early: %s", self.job_id, reason)
         eng.send_event(self.job_id, {"type": "job_finished", "job_id": self.job_id, "round": job["current_round"],
+                                     "reason": reason,
                                      "version": job["current_version"],
                                      "model_path": eng.model_path(self.job_id, job["current_version"])})
         log.info("job %s finished after %d rounds, final version %s", self.job_id, job["current_round"],

@@ -42,6 +42,8 @@ class _Sum:
 class Accumulator:
     """Running ``sum_i n_i * delta_i`` and ``sum_i n_i`` for one round; holds no reference to any update."""
 
+    keeps_client_metrics: ClassVar[bool] = True  # False under DP: device-reported metrics are not released
+
     def __init__(self, global_vec: np.ndarray, finish: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
                  limits: UpdateLimits | None = None) -> None:
         self.global_vec = global_vec
@@ -128,6 +130,7 @@ class Strategy:
 
     def __init__(self, limits: UpdateLimits | None = None, **params: Any) -> None:
         self.limits = limits or UpdateLimits()
+        self.privacy: Any = None  # a coordinator.privacy DPMechanism: DP-FedAvg aggregation replaces the limits
         unknown = set(params) - set(self.defaults)
         if unknown:
             raise ValueError(f"strategy {self.name!r} has no parameter(s) {sorted(unknown)}; "
@@ -155,12 +158,14 @@ class Strategy:
                 "freeze_backbone": train.get("freeze_backbone", False),
                 "backbone_lr_mult": train.get("backbone_lr_mult", 1.0),
                 "bn_recalibrate": train.get("bn_recalibrate", True),
-                "codec": codec, "seed": seed}
+                "codec": codec, "seed": seed, **({"dp": self.privacy.task_config()} if self.privacy else {})}
 
     def _mu(self, train: dict[str, Any]) -> float:
         return float(train.get("mu", 0.0))
 
     def begin(self, global_vec: np.ndarray) -> Accumulator:
+        if self.privacy is not None:
+            return self.privacy.accumulator(np.asarray(global_vec, dtype=np.float32), self._step)
         return Accumulator(np.asarray(global_vec, dtype=np.float32), self._step, self.limits)
 
     def observe_layout(self, statistics: np.ndarray) -> None:

@@ -55,15 +55,17 @@ CREATE INDEX IF NOT EXISTS metrics_job ON metrics (job_id, round);
 
 # table -> [(column, declaration)] for databases created by an earlier version
 _ADDED_COLUMNS = {"rounds": [("federated_eval", "TEXT"), ("rejected_bytes", "INTEGER NOT NULL DEFAULT 0"),
-                             ("junk", "INTEGER NOT NULL DEFAULT 0"), ("junk_bytes", "INTEGER NOT NULL DEFAULT 0")],
+                             ("junk", "INTEGER NOT NULL DEFAULT 0"), ("junk_bytes", "INTEGER NOT NULL DEFAULT 0"),
+                             ("privacy", "TEXT")],  # DP release record of a closed round (coordinator/privacy)
+                  "jobs": [("reason", "TEXT")],  # why a job finished early (e.g. privacy budget reached)
                   "clients": [("revoked_at", "REAL")]}  # device revocation
 
 _CLIENT_COLUMNS = "id, name, created_at, last_seen, state"
-_JSON_COLUMNS = {"config", "codec", "selected", "participants", "metrics", "eval", "federated_eval"}
-_JOB_FIELDS = {"name", "status", "current_round", "current_version", "error"}
+_JSON_COLUMNS = {"config", "codec", "selected", "participants", "metrics", "eval", "federated_eval", "privacy"}
+_JOB_FIELDS = {"name", "status", "current_round", "current_version", "error", "reason"}
 _ROUND_FIELDS = {"status", "new_version", "participants", "accepted", "rejected", "uplink_bytes", "rejected_bytes",
                  "junk", "junk_bytes", "compression_ratio", "closed_at", "duration_s", "metrics", "eval", "reason",
-                 "selected", "federated_eval"}
+                 "selected", "federated_eval", "privacy"}
 
 
 def _row(cur: sqlite3.Cursor, raw: tuple[Any, ...]) -> dict[str, Any]:
