@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import queue
 import threading
 import time
@@ -25,7 +24,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from . import params
-from .coordinator_origin import CoordinatorOrigin, UnsafeUrlError, check_version
+from .coordinator_origin import CoordinatorOrigin
+from .enrollment import Enrollment
 from .error_feedback import ResidualStore
 from .job_data import fit_to_job, preprocessing_from_job, split_for_job
 from .model_cache import ModelCache
@@ -37,6 +37,7 @@ from .protocol.modelfile import flatten, layout_sizes, load_model
 from .protocol.wire import UpdateHeader, encode_update
 from .secagg.session import SecAggAborted, SecureRounds
 from .sent_journal import SentJournal
+from .task_check import check_task
 from .tls import PinnedSession
 from .trainer import LocalTrainer
 from .update import encode_delta, statistics_mask, wire_codec, wire_metrics
@@ -45,33 +46,8 @@ from .transport import BrokerAddress, BrokerRefused, MqttTransport
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPDATE_BYTES = 64 << 20
-ENROLL_SECRET_ENV = "FEDSIGHT_ENROLL_SECRET"
 
 
-def check_task(task: Any, origin: CoordinatorOrigin) -> tuple[str, str]:
-    """The model URL and delta (patch) URL of a task, refused (ProtocolError) unless every field the device
-    acts on is well formed.
-
-    ``base_version`` names a cache file and ``job_id`` a residual file, so both are checked before use;
-    ``model_path`` (or a legacy ``model_url``) must be a plain path, resolved on the configured coordinator
-    only, so a forged task never makes the device send its token elsewhere."""
-    if not isinstance(task, dict) or task.get("type", "train") != "train":
-        raise ProtocolError("task is not a JSON object of type 'train'")
-    job_id = task.get("job_id")
-    if not isinstance(job_id, str) or not topics.valid_id(job_id):
-        raise ProtocolError(f"task has an invalid job_id {str(job_id)[:80]!r}")
-    for key, low in (("round", 0), ("attempt", 1)):
-        value = task.get(key, low)
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ProtocolError(f"task field {key!r} must be an integer >= {low}")
-    if not isinstance(task.get("config", {}), dict):
-        raise ProtocolError("task config must be an object")
-    try:
-        version = check_version(task.get("base_version"))
-        path = task.get("model_path") or task.get("model_url") or f"/api/v1/jobs/{job_id}/models/{version}"
-        return origin.url(path), origin.url(f"/api/v1/jobs/{job_id}/models/{version}/delta")
-    except UnsafeUrlError as exc:
-        raise ProtocolError(str(exc)) from None
 RETRY_LATER_CODE = "unavailable"  # ack code: the coordinator could not store the update; send it again later
 RETRY_LATER_S = 5.0
 
@@ -135,6 +111,7 @@ class EdgeClient:
         self.ca_file = ca_file
         self._http = requests.Session() if ca_file is None else PinnedSession(ca_file)
         self._mqtt_login: dict[str, str | None] = {"username": mqtt_username, "password": mqtt_password}
+        self._enrollment = Enrollment(self._http, self.base_url, self.api, self.cache_dir, self._timeout)
         creds = self._credentials(client_id, token, device_key, enroll_secret, name)
         self.client_id, self.token = str(creds["client_id"]), str(creds["token"])
         self._device_key = bytes.fromhex(str(creds["device_key"]))
@@ -214,58 +191,10 @@ class EdgeClient:
     # ----------------------------------------------------------------- setup helpers
     def _credentials(self, client_id: str | None, token: str | None, device_key: str | None,
                      enroll_secret: str | None, name: str | None) -> dict[str, Any]:
-        """Use given credentials, else the saved ones, else enroll with the coordinator (needs the secret,
-        ``enroll_secret`` or $FEDSIGHT_ENROLL_SECRET)."""
-        if client_id and token:
-            if not device_key:
-                raise ValueError("client_id and token need the device_key from the same registration "
-                                 "(updates are signed with it)")
-            return {"client_id": client_id, "token": token, "device_key": device_key}
-        saved = self.cache_dir / "credentials.json"
-        if saved.exists():
-            creds = json.loads(saved.read_text())
-            if (creds.get("coordinator") == self.base_url and creds.get("device_key")
-                    and (client_id is None or creds["client_id"] == client_id)):
-                return dict(creds)
-        secret = enroll_secret or os.environ.get(ENROLL_SECRET_ENV)
-        if not secret:
-            raise RuntimeError(f"registration with {self.base_url} needs the fleet's enrollment secret: pass "
-                               f"enroll_secret= or set ${ENROLL_SECRET_ENV} (the coordinator wrote it to "
-                               "<data-dir>/enroll-secret)")
-        resp = self._http.post(f"{self.api}/clients", json={"name": name or client_id or "device",
-                                                            "enroll_secret": secret}, timeout=self._timeout)
-        if resp.status_code != 201:
-            raise RuntimeError(f"registration with {self.base_url} failed: HTTP {resp.status_code} {resp.text[:200]}")
-        body = resp.json()
-        self._save_credentials(body)
-        return dict(body)
-
-    def _save_credentials(self, body: dict[str, Any]) -> None:
-        """Written 0600 from the start (REST token, device key, broker secret), replaced atomically."""
-        saved = self.cache_dir / "credentials.json"
-        tmp = saved.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"coordinator": self.base_url, **body}, f)
-        tmp.chmod(0o600)  # an older file of that name kept its mode
-        os.replace(tmp, saved)
+        return self._enrollment.credentials(client_id, token, device_key, enroll_secret, name)
 
     def _broker_login(self) -> dict[str, str | None]:
-        """Ask the coordinator for a broker secret (credentials from before broker ACLs, or given id + token)."""
-        resp = self._http.post(f"{self.api}/clients/{self.client_id}/broker-credentials", timeout=self._timeout)
-        if resp.status_code == 404:  # a coordinator without managed broker identities
-            return {"username": None, "password": None}
-        if resp.status_code != 200:
-            raise RuntimeError(f"broker credentials from {self.base_url} refused: HTTP {resp.status_code} "
-                               f"{resp.text[:200]}")
-        body = resp.json()
-        saved = self.cache_dir / "credentials.json"
-        if saved.exists():
-            creds = json.loads(saved.read_text())
-            if creds.get("client_id") == self.client_id and creds.get("coordinator") == self.base_url:
-                self._save_credentials({**creds, "mqtt_username": body.get("mqtt_username"),
-                                        "mqtt_password": body.get("mqtt_password")})
-        return {"username": body.get("mqtt_username"), "password": body.get("mqtt_password")}
+        return self._enrollment.broker_login(self.client_id)
 
     def _discover_broker(self) -> str:
         try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import random
 import sqlite3
@@ -33,6 +32,7 @@ from coordinator.rounds.jobspec import holdout_fraction, model_meta
 from coordinator.rounds.limits import UpdateLimits
 from coordinator.rounds.open_round import OpenRound
 from coordinator.rounds.recovery import load_strategy_state, restore_open_round
+from coordinator.rounds.scoring import RoundScoring, finite, numbers
 from coordinator.rounds.strategy import Strategy, make_strategy, round_seed
 from coordinator.secagg.config import task_fields
 from coordinator.secagg.flow import run_secure
@@ -68,6 +68,7 @@ class JobRunner:
         self._pending: tuple[OpenRound, dict[str, Any]] | None = None
         self._on_done = on_done
         self.job_id = job_id
+        self.scoring = RoundScoring(ctx, job_id)
         self.stop_event = threading.Event()
         self.interrupted = False  # stopped by coordinator shutdown: the job stays 'running' and resumes
         self.current: OpenRound | None = None
@@ -113,7 +114,7 @@ class JobRunner:
                 load_strategy_state(self.ctx, job, strategy)
                 self._attach_privacy(job, strategy)
             pending, self._pending = self._pending, None
-            self._baseline_eval(job)
+            self.scoring.baseline(job)
             failures = 0
             while job["current_round"] < cfg["rounds"] and not self.stop_event.is_set():
                 if pending is not None:
@@ -259,7 +260,7 @@ class JobRunner:
         common = {"participants": sorted(rnd.accepted_clients), "accepted": rnd.accepted,
                   "rejected": rnd.rejected, **rnd.traffic(),
                   "compression_ratio": rnd.compression_ratio(), "closed_at": now,
-                  "duration_s": now - rnd.started_at, "metrics": _finite(rnd.metrics())}
+                  "duration_s": now - rnd.started_at, "metrics": finite(rnd.metrics())}
         key = (self.job_id, rnd.round, rnd.attempt)
         if self.stop_event.is_set():
             if self.interrupted and eng.journal is not None:
@@ -296,14 +297,14 @@ class JobRunner:
         if clamp_variances(arrays):  # lossy codecs can push a BatchNorm variance below 0 (NaN outputs)
             log.info("job %s round %d: clamped negative BatchNorm variances", self.job_id, rnd.round)
         data = dump_model(arrays, meta)
-        evaluation = self._evaluate(data, cfg)
+        evaluation = self.scoring.evaluate(data, cfg)
         pending = {"status": "pending", "reason": f"devices score this version on their held-out data in round "
                                                   f"{rnd.round + 1}"} if holdout_fraction(cfg) > 0 else None
         metrics = []
         if common["metrics"]:
-            metrics.append((_numbers(common["metrics"]), "clients"))
+            metrics.append((numbers(common["metrics"]), "clients"))
         if evaluation and "error" not in evaluation:
-            metrics.append((_numbers(evaluation), "eval"))
+            metrics.append((numbers(evaluation), "eval"))
         done = time.time()  # a round closes when its version is stored and scored, not when intake stops
         common.update(closed_at=done, duration_s=done - rnd.started_at)
         version = self._commit(rnd, data, strategy, {"status": "closed", "eval": evaluation,
@@ -314,7 +315,7 @@ class JobRunner:
             self._privacy.charge(common["privacy"])
             log.info("job %s round %d: epsilon %.4f of %g spent", self.job_id, rnd.round,
                      common["privacy"]["epsilon"], self._privacy.target)
-        self._record_federated(rnd, cfg)
+        self.scoring.record_federated(rnd, cfg)
         eng.send_event(self.job_id, {"type": "round_closed", "job_id": self.job_id, "round": rnd.round,
                                      "attempt": rnd.attempt, "status": "closed", "accepted": rnd.accepted,
                                      "version": version,
@@ -401,51 +402,6 @@ class JobRunner:
             log.exception("could not record the resumption of job %s", self.job_id)
         self.ctx.send_event(self.job_id, {"type": "job_resumed", "job_id": self.job_id})
 
-    def _evaluate(self, data: bytes, cfg: dict[str, Any]) -> dict[str, Any] | None:
-        if not (cfg.get("eval") or {}).get("dataset") or self.ctx.evaluator is None:
-            return None
-        try:
-            return _finite(self.ctx.evaluator.evaluate(data, cfg))
-        except Exception as exc:  # noqa: BLE001 - evaluation is advisory; a failure must not lose the round
-            log.warning("job %s: evaluation failed: %s", self.job_id, exc, exc_info=not isinstance(exc, ValueError))
-            reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
-            return {"error": reason}
-
-    def _record_federated(self, rnd: OpenRound, cfg: dict[str, Any]) -> None:
-        """Devices scored this round's base version: store it on the round that produced that version."""
-        fraction = holdout_fraction(cfg)
-        if fraction <= 0:
-            return
-        store, score = self.ctx.store, rnd.federated_eval()
-        if score is None:
-            result: dict[str, Any] = {
-                "status": "failed", "version": rnd.base_version, "scored_in_round": rnd.round,
-                "reason": f"none of the {rnd.accepted} device(s) reported a held-out score (each needs samples "
-                          f"in its {fraction:.0%} held-out share)"}
-        else:
-            result = {"status": "ok", **score, "version": rnd.base_version, "scored_in_round": rnd.round}
-            made = store.get_model_version(self.job_id, rnd.base_version)
-            store.add_metrics(self.job_id, made["round"] if made else rnd.round - 1, _numbers(score), "federated")
-        producers = [r for r in store.get_rounds(self.job_id)
-                     if r["new_version"] == rnd.base_version and r["status"] == "closed"]
-        if producers:
-            store.update_round(self.job_id, producers[-1]["round"], producers[-1]["attempt"], federated_eval=result)
-        if score is not None:
-            log.info("job %s: devices scored version %s at accuracy %.4f (%d held-out samples)", self.job_id,
-                     rnd.base_version[:12], score["accuracy"], score["num_samples"])
-
-    def _baseline_eval(self, job: dict[str, Any]) -> None:
-        """Accuracy of version 0, so charts start from the untrained model."""
-        if job["current_round"] != 0 or not (job["config"].get("eval") or {}).get("dataset"):
-            return
-        if any(m["round"] == 0 and m["source"] == "eval" for m in self.ctx.store.list_metrics(self.job_id)):
-            return
-        result = self._evaluate(self.ctx.models.get(job["current_version"]), job["config"])
-        if result and "error" not in result:
-            self.ctx.store.add_metrics(self.job_id, 0, _numbers(result), "eval")
-        elif result:  # the set does not fit the model: every round would fail the same way, say so now
-            self.ctx.store.update_job(self.job_id, error=f"evaluation of version 0 failed: {result['error']}")
-
     def _finish(self, job: dict[str, Any], reason: str | None = None) -> None:
         """The job is done: all rounds ran, or (``reason``) the next round would exceed its privacy budget."""
         eng = self.ctx
@@ -471,12 +427,3 @@ class JobRunner:
                 log.info("job %s: ONNX export at %s", self.job_id, report.get("path"))
             except Exception as exc:  # noqa: BLE001 - export is best effort; the job itself succeeded
                 log.warning("job %s: ONNX export failed: %s", self.job_id, exc)
-
-
-def _finite(values: dict[str, Any]) -> dict[str, Any]:
-    """JSON has no NaN/Inf (and the store refuses them): a diverged loss is recorded as null."""
-    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in values.items()}
-
-
-def _numbers(values: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
