@@ -97,6 +97,10 @@ def sigstop_device(fed: Federation) -> dict[str, Any]:
     row["victim_accepted_in_fault_round"] = any(u["status"] == "accepted" and u["round"] == FAULT_ROUND for u in mine)
     row["victim_stale_reasons"] = [u["reason"] for u in mine if u["status"] == "rejected"]
     row["victim_accepted_later"] = any(u["status"] == "accepted" and u["round"] > FAULT_ROUND for u in mine)
+    # Stopped before it took the task off its queue, the device wakes up with the next round's task queued as well
+    # and does only the newest one: it never trains for the closed round, so there is no late update to refuse.
+    row["victim_skipped_closed_round"] = (f"skipping task for job {row['job_id']} round {FAULT_ROUND}:"
+                                          in fed.device_log(fed.n - 1))
     return row
 
 
