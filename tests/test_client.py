@@ -300,9 +300,10 @@ def test_devices_get_broker_identities_and_only_their_own(server: CoordinatorHan
         wait_for(lambda: client_row(server, other["client_id"])["online"])
     finally:
         old.stop()
+    # Its "offline" status must land before the account goes: a removed identity may not publish it any more.
+    wait_for(lambda: not client_row(server, other["client_id"])["online"])
     # A device whose broker account is gone (coordinator data lost, broker reset) renews it with its token.
     server.services.broker_accounts.remove_device(other["client_id"])
-    wait_for(lambda: not client_row(server, other["client_id"])["online"])
     again = EdgeClient(server.url, ca_file=server.ca_file, dataset=SampleBuffer(capacity=4), cache_dir=cache)
     again.start()
     try:
