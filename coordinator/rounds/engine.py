@@ -14,13 +14,14 @@ import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from edge_sdk.protocol import topics
 from edge_sdk.protocol.wire import UpdateHeader, update_mac
 
 from coordinator.rounds import validation
 from coordinator.storage.exports import OnnxExports
+from coordinator.rounds.publishers import MemoryPublisher, NullPublisher, Publisher  # noqa: F401 - re-exported
 from coordinator.rounds.context import EngineConfig, RunnerContext
 from coordinator.rounds.jobspec import DEFAULT_MAX_UPDATE_BYTES
 from coordinator.rounds.rate_limit import RateLimiter
@@ -35,34 +36,6 @@ from coordinator.storage.store import Store
 from coordinator.rounds.validation import Rejected
 
 log = logging.getLogger(__name__)
-
-
-class Publisher(Protocol):
-    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> bool: ...
-
-
-class NullPublisher:
-    """Drops everything (an engine without MQTT, e.g. a REST-only test app)."""
-
-    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> bool:
-        return True
-
-
-class MemoryPublisher:
-    """Records publishes in order; tests read ``messages`` or ``json_on(topic)``."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, bytes]] = []
-        self._lock = threading.Lock()
-
-    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> bool:
-        with self._lock:
-            self.messages.append((topic, payload.encode() if isinstance(payload, str) else bytes(payload)))
-        return True
-
-    def json_on(self, topic: str) -> list[dict[str, Any]]:
-        with self._lock:
-            return [json.loads(p) for t, p in self.messages if t == topic]
 
 
 class JobStateError(RuntimeError):
