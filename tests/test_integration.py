@@ -23,7 +23,7 @@ from edge_sdk.protocol.modelfile import flatten, layout_sizes, load_model
 from edge_sdk.protocol.wire import UpdateHeader, encode_update
 from edge_sdk.tls import PinnedSession
 from edge_sdk.transport import MqttTransport
-from tests.support.processes import Coordinator, Mosquitto, start_device, stop_process
+from tests.support.processes import Coordinator, Mosquitto, start_devices_online, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -171,12 +171,7 @@ class Rogue:
 def federation(coordinator: Coordinator, mosquitto: Mosquitto, tmp_path_factory: pytest.TempPathFactory
                ) -> Iterator[tuple[Coordinator, Mosquitto, Path]]:
     workdir = tmp_path_factory.mktemp("devices")
-    procs = [start_device(workdir, coordinator, i, DEVICES) for i in range(DEVICES)]
-    deadline = time.monotonic() + 90
-    while sum(c.get("online", False) for c in coordinator.http.get(f"{coordinator.api}/clients", timeout=5).json()
-              ["clients"]) < DEVICES:
-        assert time.monotonic() < deadline, f"devices did not come online: {[p.poll() for p in procs]}"
-        time.sleep(0.5)
+    procs = start_devices_online(workdir, coordinator, DEVICES, timeout=90)
     yield coordinator, mosquitto, workdir
     for p in procs:
         stop_process(p)

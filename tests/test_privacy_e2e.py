@@ -10,7 +10,7 @@ import pytest
 
 from coordinator.cli import main as cli
 from coordinator.privacy import accountant
-from tests.support.processes import Coordinator, start_device, stop_process
+from tests.support.processes import Coordinator, start_devices_online, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -23,12 +23,7 @@ BUDGET = round((accountant.epsilon(Z, 2, 1e-5) + accountant.epsilon(Z, 3, 1e-5))
 @pytest.fixture(scope="module")
 def devices(coordinator: Coordinator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
     workdir = tmp_path_factory.mktemp("dp-devices")
-    procs = [start_device(workdir, coordinator, i, DEVICES) for i in range(DEVICES)]
-    deadline = time.monotonic() + 90
-    while sum(c.get("online", False) for c in coordinator.http.get(f"{coordinator.api}/clients", timeout=5).json()
-              ["clients"]) < DEVICES:
-        assert time.monotonic() < deadline, f"devices did not come online: {[p.poll() for p in procs]}"
-        time.sleep(0.5)
+    procs = start_devices_online(workdir, coordinator, DEVICES, timeout=90)
     yield coordinator
     for p in procs:
         stop_process(p)

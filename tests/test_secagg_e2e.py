@@ -21,7 +21,7 @@ from edge_sdk.protocol import topics
 from edge_sdk.secagg.device import SecAggDevice
 from edge_sdk.tls import PinnedSession
 from edge_sdk.transport import MqttTransport
-from tests.support.processes import Coordinator, Mosquitto, start_device, stop_process
+from tests.support.processes import Coordinator, Mosquitto, start_devices_online, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -89,12 +89,7 @@ class DroppingDevice:
 def federation(coordinator: Coordinator, mosquitto: Mosquitto, tmp_path_factory: pytest.TempPathFactory
                ) -> Iterator[tuple[Coordinator, Mosquitto]]:
     workdir = tmp_path_factory.mktemp("secagg-devices")
-    procs = [start_device(workdir, coordinator, i, DEVICES) for i in range(DEVICES)]
-    deadline = time.monotonic() + 120
-    while sum(c.get("online", False) for c in coordinator.http.get(f"{coordinator.api}/clients", timeout=5).json()
-              ["clients"]) < DEVICES:
-        assert time.monotonic() < deadline, f"devices did not come online: {[p.poll() for p in procs]}"
-        time.sleep(0.5)
+    procs = start_devices_online(workdir, coordinator, DEVICES, timeout=120)
     yield coordinator, mosquitto
     for p in procs:
         stop_process(p)

@@ -233,6 +233,21 @@ def start_device(workdir: Path, coordinator: Coordinator | CoordinatorAddress, i
         stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT)
 
 
+def start_devices_online(workdir: Path, coordinator: Coordinator, count: int, timeout: float = 90.0,
+                         extra: tuple[str, ...] = ()) -> list[subprocess.Popen]:
+    """``count`` device processes on their shards, returned once the coordinator lists all of them online."""
+    procs = [start_device(workdir, coordinator, i, count, extra=extra) for i in range(count)]
+    deadline = time.monotonic() + timeout
+    while sum(c.get("online", False) for c in coordinator.http.get(f"{coordinator.api}/clients", timeout=5).json()
+              ["clients"]) < count:
+        if time.monotonic() > deadline:
+            for p in procs:
+                stop_process(p)
+            raise TimeoutError(f"devices did not come online: {[p.poll() for p in procs]}")
+        time.sleep(0.5)
+    return procs
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
     if proc.poll() is None:
         proc.terminate()
