@@ -48,6 +48,10 @@ ROWS: dict[str, tuple[dict, dict | None]] = {
         {"name": "topk", "density": 0.01, "values": "sign", "index_coding": "rice", **WARMUP}, MOMENTUM),
     "top-k 1% int8 +EF (previous default)": ({"name": "topk", "density": 0.01, "values": "int8"}, None),
 }
+# the same rows with BatchNorm statistics in a dense block outside the sparse budget (codec key "stats")
+ROWS.update({f"{label}, stats {short}": ({**codec, "stats": kind}, strategy)
+             for label, (codec, strategy) in list(ROWS.items()) if codec["name"] != "dense"
+             for kind, short in (("float16", "fp16"), ("int8", "int8"))})
 DIGITS_TRAIN = {"epochs": 2, "batch_size": 16, "lr": 0.05}
 
 
@@ -93,12 +97,13 @@ def colour(arch: str, rounds: int, size: int = 16, train_per_class: int = 200, t
 
 BEST = "top-k 0.3% sign+rice, warm-up, server momentum"
 PREVIOUS = "top-k 1% int8 +EF (previous default)"
+STATS = (f"{BEST}, stats fp16", f"{BEST}, stats int8", f"{PREVIOUS}, stats fp16")
 SETUPS: dict[str, tuple[Callable[[], Setup], tuple[str, ...]]] = {
-    "digits-a0.5": (lambda: digits(0.5, 10, 10, 20), ("dense fp32", BEST, PREVIOUS)),
+    "digits-a0.5": (lambda: digits(0.5, 10, 10, 20), ("dense fp32", BEST, PREVIOUS, *STATS)),
     "digits-a0.1": (lambda: digits(0.1, 10, 10, 20), ("dense fp32", BEST, PREVIOUS)),
     "digits-50dev": (lambda: digits(0.5, 50, 15, 30), ("dense fp32", BEST)),
     # 12 rounds and 100 training images per class: what the shared 2 cores allowed for 3 seeds
-    "colour-small_cnn": (lambda: colour("small_cnn", 12, train_per_class=100), ("dense fp32", BEST)),
+    "colour-small_cnn": (lambda: colour("small_cnn", 12, train_per_class=100), ("dense fp32", BEST, *STATS)),
 }
 
 
@@ -124,6 +129,7 @@ def summarise(setup: str, label: str, runs: list[dict], dense: dict[int, dict]) 
             "bytes_to_target": to_target,
             "bytes_to_target_mean": float(np.mean(reached)) if reached else None,  # over the seeds that reached it
             "encode_share_of_training": float(np.mean([r["encode_share_of_training"] for r in runs])),
+            "clamped_variances": [r.get("clamped_variances") for r in runs],  # None: run predates the count
             "runs": runs}
 
 

@@ -68,6 +68,7 @@ def run(setup: Setup, codec: dict, strategy: dict | None, seed: int) -> dict:
     msg_bytes: list[int] = []     # per round, summed over devices
     pay_bytes: list[int] = []
     enc_t = train_t = 0.0
+    clamped = 0
     with tempfile.TemporaryDirectory() as tmp:
         stores: dict[int, ResidualStore] = {}
         for rnd in range(1, setup.rounds + 1):
@@ -95,9 +96,9 @@ def run(setup: Setup, codec: dict, strategy: dict | None, seed: int) -> dict:
                 round_msg += len(message)
                 round_pay += len(payload)
                 head, body = decode_update(message)
-                acc.add(codecs.decode(spec, body, head.numel, sizes), head.num_samples)
+                acc.add(codecs.decode(spec, body, head.numel, sizes, stats), head.num_samples)
             arrays = unflatten(acc.finalize(), template)
-            clamp_variances(arrays)
+            clamped += clamp_variances(arrays)  # variances the aggregate carried below 0 (then clamped)
             global_vec = flatten(arrays)
             params.load_arrays(model, arrays)
             accs.append(trainer.evaluate(model, setup.test)["accuracy"])
@@ -105,7 +106,8 @@ def run(setup: Setup, codec: dict, strategy: dict | None, seed: int) -> dict:
             pay_bytes.append(round_pay)
     return {"seed": seed, "accuracy_per_round": accs, "final_accuracy": accs[-1],
             "message_bytes_per_round": msg_bytes, "payload_bytes_per_round": pay_bytes,
-            "updates": setup.rounds * setup.per_round, "encode_share_of_training": enc_t / max(train_t, 1e-9)}
+            "updates": setup.rounds * setup.per_round, "encode_share_of_training": enc_t / max(train_t, 1e-9),
+            "clamped_variances": clamped}
 
 
 def bytes_to_target(run_: dict, target: float) -> int | None:

@@ -14,7 +14,8 @@ from typing import Any
 _VALUE_ALIASES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "int8": "int8",
                   "sign": "sign"}
 CODEC_GRAMMAR = ("dense[:float16] | topk:DENSITY[:float32|float16|int8|sign][:rice][:warmup=ROUNDS/START_DENSITY]"
-                 "[:per_tensor][:noef][:stochastic] | randk:DENSITY[:float32|float16|int8|sign] | a JSON object")
+                 "[:stats=fp16|fp32|int8|sparse][:per_tensor][:noef][:stochastic] | "
+                 "randk:DENSITY[:float32|float16|int8|sign][:stats=...] | a JSON object")
 
 
 def parse_codec(text: str) -> dict[str, Any]:
@@ -52,6 +53,9 @@ def parse_codec(text: str) -> dict[str, Any]:
                 spec["stochastic"] = True
             elif key == "rice" and name == "topk":
                 spec["index_coding"] = "rice"
+            elif key.startswith("stats=") and name != "dense":
+                kind = key[len("stats="):]
+                spec["stats"] = "sparse" if kind == "sparse" else _VALUE_ALIASES.get(kind, kind)
             elif key.startswith("warmup=") and name != "dense":
                 spec.update(_warmup(key[len("warmup="):], text))
             else:
@@ -84,6 +88,8 @@ def codec_label(spec: dict[str, Any] | None) -> str:
     label += ":rice" if spec.get("index_coding") == "rice" else ""
     if spec.get("warmup_rounds"):
         label += f":warmup={spec['warmup_rounds']}/{spec.get('warmup_density', 0.25)}"
+    if spec.get("stats"):
+        label += f":stats={ {'float16': 'fp16', 'float32': 'fp32'}.get(spec['stats'], spec['stats'])}"
     return label + (":per_tensor" if spec.get("scope") == "per_tensor" else "")
 
 

@@ -28,11 +28,13 @@ def sent_norm(sent: Decoded) -> float:
 
 
 def clip_encoded(spec: dict, vec: np.ndarray, layout_sizes: list[int], bound: float,
-                 encoded: tuple[bytes, Decoded] | None = None) -> tuple[bytes, Decoded]:
-    """Payload of ``vec`` whose decoded values have L2 norm <= ``bound`` (``encoded``: vec's plain encoding)."""
+                 encoded: tuple[bytes, Decoded] | None = None, stats: np.ndarray | None = None
+                 ) -> tuple[bytes, Decoded]:
+    """Payload of ``vec`` whose decoded values have L2 norm <= ``bound`` (``encoded``: vec's plain encoding;
+    ``stats``: the statistics mask a spec with a ``stats`` block needs)."""
     if not (bound > 0 and math.isfinite(bound)):
         raise ValueError(f"clip bound must be a positive finite number, got {bound!r}")
-    payload, sent = encoded if encoded is not None else codecs.encode(spec, vec, layout_sizes)
+    payload, sent = encoded if encoded is not None else codecs.encode(spec, vec, layout_sizes, stats)
     norm = sent_norm(sent)
     scale = 1.0
     for _ in range(_MAX_TRIES):
@@ -40,8 +42,8 @@ def clip_encoded(spec: dict, vec: np.ndarray, layout_sizes: list[int], bound: fl
             return payload, sent
         scale *= bound / norm * (1.0 - 1e-6)
         payload, sent = codecs.encode(spec, (np.asarray(vec, dtype=np.float64) * scale).astype(np.float32),
-                                      layout_sizes)
+                                      layout_sizes, stats)
         norm = sent_norm(sent)
     if norm <= bound:
         return payload, sent
-    return codecs.encode(spec, np.zeros_like(vec, dtype=np.float32), layout_sizes)  # never send over the bound
+    return codecs.encode(spec, np.zeros_like(vec, dtype=np.float32), layout_sizes, stats)  # never send over the bound

@@ -4,7 +4,8 @@ Shared by ``EdgeClient`` and the benchmarks so that what is measured is what dev
 
 BatchNorm running statistics are averaged state, not accumulating parameters: feeding back what a sparse
 codec left out of them lets residuals pile up until a running variance turns negative and the model emits
-NaN. So those coordinates never use the residual (they are sent fresh each round, when selected).
+NaN. So those coordinates never use the residual (they are sent fresh each round: when selected, or all of
+them in the dense block of a spec with ``stats``, see ``protocol/stats_block.py``).
 
 The header fields a device fills in are kept short (:func:`wire_codec`, :func:`wire_metrics`): at 100x and
 beyond, a few hundred header bytes are a large share of a small model's message.
@@ -66,17 +67,18 @@ def encode_delta(spec: dict, delta: np.ndarray, layout_sizes: list[int], residua
                  ) -> tuple[bytes, Decoded]:
     """Codec payload for ``delta`` (local - global), applying and updating error feedback when enabled.
 
+    ``stats``: the :func:`statistics_mask` of the model (required by a spec with a ``stats`` block).
     ``clip_bound`` (differential privacy): the transmitted vector is scaled to at most this L2 norm
     (``dp_clip``); the residual keeps only what the codec dropped, not what clipping removed."""
     delta = np.asarray(delta, dtype=np.float32)
     if residuals is None or not codecs.uses_error_feedback(spec):
-        encoded = codecs.encode(spec, delta, layout_sizes)
-        return encoded if clip_bound is None else clip_encoded(spec, delta, layout_sizes, clip_bound, encoded)
+        encoded = codecs.encode(spec, delta, layout_sizes, stats)
+        return encoded if clip_bound is None else clip_encoded(spec, delta, layout_sizes, clip_bound, encoded, stats)
     corrected = residuals.apply(job_id, delta)
     if stats is not None and stats.any():
         corrected[stats] = delta[stats]
-    payload, sent = codecs.encode(spec, corrected, layout_sizes)
+    payload, sent = codecs.encode(spec, corrected, layout_sizes, stats)
     residuals.update(job_id, corrected, sent)
     if clip_bound is not None:
-        return clip_encoded(spec, corrected, layout_sizes, clip_bound, (payload, sent))
+        return clip_encoded(spec, corrected, layout_sizes, clip_bound, (payload, sent), stats)
     return payload, sent

@@ -48,6 +48,7 @@ class OpenRound:
     secagg: Any = None  # the round's SecAggServer under secure aggregation (coordinator/secagg/flow.py)
     failure: str | None = None  # why the round cannot close (e.g. the secure-aggregation protocol failed)
     protocol_metrics: dict[str, float] = field(default_factory=dict)  # e.g. secure aggregation's survivors, noise
+    statistics: np.ndarray | None = None  # BatchNorm-statistics mask of the base model (a codec ``stats`` block)
 
     @property
     def target(self) -> int:

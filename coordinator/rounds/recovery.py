@@ -62,13 +62,13 @@ def restore_open_round(ctx: RunnerContext, job: dict[str, Any], strategy: Strate
     cfg, attempt = job["config"], target["attempt"]
     arrays, _ = load_model(ctx.models.get(target["base_version"]))
     vec = flatten(arrays)
-    strategy.observe_layout(statistics_mask(arrays))
+    strategy.observe_layout(stats := statistics_mask(arrays))
     selected = list(target["selected"])
     task_cfg = strategy.configure_round(job, next_round, selected, attempt=attempt)
     task_cfg["holdout_fraction"] = holdout_fraction(cfg)  # as _run_round: devices score the base model
     rnd = OpenRound(job_id=job_id, round=next_round, attempt=attempt, base_version=target["base_version"],
                     codec=target["codec"], numel=int(vec.size), layout_sizes=layout_sizes(arrays),
-                    selected=frozenset(selected), max_update_bytes=cfg["max_update_bytes"],
+                    selected=frozenset(selected), statistics=stats, max_update_bytes=cfg["max_update_bytes"],
                     accumulator=strategy.begin(vec), deadline=time.time() + cfg["round_timeout_s"],
                     started_at=float(target["started_at"]))
     rnd.task = {"type": "train", "job_id": job_id, "round": next_round, "attempt": attempt,

@@ -223,10 +223,10 @@ class JobRunner:
         base_version = job["current_version"]
         arrays, _ = load_model(eng.models.get(base_version))
         vec = flatten(arrays)
-        strategy.observe_layout(statistics_mask(arrays))
+        strategy.observe_layout(stats := statistics_mask(arrays))
         rnd = OpenRound(job_id=self.job_id, round=round_, attempt=attempt, base_version=base_version,
                         codec=task_cfg["codec"], numel=int(vec.size), layout_sizes=layout_sizes(arrays),
-                        selected=frozenset(selected), max_update_bytes=cfg["max_update_bytes"],
+                        selected=frozenset(selected), statistics=stats, max_update_bytes=cfg["max_update_bytes"],
                         accumulator=strategy.begin(vec), deadline=time.time() + cfg["round_timeout_s"])
         rnd.task = {"type": "train", "job_id": self.job_id, "round": round_, "attempt": attempt,
                     "base_version": base_version, "model_path": eng.model_path(self.job_id, base_version),

@@ -78,6 +78,7 @@ class RoundView(Protocol):
     codec: dict[str, Any]
     numel: int
     layout_sizes: list[int]
+    statistics: np.ndarray | None
     selected: Collection[str]
     accepted_clients: Collection[str]
     max_update_bytes: int
@@ -160,7 +161,7 @@ def decode_payload(header: UpdateHeader, payload: bytes, rnd: RoundView) -> code
     """Codec-decode (bounded by numel, hostile-input safe). ``codecs.decode`` refuses NaN/Inf itself, so no
     second pass over the values is spent here on the per-update hot path."""
     try:
-        decoded = codecs.decode(rnd.codec, payload, rnd.numel, rnd.layout_sizes)
+        decoded = codecs.decode(rnd.codec, payload, rnd.numel, rnd.layout_sizes, getattr(rnd, "statistics", None))
     except ProtocolError as exc:
         # the value decoder already refuses NaN/Inf (quant.dequantize); keep that distinct from garbage
         raise Rejected(NON_FINITE if "non-finite" in exc.reason else BAD_PAYLOAD, exc.reason) from None

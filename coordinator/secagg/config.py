@@ -44,6 +44,9 @@ def normalize_secure_aggregation(value: Any, codec: dict[str, Any], strategy: di
     if name != "randk":
         raise ValueError(f"secure aggregation needs codec 'randk' (got {name!r}); for a dense upload use randk with "
                          "density 1.0")
+    if codec.get("stats", "sparse") != "sparse":
+        raise ValueError("codec 'stats' (a dense BatchNorm-statistics block) is not offered under secure "
+                         "aggregation, whose masking runs over the round's shared k coordinates; leave it out")
     if codec.get("values", "float32") != "float32" or codec.get("stochastic"):
         raise ValueError("under secure aggregation values are sent as 32-bit fixed point in the masking ring; "
                          "leave codec.values at 'float32' (and stochastic off)")

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from . import quant, sparse_index
+from . import quant, sparse_index, stats_block
+from .zblock import ZLIB_LEVEL, deflate as _deflate, inflate as _inflate  # noqa: F401 (re-exported)
 from .errors import ProtocolError
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,6 @@ _F_RESERVED = 0xC0
 INDEX_CODINGS = ("auto", "rice")
 _HEAD = struct.Struct("<cBI")
 _U32 = struct.Struct("<I")
-ZLIB_LEVEL = 6
 MIN_DENSITY = 1e-4
 _ROUNDING_TAG = 0x46535251  # separates the stochastic-rounding stream from the rand-k index stream
 _DEFAULT_ROUNDING_SEED = 0x5EED
@@ -49,8 +49,9 @@ _DEFAULT_ROUNDING_SEED = 0x5EED
 _ALLOWED_KEYS = {
     "dense": {"name", "dtype", "error_feedback"},
     "topk": {"name", "density", "scope", "values", "stochastic", "error_feedback", "seed", "index_coding",
-             "warmup_rounds", "warmup_density"},
-    "randk": {"name", "density", "values", "stochastic", "error_feedback", "seed", "warmup_rounds", "warmup_density"},
+             "warmup_rounds", "warmup_density", "stats"},
+    "randk": {"name", "density", "values", "stochastic", "error_feedback", "seed", "warmup_rounds", "warmup_density",
+              "stats"},
 }
 
 
@@ -121,6 +122,10 @@ def validate_spec(spec: dict) -> dict:
         if coding != "auto":  # absent = auto, so specs without the option normalise as before
             out["index_coding"] = coding
     out.update(values=values, stochastic=stochastic, error_feedback=spec.get("error_feedback", True))
+    if "stats" in spec:  # absent: statistics compete for the k slots, as before the option (same bytes)
+        if spec["stats"] != "sparse" and spec["stats"] not in stats_block.STATS_KINDS:
+            raise _bad(f"stats must be one of sparse, {', '.join(stats_block.STATS_KINDS)}; got {spec['stats']!r}")
+        out["stats"] = spec["stats"]
     out.update(_warmup(spec, density))
     if "seed" in spec or name == "randk":
         seed = spec.get("seed")
@@ -196,36 +201,6 @@ def expected_counts(spec: dict, layout_sizes: list[int]) -> list[int]:
     return [_k_of(norm["density"], numel)]
 
 
-def _deflate(block: bytes) -> bytes | None:
-    """zlib'd block if that is smaller, else None; large blocks are first probed on four 4 KiB samples
-    so incompressible float data costs ~1 ms instead of a full level-6 pass."""
-    if len(block) < 64:
-        return None
-    if len(block) > 64 * 1024:
-        step = len(block) // 4
-        probe = b"".join(block[i * step:i * step + 4096] for i in range(4))
-        if len(zlib.compress(probe, ZLIB_LEVEL)) > 0.9 * len(probe):
-            return None
-    packed = zlib.compress(block, ZLIB_LEVEL if len(block) < (1 << 20) else 1)  # level 1: 5x faster on MBs
-    return packed if len(packed) < len(block) else None
-
-
-def _inflate(data: memoryview, cap: int, what: str) -> bytes:
-    """Inflate at most ``cap`` bytes: a zlib bomb is cut off after cap + 1 bytes of output."""
-    inflater = zlib.decompressobj()
-    try:
-        out = inflater.decompress(data, cap + 1)
-    except zlib.error as exc:
-        raise ProtocolError(f"corrupt zlib stream in {what} block ({exc})") from None
-    if len(out) > cap:
-        raise ProtocolError(f"{what} block inflates beyond {cap} bytes (zlib bomb)")
-    if not inflater.eof:
-        raise ProtocolError(f"truncated zlib stream in {what} block")
-    if inflater.unused_data:
-        raise ProtocolError(f"trailing garbage after zlib stream in {what} block")
-    return out
-
-
 def _rounding_rng(spec: dict, values: np.ndarray) -> np.random.Generator:
     """Deterministic given (seed, values); the crc of the values decorrelates clients sharing a seed."""
     seed = spec.get("seed", _DEFAULT_ROUNDING_SEED)
@@ -254,11 +229,13 @@ def _select_topk(norm: dict, vec: np.ndarray, sizes: list[int]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
 
-def encode(spec: dict, vec: np.ndarray, layout_sizes: list[int]) -> tuple[bytes, Decoded]:
+def encode(spec: dict, vec: np.ndarray, layout_sizes: list[int],
+           stats: np.ndarray | None = None) -> tuple[bytes, Decoded]:
     """Encode update ``vec``; returns (payload, exactly what ``decode`` will return for it).
 
-    ProtocolError for a bad spec or layout, ValueError for a vector of the wrong length or with
-    non-finite entries (a diverged update must not be sent).
+    ``stats``: bool mask of the BatchNorm-statistics coordinates, required by a spec with a dense ``stats``
+    block (``stats_block``). ProtocolError for a bad spec, layout or mask, ValueError for a vector of the
+    wrong length or with non-finite entries (a diverged update must not be sent).
     """
     norm = validate_spec(spec)
     vec = np.ascontiguousarray(vec, dtype=np.float32)
@@ -268,6 +245,17 @@ def encode(spec: dict, vec: np.ndarray, layout_sizes: list[int]) -> tuple[bytes,
         raise ValueError("update vector must be 1-D")
     if not np.isfinite(vec).all():
         raise ValueError("update vector contains NaN or Inf")
+    kind = norm.pop("stats", "sparse")
+    if kind == "sparse":
+        return _encode(norm, vec, sizes)
+    mask = stats_block.check_mask(stats, numel)
+    head, other = _encode(norm, vec[~mask], stats_block.other_layout(mask, sizes))
+    block, sent_stats = stats_block.encode_block(kind, vec[mask])
+    return head + block, Decoded(*stats_block.merge(other, mask, sent_stats))
+
+
+def _encode(norm: dict, vec: np.ndarray, sizes: list[int]) -> tuple[bytes, Decoded]:
+    numel = vec.size
     name = norm["name"]
     kind = norm["dtype"] if name == "dense" else norm["values"]
     if name == "dense":
@@ -302,10 +290,12 @@ def encode(spec: dict, vec: np.ndarray, layout_sizes: list[int]) -> tuple[bytes,
     return b"".join([head, *body, raw_values]), Decoded(indices, sent)
 
 
-def decode(spec: dict, payload: bytes, numel: int, layout_sizes: list[int]) -> Decoded:
-    """Decode a payload for a known spec and model size; raises ProtocolError and nothing else."""
+def decode(spec: dict, payload: bytes, numel: int, layout_sizes: list[int],
+           stats: np.ndarray | None = None) -> Decoded:
+    """Decode a payload for a known spec and model size (``stats``: as for ``encode``); raises ProtocolError
+    and nothing else."""
     try:
-        return _decode(spec, payload, numel, layout_sizes)
+        return _decode(spec, payload, numel, layout_sizes, stats)
     except ProtocolError:
         raise
     except Exception as exc:  # noqa: BLE001 - the contract is "ProtocolError only" for hostile input
@@ -319,12 +309,27 @@ def _take_u32(view: memoryview, pos: int, what: str) -> tuple[int, int]:
     return _U32.unpack_from(view, pos)[0], pos + 4
 
 
-def _decode(spec: dict, payload: bytes, numel: int, layout_sizes: list[int]) -> Decoded:
+def _decode(spec: dict, payload: bytes, numel: int, layout_sizes: list[int], stats: np.ndarray | None) -> Decoded:
     norm = validate_spec(spec)
     sizes = _check_layout(numel, layout_sizes)
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise ProtocolError("payload must be bytes")
     view = memoryview(payload).cast("B")
+    kind = norm.pop("stats", "sparse")
+    if kind == "sparse":
+        decoded, end = _decode_part(norm, view, numel, sizes)
+    else:
+        mask = stats_block.check_mask(stats, numel)
+        other, pos = _decode_part(norm, view, numel - int(mask.sum()), stats_block.other_layout(mask, sizes))
+        values, end = stats_block.decode_block(kind, view, pos, int(mask.sum()))
+        decoded = Decoded(*stats_block.merge(other, mask, values))
+    if len(view) > end:
+        raise ProtocolError(f"trailing garbage: {len(view) - end} bytes after payload")
+    return decoded
+
+
+def _decode_part(norm: dict, view: memoryview, numel: int, sizes: list[int]) -> tuple[Decoded, int]:
+    """One codec block at the start of ``view``; returns it and where it ends."""
     if len(view) < _HEAD.size:
         raise ProtocolError(f"truncated payload header ({len(view)} bytes)")
     fmt, flags, count = _HEAD.unpack_from(view, 0)
@@ -352,8 +357,6 @@ def _decode(spec: dict, payload: bytes, numel: int, layout_sizes: list[int]) -> 
     total = pos + ilen + vlen
     if len(view) < total:
         raise ProtocolError(f"truncated payload: {len(view)} bytes, header promises {total}")
-    if len(view) > total:
-        raise ProtocolError(f"trailing garbage: {len(view) - total} bytes after payload")
     indices = None
     if name == "topk":
         method = (sparse_index.BITMAP if flags & F_INDEX_BITMAP else
@@ -370,7 +373,7 @@ def _decode(spec: dict, payload: bytes, numel: int, layout_sizes: list[int]) -> 
     raw_values: bytes | memoryview = view[pos:pos + vlen]
     if flags & F_VALUES_ZLIB:
         raw_values = _inflate(raw_values, quant.block_size(kind, count), "values")
-    return Decoded(indices, quant.dequantize(kind, raw_values, count))
+    return Decoded(indices, quant.dequantize(kind, raw_values, count)), total
 
 
 def _check_per_tensor(indices: np.ndarray, sizes: list[int], counts: list[int]) -> None:
