@@ -6,7 +6,8 @@ the same LocalTrainer, codecs and data. Each argument is one JSON config, e.g.
     nice -n 10 python benchmarks/compression_screen.py '{"density": 0.01, "values": "int8", "warmup": 6}'
 
 keys: density, values, ef, server (avg|mom), beta, eta, warmup (rounds), d0 (warm-up start density),
-mc (client momentum correction factor, DGC), stats_mode (fresh|ef), lr, epochs, alpha, clients, per_round,
+mc (client momentum correction factor, DGC), stats_mode (fresh|ef), stats (codec key: float16|int8|float32,
+dense BatchNorm-statistics block outside the top-k budget), lr, epochs, alpha, clients, per_round,
 rounds, seeds. Results are single runs: use them to pick candidates, not to claim anything.
 """
 import sys, time, json, math
@@ -25,7 +26,7 @@ torch.set_num_threads(1)
 TRAIN, TEST = load_digits_split()
 
 def run(alpha=0.5, clients=10, per_round=10, rounds=20, seed=0, density=0.01, values='int8', ef=True,
-        server='avg', beta=0.9, eta=1.0, warmup=0, mc=0.0, lr=0.05, epochs=2, stats_mode='fresh', d0=0.25, **kw):
+        server='avg', beta=0.9, eta=1.0, warmup=0, mc=0.0, lr=0.05, epochs=2, stats_mode='fresh', d0=0.25, stats_block=None, **kw):
     torch.manual_seed(seed)
     shards = dirichlet_partition(TRAIN.tensors[1].numpy(), clients, alpha, seed=seed)
     model = build_model('small_cnn', 10, 1)
@@ -51,7 +52,8 @@ def run(alpha=0.5, clients=10, per_round=10, rounds=20, seed=0, density=0.01, va
                     corr = corr + res.get(cid, 0)
                 if stats_mode == 'fresh':
                     corr[stats] = delta[stats]
-                pay, dec = codecs.encode({'name': 'topk', 'density': d, 'values': values, 'index_coding': 'rice'}, corr.astype(np.float32), sizes)
+                spec = {'name': 'topk', 'density': d, 'values': values, 'index_coding': 'rice', **({'stats': stats_block} if stats_block else {})}
+                pay, dec = codecs.encode(spec, corr.astype(np.float32), sizes, stats)
                 nbytes.append(len(pay))
                 sent = dec.to_dense(g.size)
                 if ef:
@@ -78,6 +80,6 @@ if __name__ == '__main__':
     for c in cfgs:
         t = time.time(); accs = []
         for s in c.pop('seeds', [0]):
-            a, nb = run(seed=s, **c); accs.append(a)
+            a, nb = run(seed=s, **{('stats_block' if k == 'stats' else k): v for k, v in c.items()}); accs.append(a)
         fin = [a[-1] for a in accs]
         print(json.dumps(c), 'final', ['%.3f' % f for f in fin], 'mean %.4f' % np.mean(fin), 'max', ['%.3f' % max(a) for a in accs], 'payload %.0fB' % nb, '%.0fs' % (time.time()-t), flush=True)

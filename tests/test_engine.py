@@ -17,6 +17,7 @@ from coordinator.rounds.validation import hash_token
 from edge_sdk.protocol import codecs, topics
 from edge_sdk.protocol.modelfile import dump_model, flatten, layout_sizes, load_model
 from edge_sdk.protocol.wire import UpdateHeader, encode_update
+from edge_sdk.update import statistics_mask
 
 JOB = "job-e"
 
@@ -53,6 +54,7 @@ class Env:
         self.store.create_job(JOB, "t", self.config, self.version0, len(data))
         arrays, _ = load_model(data)
         self.sizes, self.numel = layout_sizes(arrays), int(flatten(arrays).size)
+        self.stats = statistics_mask(arrays)  # what a device passes: a sparse job's codec has a stats block
         for cid in clients:
             self.store.create_client(cid, cid, hash_token(f"tok-{cid}"))
         for cid in online:
@@ -66,7 +68,7 @@ class Env:
     def update(self, cid, delta, n=10, metrics=None, round_=1, base=None, codec=None):
         rnd = self.engine.current_round(JOB)
         codec = codec or (rnd.codec if rnd else self.config["codec"])
-        payload, sent = codecs.encode(codec, delta, self.sizes)
+        payload, sent = codecs.encode(codec, delta, self.sizes, self.stats)
         raw = encode_update(UpdateHeader(JOB, round_, cid, base or rnd.base_version, codec, n, self.numel,
                                          metrics or {}, rnd.attempt if rnd else 1), payload,
                             self.engine.device_key(cid))

@@ -35,6 +35,17 @@ F_VALUES_MASK = 0x03
 F_VALUES_ZLIB = 0x04
 _F_RESERVED = 0xF8
 _HEAD = struct.Struct("<cBII")
+# what a NEW sparse job gets when its codec does not say (BENCHMARKS.md, "stats"); stored jobs keep their spec
+NEW_JOB_DEFAULT = "float16"
+
+
+def with_new_job_default(spec: dict, secure_aggregation: object = None) -> dict:
+    """A normalised spec for a job being created: a top-k/rand-k codec without ``stats`` gets
+    ``NEW_JOB_DEFAULT`` (``"stats": "sparse"`` keeps the old behaviour). Not under secure aggregation, whose
+    masking covers only the round's shared k coordinates."""
+    if spec["name"] == "dense" or "stats" in spec or secure_aggregation is not None:
+        return spec
+    return {**spec, "stats": NEW_JOB_DEFAULT}
 
 
 def check_mask(stats: np.ndarray | None, numel: int) -> np.ndarray:
