@@ -13,6 +13,7 @@ from typing import Any
 
 _VALUE_ALIASES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "int8": "int8",
                   "sign": "sign"}
+_STATS_LABELS = {"float16": "fp16", "float32": "fp32"}
 CODEC_GRAMMAR = ("dense[:float16] | topk:DENSITY[:float32|float16|int8|sign][:rice][:warmup=ROUNDS/START_DENSITY]"
                  "[:stats=fp16|fp32|int8|sparse][:per_tensor][:noef][:stochastic] | "
                  "randk:DENSITY[:float32|float16|int8|sign][:stats=...] | a JSON object")
@@ -89,7 +90,7 @@ def codec_label(spec: dict[str, Any] | None) -> str:
     if spec.get("warmup_rounds"):
         label += f":warmup={spec['warmup_rounds']}/{spec.get('warmup_density', 0.25)}"
     if spec.get("stats"):
-        label += f":stats={ {'float16': 'fp16', 'float32': 'fp32'}.get(spec['stats'], spec['stats'])}"
+        label += f":stats={_STATS_LABELS.get(spec['stats'], spec['stats'])}"
     return label + (":per_tensor" if spec.get("scope") == "per_tensor" else "")
 
 
