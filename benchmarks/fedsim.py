@@ -76,7 +76,7 @@ def federate(model: nn.Module, train: TensorDataset, test: TensorDataset, shards
                 message = encode_update(header, payload)
                 out.uplink_bytes += len(message)
                 head, body = decode_update(message)
-                acc.add(codecs.decode(head.codec, body, head.numel, sizes), head.num_samples)
+                acc.add(codecs.decode(head.codec, body, head.numel, sizes, stats), head.num_samples)
             global_vec = acc.finalize()
             params.load_arrays(model, unflatten(global_vec, template))
             score = evaluate(model) if evaluate else trainer.evaluate(model, test)["accuracy"]

@@ -156,7 +156,7 @@ def simulate(defence: str, attack: str, seed: int, clients: int, rounds: int, al
                 if spec is None:
                     acc.add(Dense(delta), n)  # any finite vector passes validation
                 else:  # validation decodes exactly the round's codec (k values for top-k), so it goes through it
-                    acc.add(encode_delta(spec, delta, sizes, None, "robustness")[1], n)
+                    acc.add(encode_delta(spec, delta, sizes, None, "robustness", stats)[1], n)
             elif spec is not None:  # what a device does: error feedback, then the codec (edge_sdk.update)
                 _, sent = encode_delta(spec, delta, sizes, residuals[c], "robustness", stats)
                 acc.add(sent, n)
