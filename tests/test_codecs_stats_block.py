@@ -194,3 +194,9 @@ def test_dp_clip_bounds_the_whole_message_with_statistics() -> None:
     spec = {**SPARSE_SPECS[0], "stats": "float16"}
     _, sent = encode_delta(spec, _vec(), SIZES, None, "job", MASK, clip_bound=0.5)
     assert sent_norm(sent) <= 0.5 and MASK[sent.indices].sum() == 64
+
+
+def test_layout_of_the_sparse_part_handles_empty_tensors() -> None:
+    mask = np.array([0, 1, 1, 0, 0, 1], bool)
+    assert stats_block.other_layout(mask, [2, 0, 2, 2, 0]) == [1, 0, 1, 1, 0]
+    assert stats_block.other_layout(np.zeros(0, bool), [0, 0]) == [0, 0]

@@ -62,8 +62,8 @@ def check_mask(stats: np.ndarray | None, numel: int) -> np.ndarray:
 def other_layout(mask: np.ndarray, sizes: list[int]) -> list[int]:
     """Per-tensor sizes of the coordinates that are not statistics (the sparse part's layout)."""
     bounds = np.cumsum([0, *sizes])
-    stats_per = np.add.reduceat(mask.astype(np.int64), bounds[:-1]) if mask.size else np.zeros(len(sizes), np.int64)
-    stats_per = np.where(np.asarray(sizes) == 0, 0, stats_per)  # reduceat of an empty slice returns an element
+    running = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+    stats_per = running[bounds[1:]] - running[bounds[:-1]]
     return [int(s - n) for s, n in zip(sizes, stats_per)]
 
 
