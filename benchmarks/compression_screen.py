@@ -26,7 +26,8 @@ torch.set_num_threads(1)
 TRAIN, TEST = load_digits_split()
 
 def run(alpha=0.5, clients=10, per_round=10, rounds=20, seed=0, density=0.01, values='int8', ef=True,
-        server='avg', beta=0.9, eta=1.0, warmup=0, mc=0.0, lr=0.05, epochs=2, stats_mode='fresh', d0=0.25, stats_block=None, **kw):
+        server='avg', beta=0.9, eta=1.0, warmup=0, mc=0.0, lr=0.05, epochs=2, stats_mode='fresh', d0=0.25,
+        stats_block=None, **kw):
     torch.manual_seed(seed)
     shards = dirichlet_partition(TRAIN.tensors[1].numpy(), clients, alpha, seed=seed)
     model = build_model('small_cnn', 10, 1)
@@ -52,7 +53,8 @@ def run(alpha=0.5, clients=10, per_round=10, rounds=20, seed=0, density=0.01, va
                     corr = corr + res.get(cid, 0)
                 if stats_mode == 'fresh':
                     corr[stats] = delta[stats]
-                spec = {'name': 'topk', 'density': d, 'values': values, 'index_coding': 'rice', **({'stats': stats_block} if stats_block else {})}
+                spec = {'name': 'topk', 'density': d, 'values': values, 'index_coding': 'rice',
+                        **({'stats': stats_block} if stats_block else {})}
                 pay, dec = codecs.encode(spec, corr.astype(np.float32), sizes, stats)
                 nbytes.append(len(pay))
                 sent = dec.to_dense(g.size)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from . import quant, sparse_index, stats_block
-from .zblock import ZLIB_LEVEL, deflate as _deflate, inflate as _inflate  # noqa: F401 (re-exported)
+from .zblock import deflate as _deflate, inflate as _inflate
 from .errors import ProtocolError
 
 log = logging.getLogger(__name__)
