@@ -214,7 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--secure", action="store_true", help="the secure-aggregation rows (distributed noise)")
-    ap.add_argument("--density", type=float, default=0.1, help="rand-k density of the --secure rows")
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 1.0],
+                    help="rand-k densities of the --secure rows (1.0: a dense vector in the ring)")
+    ap.add_argument("--min-clients", type=int, nargs="+", default=[3],
+                    help="min_clients of the --secure jobs (sets the survivors t the noise is sized for; values "
+                         "after the first apply to the noised rows only)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave results and BENCHMARKS.md alone")
     ap.add_argument("--report-only", action="store_true", help="rewrite the BENCHMARKS.md section from the JSON")
     args = ap.parse_args(argv)
@@ -267,18 +271,18 @@ SECURE_TITLE = "Differential privacy with secure aggregation (noise added on dev
 
 def secure_main(args: argparse.Namespace, command: str) -> int:
     runs = []
-    for clip in args.clips:
-        for eps in args.epsilons:
-            for seed in args.seeds:
-                t0 = time.perf_counter()
-                run = simulate_secure(eps, seed, args, clip, args.density)
-                run["wall_s"] = round(time.perf_counter() - t0, 2)
-                runs.append(run)
-                log.info("secure C %g epsilon %-6s seed %d: accuracy %.3f after %d rounds, spent %s, z %.3g "
-                         "(in the sum %.3g), %.0f B up per device, coordinator %.2fs/round (%.1fs)", clip, label(eps),
-                         seed, run["final_accuracy"], run["rounds_run"], _eps(run["epsilon_spent"]),
-                         run["noise_multiplier"], run["effective_noise_multiplier"], run["uplink_bytes_per_device"],
-                         run["coordinator_s_per_round"], run["wall_s"])
+    settings = [(c, d, e, s, m) for c in args.clips for d in args.densities for e in args.epsilons
+                for m in args.min_clients for s in args.seeds if math.isfinite(e) or m == args.min_clients[0]]
+    for clip, density, eps, seed, min_clients in settings:
+        t0 = time.perf_counter()
+        run = simulate_secure(eps, seed, args, clip, density, min_clients)
+        run["wall_s"] = round(time.perf_counter() - t0, 2)
+        runs.append(run)
+        log.info("secure C %g density %g epsilon %-6s seed %d: accuracy %.3f after %d rounds, spent %s, z %.3g (in "
+                 "the sum %.3g), %.0f B up per device, coordinator %.2fs/round (%.1fs)", clip, density, label(eps),
+                 seed, run["final_accuracy"], run["rounds_run"], _eps(run["epsilon_spent"]), run["noise_multiplier"],
+                 run["effective_noise_multiplier"], run["uplink_bytes_per_device"], run["coordinator_s_per_round"],
+                 run["wall_s"])
     config = {k: ([x if math.isfinite(x) else "inf" for x in v] if k == "epsilons" else v)
               for k, v in vars(args).items()}
     runs = [{**r, "epsilon_target": label(r["epsilon_target"])} for r in runs]
