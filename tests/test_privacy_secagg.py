@@ -231,6 +231,10 @@ def test_secure_dp_job_stops_before_the_round_that_would_exceed_the_budget(tmp_p
     try:
         assert env.config["privacy"]["rounds_within_budget"] == 2
         env.engine.start_job(JOB)
+        wait_for(lambda: (r := env.engine.current_round(JOB)) is not None and r.secagg is not None, what="round 1")
+        raw, _ = env.update("a", np.full(env.numel, 5.0, np.float32), n=1)  # a plain update, in the clear
+        verdict = env.engine.submit("a", raw)
+        assert not verdict.accepted and "uses secure aggregation: only masked input" in verdict.reason
         versions = []
         for r in (1, 2):
             drive_secure_round(env, r)
