@@ -8,6 +8,9 @@ State survives a restart without a file of its own: every committed round's reco
 object (noise multiplier, sampling probability, clip bound, epsilon after the round) written in the same
 store transaction that advances the job, so the accountant is rebuilt from the store by replaying those
 records, and the adaptive clip bound continues from the last one.
+
+The same object serves jobs whose noise the devices add under secure aggregation (``distributed.py``): only
+the mechanism (no server noise) and the accountant's orders and adjacency differ.
 """
 from __future__ import annotations
 
