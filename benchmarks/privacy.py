@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-write", action="store_true", help="print only; leave results and BENCHMARKS.md alone")
     ap.add_argument("--report-only", action="store_true", help="rewrite the BENCHMARKS.md section from the JSON")
     args = ap.parse_args(argv)
-    command = ("nice -n 10 python benchmarks/privacy.py " + shlex.join(argv if argv is not None else sys.argv[1:])).strip()
+    given = argv if argv is not None else sys.argv[1:]
+    command = ("nice -n 10 python benchmarks/privacy.py " + shlex.join(given)).strip()
     if args.report_only:
         saved = json.loads(RESULTS.read_text())
         write_section("privacy", "Differential privacy: accuracy against the budget", saved["dp"]["command"],

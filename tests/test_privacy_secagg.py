@@ -208,7 +208,8 @@ def drive_secure_round(env: Env, round_: int) -> None:
     wait_for(lambda: (r := env.engine.current_round(JOB)) is not None and r.round == round_ and r.secagg is not None,
              what=f"secure round {round_}")
     rnd = env.engine.current_round(JOB)
-    task = [t for t in env.pub.json_on(topics.task_topic("a")) if (t["round"], t["attempt"]) == (round_, rnd.attempt)][0]
+    task = [t for t in env.pub.json_on(topics.task_topic("a"))
+            if (t["round"], t["attempt"]) == (round_, rnd.attempt)][0]
     assert task["config"]["dp"] == {"clip_bound": 1.0} and task["config"]["secure_aggregation"]["clip"] == 1.0
     send = lambda c, m: env.engine.submit_secagg(c, sw.encode(m, env.engine.device_key(c)))  # noqa: E731
     devs = {c: SecAggDevice(c, JOB, round_, rnd.attempt) for c in "abc"}
@@ -263,7 +264,8 @@ def test_secure_dp_job_stops_before_the_round_that_would_exceed_the_budget(tmp_p
         # REST and `job status` read the same records
         app = create_app({"services": env.svc})
         http = app.test_client()
-        http.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {env.svc.credentials.path('operator-token').read_text().strip()}"
+        token = env.svc.credentials.path("operator-token").read_text().strip()
+        http.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
         view = http.get(f"/api/v1/jobs/{JOB}").json
         assert view["reason"] == final["reason"]
         assert view["privacy"]["epsilon_spent"] == pytest.approx(accountant.epsilon(Z, 2, DELTA, distributed=True))
@@ -294,7 +296,8 @@ def test_secure_dp_accountant_survives_a_coordinator_restart(tmp_path: Path) -> 
         drive_secure_round(env, 2)
         assert engine2.wait_idle(JOB, 10)
         final = env.store.get_job(JOB)
-        assert final["status"] == "finished" and final["current_round"] == 2 and "round 3 would raise" in final["reason"]
+        assert final["status"] == "finished" and final["current_round"] == 2
+        assert "round 3 would raise" in final["reason"]
         closed = [r for r in env.store.get_rounds(JOB) if r["status"] == "closed"]
         assert closed[-1]["privacy"]["epsilon"] == pytest.approx(accountant.epsilon(Z, 2, DELTA, distributed=True))
     finally:

@@ -66,7 +66,8 @@ def calibrate_noise(target_epsilon: float, delta: float, rounds: int, sampling_p
         raise ValueError(f"epsilon {target_epsilon:g} at delta {delta:g} over {rounds} round(s) would need a noise "
                          f"multiplier above {MAX_NOISE_MULTIPLIER:g}; allow a larger epsilon or fewer rounds")
     z = dp_accounting.calibrate_dp_mechanism(
-        lambda: _fresh(distributed), lambda z: dp_accounting.SelfComposedDpEvent(_event(z, sampling_probability), int(rounds)),
+        lambda: _fresh(distributed),
+        lambda z: dp_accounting.SelfComposedDpEvent(_event(z, sampling_probability), int(rounds)),
         float(target_epsilon), float(delta), dp_accounting.ExplicitBracketInterval(1e-3, MAX_NOISE_MULTIPLIER),
         tol=1e-4)
     return float(z)
