@@ -271,29 +271,31 @@ SECURE_TITLE = "Differential privacy with secure aggregation (noise added on dev
 
 
 def secure_main(args: argparse.Namespace, command: str) -> int:
-    runs = []
-    settings = [(c, d, e, s, m) for c in args.clips for d in args.densities for e in args.epsilons
-                for m in args.min_clients for s in args.seeds if math.isfinite(e) or m == args.min_clients[0]]
-    for clip, density, eps, seed, min_clients in settings:
+    """Seed-major order, and the results (JSON + section) rewritten after every run, so an interrupted run
+    still leaves every setting's first seeds on record (the section lists the seeds each row has)."""
+    settings = [(s, c, d, e, m) for s in args.seeds for c in args.clips for d in args.densities
+                for e in args.epsilons for m in args.min_clients if math.isfinite(e) or m == args.min_clients[0]]
+    config = {k: ([x if math.isfinite(x) else "inf" for x in v] if k == "epsilons" else v)
+              for k, v in vars(args).items()}
+    runs: list[dict[str, Any]] = []
+    for n, (seed, clip, density, eps, min_clients) in enumerate(settings, start=1):
         t0 = time.perf_counter()
         run = simulate_secure(eps, seed, args, clip, density, min_clients)
         run["wall_s"] = round(time.perf_counter() - t0, 2)
-        runs.append(run)
-        log.info("secure C %g density %g epsilon %-6s seed %d: accuracy %.3f after %d rounds, spent %s, z %.3g (in "
-                 "the sum %.3g), %.0f B up per device, coordinator %.2fs/round (%.1fs)", clip, density, label(eps),
-                 seed, run["final_accuracy"], run["rounds_run"], _eps(run["epsilon_spent"]), run["noise_multiplier"],
-                 run["effective_noise_multiplier"], run["uplink_bytes_per_device"], run["coordinator_s_per_round"],
-                 run["wall_s"])
-    config = {k: ([x if math.isfinite(x) else "inf" for x in v] if k == "epsilons" else v)
-              for k, v in vars(args).items()}
-    runs = [{**r, "epsilon_target": label(r["epsilon_target"])} for r in runs]
-    if not args.no_write:
-        saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        saved["secure_dp"] = {"command": command, "config": config, "runs": runs}
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(saved, indent=2, default=str) + "\n")
-        write_section("privacy_secure", SECURE_TITLE, command,
-                      secure_report_lines(runs, config, (saved.get("dp") or {}).get("table")))
+        log.info("secure C %g density %g epsilon %-6s min_clients %d seed %d: accuracy %.3f after %d rounds, spent "
+                 "%s, z %.3g (in the sum %.3g), %.0f B up per device, coordinator %.2fs/round (%.1fs)", clip, density,
+                 label(eps), min_clients, seed, run["final_accuracy"], run["rounds_run"], _eps(run["epsilon_spent"]),
+                 run["noise_multiplier"], run["effective_noise_multiplier"], run["uplink_bytes_per_device"],
+                 run["coordinator_s_per_round"], run["wall_s"])
+        runs.append({**run, "epsilon_target": label(eps)})
+        if not args.no_write:
+            saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+            saved["secure_dp"] = {"command": command, "config": config, "runs": runs,
+                                  "complete": n == len(settings)}
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text(json.dumps(saved, indent=2, default=str) + "\n")
+            write_section("privacy_secure", SECURE_TITLE, command,
+                          secure_report_lines(runs, config, (saved.get("dp") or {}).get("table")))
     print(json.dumps(runs, indent=2, default=str))
     return 0
 

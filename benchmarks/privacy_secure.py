@@ -140,7 +140,8 @@ def secure_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "clip": r["clip"], "density": r["density"], "epsilon": str(r["epsilon_target"]), "accuracy_per_seed": [],
             "epsilon_spent": [], "rounds_run": r["rounds_run"], "noise_multiplier": r["noise_multiplier"],
             "effective_noise_multiplier": r["effective_noise_multiplier"], "min_survivors": r["min_survivors"],
-            "uplink": [], "coordinator_s": []})
+            "uplink": [], "coordinator_s": [], "seeds": []})
+        row["seeds"].append(r["seed"])
         row["accuracy_per_seed"].append(r["final_accuracy"])
         row["epsilon_spent"].append(r["epsilon_spent"])
         row["uplink"].append(r["uplink_bytes_per_device"])
@@ -167,7 +168,8 @@ def secure_report_lines(runs: list[dict[str, Any]], cfg: dict[str, Any], central
              f"coordinator adds none and divides by the fixed {cfg['clients']} devices per round. delta = "
              f"{cfg['delta']:g}, no sampling amplification; epsilon is what the job's accountant reports (a Gaussian "
              "of the guaranteed multiplier z, integer RDP orders, zero-out adjacency; docs/privacy.md). Final test "
-             f"accuracy on the 360 held-out digits, mean over seeds {cfg['seeds']}.", "",
+             f"accuracy on the 360 held-out digits, mean over the seeds listed per row (partition and initial "
+             "model; the noise comes from the OS CSPRNG, so a rerun of one seed differs).", "",
              "| C | density | target epsilon | epsilon spent (accountant) | z charged | z in the sum (all survive; "
              "sized for t) | uplink per device per round | coordinator CPU s per round | final accuracy |",
              "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -176,6 +178,7 @@ def secure_report_lines(runs: list[dict[str, Any]], cfg: dict[str, Any], central
         z_sum = (f"{row['effective_noise_multiplier']:.3g} (t = {row['min_survivors']} of {cfg['clients']})"
                  if row["noise_multiplier"] else "0")
         seeds = " / ".join(f"{a * 100:.1f}" for a in row["accuracy_per_seed"])
+        target += f" (seeds {', '.join(str(x) for x in row['seeds'])})"
         lines.append(f"| {row['clip']:g} | {row['density']:.0%} | {target} | {_eps(row['epsilon_spent'])} | "
                      f"{row['noise_multiplier']:.3g} | {z_sum} | {row['uplink']:,.0f} B | {row['coordinator_s']:.2f} | "
                      f"{row['accuracy_mean'] * 100:.1f}%" + (f" ({seeds})" if len(row["accuracy_per_seed"]) > 1 else "")
