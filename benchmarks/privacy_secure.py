@@ -154,9 +154,10 @@ def secure_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
-def secure_report_lines(runs: list[dict[str, Any]], cfg: dict[str, Any], central: dict[str, Any] | None
-                        ) -> list[str]:
-    """The BENCHMARKS.md section for the secure rows (``central``: the saved central-DP table, for reference)."""
+def secure_report_lines(runs: list[dict[str, Any]], cfg: dict[str, Any], central: dict[str, Any] | None,
+                        reference: dict[str, Any] | None = None) -> list[str]:
+    """The BENCHMARKS.md section for the secure rows (``central``: the saved central-DP table; ``reference``:
+    central-DP runs on the same seeds, from ``--central-reference``)."""
     table = secure_table(runs)
     numel = runs[0]["numel"]
     lines = [f"{cfg['clients']} simulated devices in-process, non-IID digits (Dirichlet alpha={cfg['alpha']}), every "
@@ -192,7 +193,16 @@ def secure_report_lines(runs: list[dict[str, Any]], cfg: dict[str, Any], central
         ref = ", ".join(f"epsilon {row['epsilon']}: {row['accuracy_mean'] * 100:.1f}%" for row in central.values()
                         if row.get("clip") == 1.0)
         lines += ["", f"Central DP, same devices and training (section above; dense fp32, C = 1, seed 0): {ref}."]
-    lines += findings(table, central)
+    if reference and reference.get("runs"):
+        ref = reference["runs"]
+        by_eps: dict[str, list[float]] = {}
+        for r in ref:
+            by_eps.setdefault(str(r["epsilon_target"]), []).append(r["final_accuracy"])
+        lines += ["", "Central DP on the same seeds (dense fp32, C = 1, noise added by the coordinator; "
+                  f"`{reference['command']}`): " + ", ".join(
+                      f"epsilon {e}: {np.mean(a) * 100:.1f}% ({' / '.join(f'{x * 100:.1f}' for x in a)})"
+                      for e, a in by_eps.items()) + "."]
+    lines += findings(table, central, reference)
     return lines
 
 
@@ -200,10 +210,15 @@ def _pct(rows: list[dict[str, Any]]) -> str:
     return " / ".join(f"{r['accuracy_mean'] * 100:.1f}%" for r in rows)
 
 
-def findings(table: list[dict[str, Any]], central: dict[str, Any] | None) -> list[str]:
+def findings(table: list[dict[str, Any]], central: dict[str, Any] | None, reference: dict[str, Any] | None = None
+             ) -> list[str]:
     """What the rows show, computed from them (no fixed claims)."""
     out: list[str] = []
     central_8 = next((r for r in (central or {}).values() if r.get("clip") == 1.0 and r["epsilon"] == "8"), None)
+    same_seeds = [r for r in (reference or {}).get("runs", []) if str(r["epsilon_target"]) == "8" and r["clip"] == 1.0]
+    if central_8 is not None and same_seeds:
+        central_8 = {**central_8, "accuracy_mean": float(np.mean([r["final_accuracy"] for r in same_seeds])),
+                     "seeds": "seeds " + ", ".join(str(r["seed"]) for r in same_seeds)}
     for density in sorted({r["density"] for r in table}, reverse=True):
         rows = [r for r in table if r["density"] == density]
         noisy = sorted((r for r in rows if r["noise_multiplier"]), key=lambda r: r["min_survivors"])
@@ -217,7 +232,7 @@ def findings(table: list[dict[str, Any]], central: dict[str, Any] | None) -> lis
                 f"{clean[0]['accuracy_mean'] * 100:.1f}% ({min(spread):.0f}-{max(spread):.0f}% across seeds)")
         if density >= 1.0 and central_8 is not None:
             head += (f"; central DP at the same epsilon, noise z = {central_8['noise_multiplier']:.2f} added by the "
-                     f"coordinator: {central_8['accuracy_mean'] * 100:.1f}% (seed 0)")
+                     f"coordinator: {central_8['accuracy_mean'] * 100:.1f}% ({central_8.get('seeds', 'seed 0')})")
         ordered = all(a["accuracy_mean"] <= b["accuracy_mean"] for a, b in zip(noisy, noisy[1:]))
         if density >= 1.0 and ordered:
             head += (". Less noise in the sum, more accuracy: each device adds 1/t of the variance and the "
