@@ -185,6 +185,10 @@ class SecAggServer:
         self.fixed = FixedPoint.for_round(self.params.clip, len(u1), self.params.k, self.params.noise_multiplier,
                                           self.min_devices, noise.max_scale(self.params.noise_multiplier,
                                                                             self.params.clip, self.min_devices))
+        if self.params.noise_multiplier > 0 and self.params.clip * self.fixed.scale < noise.MIN_NOISY_SENSITIVITY:
+            span = self.params.clip * self.fixed.scale
+            raise self._fail(f"the ring is too coarse for distributed DP: one update spans {span:.0f} ring units, "
+                             f"{noise.MIN_NOISY_SENSITIVITY:.0f} needed; lower the noise or the devices per round")
         self.noise_var = noise.per_device_variance(self.params.noise_multiplier, self.params.clip, self.fixed.scale,
                                                    self.params.k, self.min_devices)
         out = {}

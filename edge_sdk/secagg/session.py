@@ -67,7 +67,8 @@ class SecureRounds:
         sent += self._send(dev.share(roster))
         dev.receive_inbox(self._await(dev, sw.INBOX, 2 * phase_s))
         assert dev.fixed is not None
-        encoded, _ = encode_secure(spec, delta, dev.fixed, residuals, job_id, stats)
+        dp = bool((task.get("config") or {}).get("dp"))  # DP job: the roster's clip is privacy's bound
+        encoded, _ = encode_secure(spec, delta, dev.fixed, residuals, job_id, stats, dp=dp)
         sent += self._send(dev.mask(encoded))
         sent += self._send(dev.reveal(self._await(dev, sw.UNMASK, 2 * phase_s)))
         log.info("job %s round %d attempt %d: secure aggregation done (%d bytes sent, k=%d)", job_id, rnd, attempt,
