@@ -200,3 +200,21 @@ def test_layout_of_the_sparse_part_handles_empty_tensors() -> None:
     mask = np.array([0, 1, 1, 0, 0, 1], bool)
     assert stats_block.other_layout(mask, [2, 0, 2, 2, 0]) == [1, 0, 1, 1, 0]
     assert stats_block.other_layout(np.zeros(0, bool), [0, 0]) == [0, 0]
+
+
+def test_int8_statistics_are_scaled_per_tensor() -> None:
+    """A layer whose statistics barely move keeps its precision next to one whose variances jump."""
+    vec = np.zeros(NUMEL, np.float32)
+    idx = np.flatnonzero(MASK)
+    vec[idx[:32]] = np.linspace(1e-4, 3e-4, 32, dtype=np.float32)  # running_mean: tiny deltas
+    vec[idx[32:]] = np.linspace(10.0, 500.0, 32, dtype=np.float32)  # running_var: large deltas
+    spec = {**SPARSE_SPECS[1], "stats": "int8"}
+    payload, sent = codecs.encode(spec, vec, SIZES, MASK)
+    got = codecs.decode(spec, payload, NUMEL, SIZES, MASK).to_dense(NUMEL)
+    np.testing.assert_array_equal(got, sent.to_dense(NUMEL))
+    assert stats_block.stats_layout(MASK, SIZES) == [32, 32]
+    np.testing.assert_allclose(got[idx[:32]], vec[idx[:32]], rtol=0, atol=3e-4 / 127)  # a shared scale: all 0
+    with pytest.raises(ProtocolError, match="declares 64 statistics, the model has 63"):
+        short = MASK.copy()
+        short[idx[-1]] = False
+        codecs.decode(spec, payload, NUMEL, SIZES, short)

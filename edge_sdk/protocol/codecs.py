@@ -253,7 +253,7 @@ def encode(spec: dict, vec: np.ndarray, layout_sizes: list[int],
         return _encode(norm, vec, sizes)
     mask = stats_block.check_mask(stats, numel)
     head, other = _encode(norm, vec[~mask], stats_block.other_layout(mask, sizes))
-    block, sent_stats = stats_block.encode_block(kind, vec[mask])
+    block, sent_stats = stats_block.encode_block(kind, vec[mask], stats_block.stats_layout(mask, sizes))
     return head + block, Decoded(*stats_block.merge(other, mask, sent_stats))
 
 
@@ -324,7 +324,7 @@ def _decode(spec: dict, payload: bytes, numel: int, layout_sizes: list[int], sta
     else:
         mask = stats_block.check_mask(stats, numel)
         other, pos = _decode_part(norm, view, numel - int(mask.sum()), stats_block.other_layout(mask, sizes))
-        values, end = stats_block.decode_block(kind, view, pos, int(mask.sum()))
+        values, end = stats_block.decode_block(kind, view, pos, int(mask.sum()), stats_block.stats_layout(mask, sizes))
         decoded = Decoded(*stats_block.merge(other, mask, values))
     if len(view) > end:
         raise ProtocolError(f"trailing garbage: {len(view) - end} bytes after payload")

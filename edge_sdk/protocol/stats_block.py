@@ -59,12 +59,20 @@ def check_mask(stats: np.ndarray | None, numel: int) -> np.ndarray:
     return mask
 
 
-def other_layout(mask: np.ndarray, sizes: list[int]) -> list[int]:
-    """Per-tensor sizes of the coordinates that are not statistics (the sparse part's layout)."""
+def _stats_per_tensor(mask: np.ndarray, sizes: list[int]) -> np.ndarray:
     bounds = np.cumsum([0, *sizes])
     running = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
-    stats_per = running[bounds[1:]] - running[bounds[:-1]]
-    return [int(s - n) for s, n in zip(sizes, stats_per)]
+    return running[bounds[1:]] - running[bounds[:-1]]
+
+
+def other_layout(mask: np.ndarray, sizes: list[int]) -> list[int]:
+    """Per-tensor sizes of the coordinates that are not statistics (the sparse part's layout)."""
+    return [int(s - n) for s, n in zip(sizes, _stats_per_tensor(mask, sizes))]
+
+
+def stats_layout(mask: np.ndarray, sizes: list[int]) -> list[int]:
+    """Statistics per tensor, tensors without any left out: int8 scales restart at each of them."""
+    return [int(n) for n in _stats_per_tensor(mask, sizes) if n]
 
 
 def _toward_zero_fp16(x: np.ndarray) -> np.ndarray:
@@ -93,8 +101,18 @@ def _toward_zero_int8(x: np.ndarray) -> tuple[bytes, np.ndarray]:
     return raw, quant.dequantize("int8", raw, k)
 
 
-def encode_block(kind: str, values: np.ndarray) -> tuple[bytes, np.ndarray]:
-    """The dense statistics block for ``values`` (rounded toward zero); returns (bytes, what is decoded)."""
+def _chunks(count: int, tensors: list[int] | None) -> list[int]:
+    tensors = [count] if tensors is None else tensors
+    if sum(tensors) != count:
+        raise ProtocolError(f"statistics layout sums to {sum(tensors)}, block has {count}")
+    return tensors
+
+
+def encode_block(kind: str, values: np.ndarray, tensors: list[int] | None = None) -> tuple[bytes, np.ndarray]:
+    """The dense statistics block for ``values`` (rounded toward zero); returns (bytes, what is decoded).
+
+    ``tensors``: statistics per tensor (``stats_layout``). int8 quantises each tensor on its own (scales per
+    256 values of one tensor), so a layer with small deltas is not truncated to 0 by a neighbour's scale."""
     x = np.ascontiguousarray(values, dtype=np.float32)
     if kind == "float32":
         raw, sent = x.astype("<f4").tobytes(), x.copy()
@@ -102,7 +120,12 @@ def encode_block(kind: str, values: np.ndarray) -> tuple[bytes, np.ndarray]:
         h = _toward_zero_fp16(x)
         raw, sent = h.astype("<f2").tobytes(), h.astype(np.float32)
     elif kind == "int8":
-        raw, sent = _toward_zero_int8(x)
+        parts, pos = [], 0
+        for n in _chunks(x.size, tensors):
+            parts.append(_toward_zero_int8(x[pos:pos + n]))
+            pos += n
+        raw = b"".join(p[0] for p in parts)
+        sent = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.float32)
     else:
         raise ProtocolError(f"stats must be one of sparse, {', '.join(STATS_KINDS)}; got {kind!r}")
     flags = quant.VALUE_CODES[kind]
@@ -112,8 +135,10 @@ def encode_block(kind: str, values: np.ndarray) -> tuple[bytes, np.ndarray]:
     return _HEAD.pack(FORMAT, flags, x.size, len(raw)) + raw, sent
 
 
-def decode_block(kind: str, view: memoryview, pos: int, count: int) -> tuple[np.ndarray, int]:
-    """Parse the statistics block at ``pos``; returns (values, end). ``count``: statistics the model has."""
+def decode_block(kind: str, view: memoryview, pos: int, count: int,
+                 tensors: list[int] | None = None) -> tuple[np.ndarray, int]:
+    """Parse the statistics block at ``pos``; returns (values, end). ``count``: statistics the model has;
+    ``tensors``: their split into tensors (as for ``encode_block``)."""
     if len(view) < pos + _HEAD.size:
         raise ProtocolError("truncated payload: the statistics block header is missing")
     fmt, flags, got, vlen = _HEAD.unpack_from(view, pos)
@@ -129,10 +154,18 @@ def decode_block(kind: str, view: memoryview, pos: int, count: int) -> tuple[np.
     start = pos + _HEAD.size
     if len(view) < start + vlen:
         raise ProtocolError(f"truncated payload: statistics block promises {vlen} bytes, {len(view) - start} left")
+    chunks = _chunks(count, tensors) if kind == "int8" else [count]
     raw: bytes | memoryview = view[start:start + vlen]
     if flags & F_VALUES_ZLIB:
-        raw = inflate(raw, quant.block_size(kind, count), "statistics")
-    return quant.dequantize(kind, raw, count), start + vlen
+        raw = inflate(raw, sum(quant.block_size(kind, n) for n in chunks), "statistics")
+    if len(raw) != sum(quant.block_size(kind, n) for n in chunks):
+        raise ProtocolError(f"statistics values length mismatch: {len(raw)} bytes for {count} {kind} values")
+    values, at = [], 0
+    for n in chunks:
+        size = quant.block_size(kind, n)
+        values.append(quant.dequantize(kind, raw[at:at + size], n))
+        at += size
+    return (np.concatenate(values) if values else np.zeros(0, np.float32)), start + vlen
 
 
 def merge(other: Decoded, mask: np.ndarray, stats_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
