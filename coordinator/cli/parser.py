@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from converters import spec_text
+from coordinator.cli.secagg_flags import add_secagg_arguments
 
 DEFAULT_COORDINATOR = os.environ.get("FEDSIGHT_COORDINATOR", "https://127.0.0.1:8080")
 DEFAULT_CA = os.environ.get("FEDSIGHT_CA")
@@ -244,6 +245,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
                    "so that --rounds rounds spend --epsilon); needs --epsilon")
     c.add_argument("--dp-clip", metavar="fixed:C|adaptive:C", help="DP clip bound (server default: adaptive "
                    "starting at 1.0); needs --epsilon")
+    add_secagg_arguments(c)
     c.add_argument("--start", action="store_true", help="start the job right away")
     c.add_argument("--json", action="store_true", help="print the job as JSON instead of its id")
     for action, text in (("start", "start a created job"), ("stop", "stop a running job"),
