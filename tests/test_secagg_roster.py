@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from coordinator.secagg.server import SecAggParams, SecAggServer
-from edge_sdk.protocol import codecs
+from edge_sdk.protocol import codecs, topics
 from edge_sdk.protocol import secagg_wire as sw
 from edge_sdk.protocol.errors import ProtocolError
 from edge_sdk.secagg import noise
@@ -21,6 +21,8 @@ from edge_sdk.secagg.device import SecAggDevice
 from edge_sdk.secagg.session import SecAggRefused, SecureRounds
 from edge_sdk.secagg.terms import RosterRefused, RoundTerms
 from edge_sdk.secagg.update import round_indices
+from tests.test_engine import JOB as EJOB
+from tests.test_engine import Env, wait_for
 
 JOB, K, Z, CLIP = "job-1", 64, 1.0, 1.0
 
@@ -213,3 +215,47 @@ def test_session_refuses_a_task_without_the_jobs_settings_before_sending_anythin
     with pytest.raises(SecAggRefused, match=r"does not state the job's secure-aggregation setting\(s\) \['noise"):
         session.run(_task(noise_multiplier=None), SPEC, np.zeros(NUMEL, np.float32), None, None)
     assert sent == []
+
+
+# --------------------------------------------------------------------------- against the coordinator's round flow
+@pytest.mark.parametrize("dishonest", [False, True])
+def test_the_coordinators_task_lets_devices_check_its_rosters(tmp_path, monkeypatch, dishonest: bool) -> None:
+    """The real runner's task carries the job's terms: honest rosters pass them; a coordinator that halves the
+    stated variance is refused by every device, and the round fails before anything could be unmasked."""
+    if dishonest:
+        honest = SecAggServer.close_keys
+
+        def halved(self: SecAggServer) -> dict[str, sw.SecAggMessage]:
+            return {d: _forged(m, noise_var=m.fields["noise_var"] / 2) for d, m in honest(self).items()}
+
+        monkeypatch.setattr(SecAggServer, "close_keys", halved)
+    env = Env(tmp_path, clients="abc", online="abc", codec={"name": "randk", "density": 0.25}, limits=None,
+              clients_per_round=3, min_clients=2,
+              secure_aggregation={"clip": 1.0, "phase_timeout_s": 2, "noise_multiplier": 0.5})
+    try:
+        env.engine.start_job(EJOB)
+        rnd = env.open_round()
+        task = env.pub.json_on(topics.task_topic("a"))[0]
+        k = int(round_indices(task["config"]["codec"], env.numel).size)
+        terms = RoundTerms.from_task(task["config"]["secure_aggregation"], k)
+        assert (terms.noise_multiplier, terms.min_survivors, terms.max_devices) == (0.5, 2, 3)
+        send = lambda c, m: env.engine.submit_secagg(c, sw.encode(m, env.engine.device_key(c)))  # noqa: E731
+        devs = {c: SecAggDevice(c, EJOB, 1, rnd.attempt, terms) for c in "abc"}
+        for c, d in devs.items():
+            assert send(c, d.advertise()) is None
+        rosters: dict[str, sw.SecAggMessage] = {}
+        wait_for(lambda: len(rosters.update({m.client_id: m for t, p in list(env.pub.messages)
+                                             if t.endswith("/relay") for m in [sw.decode(p)]
+                                             if m.kind == sw.ROSTER}) or rosters) == 3, what="rosters")
+        for c, d in devs.items():
+            if not dishonest:
+                assert send(c, d.share(rosters[c])) is None
+                continue
+            with pytest.raises(RosterRefused, match="is below the"):
+                d.share(rosters[c])
+        if dishonest:
+            env.open_round(1, 2)  # nobody shared: the attempt fails, a fresh one opens
+            failed = [r for r in env.store.get_rounds(EJOB) if r["attempt"] == 1][0]
+            assert failed["status"] == "failed" and "0 device(s) shared their keys" in failed["reason"]
+    finally:
+        env.close()
