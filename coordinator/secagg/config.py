@@ -79,6 +79,15 @@ def normalize_secure_aggregation(value: Any, codec: dict[str, Any], strategy: di
     return out
 
 
-def task_fields(sa: dict[str, Any]) -> dict[str, Any]:
-    """What a selected device needs to know before the roster arrives (the rest comes with the roster)."""
-    return {"clip": sa["clip"], "phase_timeout_s": sa["phase_timeout_s"]}
+def min_survivors(cfg: dict[str, Any]) -> int:
+    """The fewest survivors any secure round of the job accepts (the noise is sized for at least this many)."""
+    return max(2, int(cfg["min_clients"]))
+
+
+def task_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What a selected device needs to know before the roster arrives: the job's settings it checks the
+    roster's noise against (``edge_sdk/secagg/terms.py``), so it never takes the stated variance on trust."""
+    sa = cfg["secure_aggregation"]
+    return {"clip": sa["clip"], "phase_timeout_s": sa["phase_timeout_s"], "noise_multiplier": sa["noise_multiplier"],
+            "neighbours": sa["neighbours"], "min_survivors": min_survivors(cfg),
+            "max_devices": int(cfg["clients_per_round"])}

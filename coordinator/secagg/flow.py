@@ -18,6 +18,7 @@ from edge_sdk.protocol.errors import ProtocolError
 from edge_sdk.secagg.update import round_indices
 
 from coordinator.rounds.open_round import OpenRound
+from coordinator.secagg.config import min_survivors
 from coordinator.secagg.server import SecAggAbort, SecAggParams, SecAggServer
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ def round_params(cfg: dict[str, Any], k: int) -> SecAggParams:
     ``coordinator/secagg/config.py``)."""
     sa = cfg["secure_aggregation"]
     return SecAggParams(k=k, clip=sa["clip"], degree=sa["neighbours"], noise_multiplier=sa["noise_multiplier"],
-                        min_survivors=max(2, cfg["min_clients"]))
+                        min_survivors=min_survivors(cfg))
 
 
 def _wait(rnd: OpenRound, server: SecAggServer, stop: Any, deadline: float) -> None:

@@ -195,7 +195,8 @@ class SecAggServer:
         for d in u1:
             body = b"".join(self.keys[p][:sw.PEER_KEY_BYTES] for p in self.roster[d])
             out[d] = self._down(sw.ROSTER, d, {"peers": self.roster[d], "k": self.params.k, "clip": self.params.clip,
-                                               "scale": self.fixed.scale, "noise_var": self.noise_var}, body)
+                                               "scale": self.fixed.scale, "noise_var": self.noise_var,
+                                               "t": self.min_devices, "devices": len(u1)}, body)
         self.phase = "shares"
         self.timings["close_keys"] = time.perf_counter() - t0
         return out
