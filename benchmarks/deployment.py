@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=300, help="training images per class")
     parser.add_argument("--test-per-class", type=int, default=100)
     parser.add_argument("--devices", type=int, default=5)
+    parser.add_argument("--strategy", default=None,
+                        help="job strategy (name or JSON, as `fedsight job create --strategy`); default: the job default")
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--workdir", help="keep data, coordinator state and exports here (default: a temp dir)")
     parser.add_argument("--smoke", action="store_true", help="small_cnn dense, 2 rounds, 30 images per class")
@@ -119,6 +121,8 @@ def run(args: argparse.Namespace, work: Path,
                      "--min-clients", str(args.devices), "--round-timeout", "1200", "--codec", codec,
                      "--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
                      "--seed", "0", "--name", f"{arch}-{codec}"]
+            if args.strategy:
+                flags += ["--strategy", args.strategy]
             row = cluster.train_export_infer(flags, test_dir, work / "exports" / f"{arch}-{codec}.onnx")
             row.update(arch=arch, codec=codec)
             log.info("%s %s: ONNX accuracy %.3f %s", arch, codec, row["onnx_accuracy"], json.dumps(row))
@@ -154,7 +158,7 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     lines = [f"Generated 10-class 32 px colour shapes (`benchmarks/shapes_dataset.py`): {args.per_class * 10} "
              f"training / {args.test_per_class * 10} held-out test images. {args.devices} `fedsight client` "
              f"processes (Dirichlet {args.alpha}), {args.rounds} rounds x {args.epochs} local epoch, lr {args.lr}, "
-             f"batch {args.batch_size}; accuracy is `fedsight infer` on the exported ONNX model over the test "
+             f"batch {args.batch_size}, strategy {args.strategy or 'fedavg (job default)'}; accuracy is `fedsight infer` on the exported ONNX model over the test "
              "folder. Ceiling: centralised PyTorch training, same images and epochs.", "",
              "| arch | codec | ONNX accuracy (`fedsight infer`) | centralised ceiling | share | >= 85 % | "
              "uplink total | vs dense | wall time |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -166,7 +170,8 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     for note in getattr(args, "note", []):
         lines += ["", note]
     command = (f"nice -n 10 python benchmarks/deployment.py --rounds {args.rounds} --epochs {args.epochs} "
-               f"--archs {args.archs} --codecs {args.codecs} --per-class {args.per_class}")
+               f"--archs {args.archs} --codecs {args.codecs} --per-class {args.per_class}"
+               + (f" --strategy {args.strategy}" if args.strategy else ""))
     write_section("deployment", "From demo to deployment (CLI end to end, ONNX scored)", command, lines)
     print("\n".join(lines))
 
