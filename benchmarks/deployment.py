@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import sys
 import tempfile
 import time
@@ -155,10 +154,12 @@ def finish(results: list[dict[str, Any]], ceilings: dict[str, dict[str, Any]]) -
 def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     RESULTS.write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "rewrite"},
                                    "rows": results}, indent=2))
+    strategy = getattr(args, "strategy", None)  # absent in results saved before --strategy existed
     lines = [f"Generated 10-class 32 px colour shapes (`benchmarks/shapes_dataset.py`): {args.per_class * 10} "
              f"training / {args.test_per_class * 10} held-out test images. {args.devices} `fedsight client` "
              f"processes (Dirichlet {args.alpha}), {args.rounds} rounds x {args.epochs} local epoch, lr {args.lr}, "
-             f"batch {args.batch_size}, strategy {args.strategy or 'fedavg (job default)'}; accuracy is `fedsight infer` on the exported ONNX model over the test "
+             f"batch {args.batch_size}, strategy {strategy or 'fedavg (job default)'}; accuracy is `fedsight infer` "
+             "on the exported ONNX model over the test "
              "folder. Ceiling: centralised PyTorch training, same images and epochs.", "",
              "| arch | codec | ONNX accuracy (`fedsight infer`) | centralised ceiling | share | >= 85 % | "
              "uplink total | vs dense | wall time |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -171,7 +172,7 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
         lines += ["", note]
     command = (f"nice -n 10 python benchmarks/deployment.py --rounds {args.rounds} --epochs {args.epochs} "
                f"--archs {args.archs} --codecs {args.codecs} --per-class {args.per_class}"
-               + (f" --strategy {args.strategy}" if args.strategy else ""))
+               + (f" --strategy {strategy}" if strategy else ""))
     write_section("deployment", "From demo to deployment (CLI end to end, ONNX scored)", command, lines)
     print("\n".join(lines))
 

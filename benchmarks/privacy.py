@@ -12,11 +12,15 @@ every device takes part in every round here, so none would apply anyway).
 ``epsilon = inf`` is the same pipeline (uniform weighting, the same fixed clip bound) without noise, so the
 gap to it is the cost of the noise alone; ``no_dp`` is the job default (FedAvg, default limits) for reference.
 
+``--secure`` runs the DP-with-secure-aggregation rows instead (``benchmarks/privacy_secure.py``): noise added
+by the devices in the masking ring, rand-k uploads, real cryptography in-process, the job's own budget gate.
+
     nice -n 10 python benchmarks/privacy.py                       # 100 devices, 10 rounds, C 1 and 3, seed 0
     python benchmarks/privacy.py --rounds 3 --seeds 0 --no-write  # quick look
+    nice -n 10 python benchmarks/privacy.py --secure --clips 1 --epsilons 8 inf   # secure aggregation + DP
 
-Writes benchmarks/results/privacy.json (under its ``"dp"`` key; secure aggregation adds its own key) and the
-``privacy`` section of BENCHMARKS.md.
+Writes benchmarks/results/privacy.json (central DP under its ``"dp"`` key, secure aggregation under
+``"secure_dp"``) and the ``privacy`` and ``privacy_secure`` sections of BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import Subset  # noqa: E402
 
+from benchmarks.privacy_secure import secure_report_lines, simulate_secure  # noqa: E402
 from benchmarks.report import write_section  # noqa: E402
 from coordinator.privacy.accountant import Accountant  # noqa: E402
 from coordinator.privacy.mechanism import DPMechanism  # noqa: E402
@@ -208,17 +213,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--secure", action="store_true", help="the secure-aggregation rows (distributed noise)")
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 1.0],
+                    help="rand-k densities of the --secure rows (1.0: a dense vector in the ring)")
+    ap.add_argument("--min-clients", type=int, nargs="+", default=[3],
+                    help="min_clients of the --secure jobs (sets the survivors t the noise is sized for; values "
+                         "after the first apply to the noised rows only)")
+    ap.add_argument("--central-reference", action="store_true",
+                    help="central-DP runs on these seeds for the --secure section's comparison (no other output)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave results and BENCHMARKS.md alone")
     ap.add_argument("--report-only", action="store_true", help="rewrite the BENCHMARKS.md section from the JSON")
     args = ap.parse_args(argv)
+    given = argv if argv is not None else sys.argv[1:]
+    command = ("nice -n 10 python benchmarks/privacy.py " + shlex.join(given)).strip()
     if args.report_only:
-        saved = json.loads(RESULTS.read_text())["dp"]
-        write_section("privacy", "Differential privacy: accuracy against the budget", saved["command"],
-                      report_lines(saved["table"], saved["config"]))
+        saved = json.loads(RESULTS.read_text())
+        write_section("privacy", "Differential privacy: accuracy against the budget", saved["dp"]["command"],
+                      report_lines(saved["dp"]["table"], saved["dp"]["config"]))
+        if "secure_dp" in saved:
+            sec = saved["secure_dp"]
+            write_section("privacy_secure", SECURE_TITLE, sec["command"],
+                          secure_report_lines(sec["runs"], sec["config"], saved["dp"]["table"],
+                                              saved.get("central_reference")))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("edge_sdk").setLevel(logging.WARNING)
+    logging.getLogger("coordinator").setLevel(logging.WARNING)
     torch.set_num_threads(1)
+    if args.secure:
+        return secure_main(args, command)
+    if args.central_reference:
+        return central_reference_main(args, command)
     settings: list[tuple[float | None, float | None]] = [(e, c) for c in args.clips for e in args.epsilons]
     settings.append((None, None))
     runs = []
@@ -232,7 +257,6 @@ def main(argv: list[str] | None = None) -> int:
                      clip, label(eps), seed, run["final_accuracy"], _eps(run["epsilon_spent"]), run["noise_multiplier"],
                      run["wall_s"], run["update_norm_median"])
     table = summarize(runs, settings)
-    command = ("nice -n 10 python benchmarks/privacy.py " + shlex.join(argv if argv is not None else sys.argv[1:])).strip()
     config = {k: ([x if math.isfinite(x) else "inf" for x in v] if k == "epsilons" else v)
               for k, v in vars(args).items()}
     config["numel"] = runs[0]["numel"]
@@ -245,6 +269,63 @@ def main(argv: list[str] | None = None) -> int:
         write_section("privacy", "Differential privacy: accuracy against the budget", command,
                       report_lines(table, config))
     print(json.dumps(table, indent=2, default=str))
+    return 0
+
+
+SECURE_TITLE = "Differential privacy with secure aggregation (noise added on devices)"
+
+
+def secure_main(args: argparse.Namespace, command: str) -> int:
+    """Seed-major order, and the results (JSON + section) rewritten after every run, so an interrupted run
+    still leaves every setting's first seeds on record (the section lists the seeds each row has)."""
+    settings = [(s, c, d, e, m) for s in args.seeds for c in args.clips for d in args.densities
+                for e in args.epsilons for m in args.min_clients if math.isfinite(e) or m == args.min_clients[0]]
+    config = {k: ([x if math.isfinite(x) else "inf" for x in v] if k == "epsilons" else v)
+              for k, v in vars(args).items()}
+    runs: list[dict[str, Any]] = []
+    for n, (seed, clip, density, eps, min_clients) in enumerate(settings, start=1):
+        t0 = time.perf_counter()
+        run = simulate_secure(eps, seed, args, clip, density, min_clients)
+        run["wall_s"] = round(time.perf_counter() - t0, 2)
+        log.info("secure C %g density %g epsilon %-6s min_clients %d seed %d: accuracy %.3f after %d rounds, spent "
+                 "%s, z %.3g (in the sum %.3g), %.0f B up per device, coordinator %.2fs/round (%.1fs)", clip, density,
+                 label(eps), min_clients, seed, run["final_accuracy"], run["rounds_run"], _eps(run["epsilon_spent"]),
+                 run["noise_multiplier"], run["effective_noise_multiplier"], run["uplink_bytes_per_device"],
+                 run["coordinator_s_per_round"], run["wall_s"])
+        runs.append({**run, "epsilon_target": label(eps)})
+        if not args.no_write:
+            saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+            saved["secure_dp"] = {"command": command, "config": config, "runs": runs,
+                                  "complete": n == len(settings)}
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text(json.dumps(saved, indent=2, default=str) + "\n")
+            write_section("privacy_secure", SECURE_TITLE, command,
+                          secure_report_lines(runs, config, (saved.get("dp") or {}).get("table"),
+                                              saved.get("central_reference")))
+    print(json.dumps(runs, indent=2, default=str))
+    return 0
+
+
+def central_reference_main(args: argparse.Namespace, command: str) -> int:
+    """Central-DP runs (the ``dp`` pipeline) on the secure rows' seeds, so their comparison is like for like."""
+    runs = []
+    for clip, eps, seed in [(c, e, s) for c in args.clips for e in args.epsilons for s in args.seeds]:
+        t0 = time.perf_counter()
+        run = simulate(eps, seed, args, clip)
+        run["wall_s"] = round(time.perf_counter() - t0, 2)
+        log.info("central C %g epsilon %s seed %d: accuracy %.3f, spent %s (%.1fs)", clip, label(eps), seed,
+                 run["final_accuracy"], _eps(run["epsilon_spent"]), run["wall_s"])
+        runs.append({**run, "epsilon_target": label(eps)})
+    if not args.no_write:
+        saved = json.loads(RESULTS.read_text())
+        saved["central_reference"] = {"command": command, "runs": runs}
+        RESULTS.write_text(json.dumps(saved, indent=2, default=str) + "\n")
+        sec = saved.get("secure_dp")
+        if sec:  # the secure section's text changes; its run stamp is the time of this rewrite
+            write_section("privacy_secure", SECURE_TITLE, sec["command"],
+                          secure_report_lines(sec["runs"], sec["config"], saved["dp"]["table"],
+                                              saved["central_reference"]))
+    print(json.dumps(runs, indent=2, default=str))
     return 0
 
 

@@ -123,6 +123,21 @@ def test_job_body_sends_only_what_was_given() -> None:
         cli.job_body(half)
 
 
+def test_job_body_secure_aggregation_flags() -> None:
+    parse = cli.build_parser().parse_args
+    body = cli.job_body(parse(["job", "create", "--codec", "randk:0.1", "--secure-aggregation", "--epsilon", "8",
+                               "--dp-clip", "fixed:1.0", "--secagg-neighbours", "8", "--secagg-phase-timeout", "20"]))
+    assert body["secure_aggregation"] == {"neighbours": 8, "phase_timeout_s": 20.0}
+    assert body["privacy"] == {"epsilon": 8.0, "clip": {"mode": "fixed", "bound": 1.0}}  # distributed DP
+    bare = cli.job_body(parse(["job", "create", "--secure-aggregation", "--secagg-clip", "2",
+                               "--secagg-noise-multiplier", "0.5"]))
+    assert bare["secure_aggregation"] == {"clip": 2.0, "noise_multiplier": 0.5} and "privacy" not in bare
+    assert cli.job_body(parse(["job", "create", "--secure-aggregation"]))["secure_aggregation"] == {}  # defaults
+    assert "secure_aggregation" not in cli.job_body(parse(["job", "create"]))
+    with pytest.raises(cli.CliError, match="--secagg-neighbours, --secagg-clip need --secure-aggregation"):
+        cli.job_body(parse(["job", "create", "--secagg-neighbours", "4", "--secagg-clip", "1"]))
+
+
 def test_job_body_evaluation_and_preprocessing_flags(tmp_path: Path) -> None:
     parse = cli.build_parser().parse_args
     photo = cli.job_body(parse(["job", "create", "--arch", "mobilenet_v3_small", "--num-classes", "5"]))
@@ -232,6 +247,32 @@ def test_job_commands_and_export_against_a_real_coordinator(coordinator, tmp_pat
     local = tmp_path / "local.onnx"
     assert cli.main(["export", "--job", job_id, "--out", str(local), "--data-dir", str(coordinator.data_dir)]) == 0
     assert local.read_bytes() == out.read_bytes()  # the same cached, content-addressed export
+
+
+@pytest.mark.integration
+def test_secure_aggregation_job_through_the_cli(coordinator, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """--secure-aggregation creates a secure (with --epsilon: distributed-DP) job; a combination the coordinator
+    refuses comes back as its readable 400, and no job is created."""
+    monkeypatch.setenv("FEDSIGHT_TOKEN", coordinator.token)
+    base = ["job", "create", "--coordinator", coordinator.url, "--ca", str(coordinator.ca), "--rounds", "3",
+            "--clients-per-round", "4", "--min-clients", "3", "--eval", "digits", "--secure-aggregation"]
+    listed = coordinator.http.get(f"{coordinator.api}/jobs", timeout=10).json()["jobs"]
+    assert cli.main([*base, "--codec", "topk:0.05"]) == 2
+    err = capsys.readouterr().err
+    assert "HTTP 400" in err and "codec 'topk' is not offered under secure aggregation" in err, err
+    assert cli.main([*base, "--codec", "randk:0.1", "--epsilon", "8", "--secagg-clip", "2"]) == 2
+    assert "cannot be set with 'privacy'" in capsys.readouterr().err
+    assert coordinator.http.get(f"{coordinator.api}/jobs", timeout=10).json()["jobs"] == listed  # nothing created
+
+    assert cli.main([*base, "--codec", "randk:0.1", "--epsilon", "8", "--dp-clip", "fixed:1.0",
+                     "--secagg-neighbours", "6", "--secagg-phase-timeout", "12"]) == 0
+    job_id = capsys.readouterr().out.strip()
+    job = coordinator.http.get(f"{coordinator.api}/jobs/{job_id}", timeout=10).json()
+    sa, privacy = job["config"]["secure_aggregation"], job["config"]["privacy"]
+    assert (sa["neighbours"], sa["phase_timeout_s"], sa["clip"]) == (6, 12.0, 1.0)
+    assert sa["noise_multiplier"] == privacy["update_noise_multiplier"] > 0  # the devices add the DP noise
+    assert job["privacy"]["noise_added_by"] == "devices" and job["privacy"]["target_epsilon"] == 8.0
 
 
 @pytest.mark.integration

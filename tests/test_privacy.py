@@ -78,8 +78,9 @@ def test_privacy_job_is_uniformly_weighted_without_device_metrics() -> None:
     ({"epsilon": 4}, {"limits": {"direction": {"mode": "cosine"}}}, "cannot be set with 'privacy'"),
     ({"epsilon": 4}, {"eval": {"holdout_fraction": 0.2}}, "'eval.holdout_fraction' must be 0 with 'privacy'"),
     ("lots", {}, "'privacy' must be an object"),
-    ({"epsilon": 4}, {"secure_aggregation": {}, "codec": {"name": "randk", "density": 0.1}, "min_clients": 2},
-     "cannot be combined with 'secure_aggregation' yet"),
+    ({"epsilon": 4, "clip": {"mode": "adaptive"}},  # allowed with fixed clipping (tests/test_privacy_secagg.py)
+     {"secure_aggregation": {}, "codec": {"name": "randk", "density": 0.1}, "min_clients": 2},
+     "'privacy.clip.mode' 'adaptive' cannot be combined with 'secure_aggregation'"),
 ])
 def test_bad_privacy_specs_name_the_field(privacy, extra, needle) -> None:
     with pytest.raises(JobSpecError) as err:

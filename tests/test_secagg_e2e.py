@@ -6,6 +6,9 @@ with the real device protocol, misbehaves in round 1: it sends its shares labell
 coordinator must reject them with a reason and ack that to it), then its real shares, and then drops out
 before sending its masked input. The round must still close from the three survivors, with the dropped
 identity's masks removed, and the job must train the model.
+
+A second job adds ``privacy`` (issue 8, item 5): the devices add the noise in the ring, and with a budget
+that fits two rounds the job stops by itself before the third, as REST and ``fedsight job status`` report.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from coordinator.cli import main as cli
+from coordinator.privacy import accountant
 from edge_sdk.protocol import secagg_wire as sw
 from edge_sdk.protocol import topics
 from edge_sdk.secagg.device import SecAggDevice
@@ -132,3 +137,51 @@ def test_secure_aggregation_job_with_a_dropout_and_a_wrong_round_share(
     # it trains (3 label-skewed devices, 5 rounds of 25 % rand-k: not converged, and not meant to be here;
     # tests/test_secagg_flow.py checks the aggregate exactly, benchmarks/secagg.py the accuracy)
     assert max(accuracy) >= 0.5 and accuracy[-1] >= accuracy[0] + 0.2, accuracy
+
+
+Z = 1.0
+BUDGET = round((accountant.epsilon(Z, 2, 1e-5, distributed=True) + accountant.epsilon(Z, 3, 1e-5, distributed=True))
+               / 2, 3)  # two secure rounds fit, a third does not
+
+
+def test_secure_dp_job_stops_at_the_right_round(federation: tuple[Coordinator, Mosquitto],
+                                                capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    coordinator, _ = federation
+    api, http = coordinator.api, coordinator.http
+    body = {"name": "secure-dp", "model": {"arch": "small_cnn", "num_classes": 10, "in_channels": 1, "image_size": 8},
+            "rounds": 5, "clients_per_round": DEVICES, "min_clients": DEVICES, "round_timeout_s": 120,
+            "train": {"epochs": 1, "batch_size": 16, "lr": 0.05}, "codec": CODEC, "eval": {"dataset": "digits"},
+            "seed": 1, "secure_aggregation": {"phase_timeout_s": 20},
+            "privacy": {"epsilon": BUDGET, "noise_multiplier": Z, "clip": {"bound": 0.5}}}
+    created = http.post(f"{api}/jobs", json=body, timeout=60)
+    assert created.status_code == 201, created.text
+    cfg = created.json()["config"]
+    assert cfg["privacy"]["rounds_within_budget"] == 2 and cfg["secure_aggregation"]["clip"] == 0.5
+    job_id = created.json()["id"]
+    assert http.post(f"{api}/jobs/{job_id}/start", timeout=10).ok
+    deadline = time.monotonic() + 400
+    while (job := http.get(f"{api}/jobs/{job_id}", timeout=5).json())["status"] not in ("finished", "failed"):
+        assert time.monotonic() < deadline, job
+        time.sleep(1)
+    rounds = http.get(f"{api}/jobs/{job_id}/rounds", timeout=5).json()["rounds"]
+    assert job["status"] == "finished" and job["current_round"] == 2, (job, rounds)
+    assert job["reason"].startswith("privacy budget reached: round 3 would raise epsilon")
+    spent = accountant.epsilon(Z, 2, 1e-5, distributed=True)
+    assert job["privacy"]["epsilon_spent"] == pytest.approx(spent) and spent <= BUDGET
+    assert job["privacy"]["noise_added_by"] == "devices"
+    closed = [r for r in rounds if r["status"] == "closed"]
+    assert [r["round"] for r in closed] == [1, 2] and max(r["round"] for r in rounds) == 2
+    assert closed[-1]["new_version"] == job["current_version"]  # the last model within budget is released
+    assert [r["privacy"]["epsilon"] for r in closed] == pytest.approx(
+        [accountant.epsilon(Z, n, 1e-5, distributed=True) for n in (1, 2)])
+    for r in closed:  # only the protocol's own numbers; the devices' noise is in the sum (z_dev >= Z)
+        assert set(r["metrics"]) == {k for k in r["metrics"] if k.startswith("secagg_")}
+        assert r["metrics"]["secagg_noise_multiplier"] >= Z and r["privacy"]["mechanism"] == "distributed"
+    updates = http.get(f"{api}/jobs/{job_id}/updates?status=accepted", timeout=5).json()["updates"]
+    assert not updates  # no plain update ever reached the coordinator
+    monkeypatch.setenv("FEDSIGHT_TOKEN", coordinator.token)
+    assert cli.main(["job", "status", job_id, "--coordinator", coordinator.url, "--ca", str(coordinator.ca)]) == 0
+    out = capsys.readouterr().out
+    assert f"privacy: epsilon {spent:.3f} of {BUDGET:g} spent" in out and "noise added on the devices" in out
+    assert "finished early: privacy budget reached: round 3 would raise epsilon" in out

@@ -38,7 +38,9 @@ def test_secure_round_with_a_dropout_updates_the_model_by_the_survivors_mean(tmp
         env.engine.start_job(JOB)
         rnd = env.open_round()
         task = env.pub.json_on(topics.task_topic("a"))[0]
-        assert task["config"]["secure_aggregation"] == {"clip": 100.0, "phase_timeout_s": 3.0}
+        assert task["config"]["secure_aggregation"] == {  # the job's terms a device checks the roster against
+            "clip": 100.0, "phase_timeout_s": 3.0, "noise_multiplier": 0.0, "neighbours": 16, "min_survivors": 2,
+            "max_devices": 4}
         devs = {c: SecAggDevice(c, JOB, 1, rnd.attempt) for c in "abcd"}
         for c, d in devs.items():
             assert _send(env, c, d.advertise()) is None

@@ -22,6 +22,7 @@ from coordinator.cli import parser
 from coordinator.cli.rest_client import TLS_HINT, Api, CliError, operator_token
 from coordinator.cli.server_commands import cmd_certs, cmd_coordinator
 from coordinator.cli.privacy_flags import privacy_flags
+from coordinator.cli.secagg_flags import secagg_flags
 from coordinator.cli.tables import eval_notes, eval_summary, format_table, privacy_summary, rounds_table
 
 EXIT_USER_ERROR = 2
@@ -147,6 +148,7 @@ def job_body(args: argparse.Namespace) -> dict[str, Any]:
     elif kind or args.holdout is not None:
         body["eval"] = pick(dataset=kind, path=path, holdout_fraction=args.holdout)
     body.update(privacy_flags(args))
+    body.update(secagg_flags(args))
     if (args.mean is None) != (args.std is None):
         raise CliError("--mean and --std go together", "give both, e.g. --mean 0.5 --std 0.5")
     if args.mean is not None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from converters import spec_text
+from coordinator.cli.secagg_flags import add_secagg_arguments
 
 DEFAULT_COORDINATOR = os.environ.get("FEDSIGHT_COORDINATOR", "https://127.0.0.1:8080")
 DEFAULT_CA = os.environ.get("FEDSIGHT_CA")
@@ -184,7 +185,9 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
                                "      --min-clients 3 --codec topk:0.01:int8 --lr 0.05 --epochs 1 --start\n"
                                "  fedsight job create --name cams --arch mobilenet_v3_small --num-classes 5 "
                                "--image-size 224 \\\n"
-                               "      --eval imagefolder:./holdout --codec topk:0.01:int8\n\n"
+                               "      --eval imagefolder:./holdout --codec topk:0.01:int8\n"
+                               "  fedsight job create --eval digits --codec randk:0.1 --secure-aggregation "
+                               "--epsilon 8 --dp-clip fixed:1.0\n\n"
                                "defaults: a job is a digits job only with --eval digits (1 channel, 8x8, mean/std "
                                "0.5, input scale 16);\nevery other job gets photo defaults (3 channels, 32x32, "
                                "ImageNet mean/std, input scale 255)\nand, without a server-side --eval set, "
@@ -244,6 +247,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
                    "so that --rounds rounds spend --epsilon); needs --epsilon")
     c.add_argument("--dp-clip", metavar="fixed:C|adaptive:C", help="DP clip bound (server default: adaptive "
                    "starting at 1.0); needs --epsilon")
+    add_secagg_arguments(c)
     c.add_argument("--start", action="store_true", help="start the job right away")
     c.add_argument("--json", action="store_true", help="print the job as JSON instead of its id")
     for action, text in (("start", "start a created job"), ("stop", "stop a running job"),

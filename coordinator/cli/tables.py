@@ -51,7 +51,9 @@ def privacy_summary(job: dict[str, Any]) -> str | None:
     bound = p.get("clip_bound")
     return (f"privacy: epsilon {p['epsilon_spent']:.3f} of {p['target_epsilon']:g} spent (delta {p['delta']:g}) "
             f"over {p['rounds_released']} round(s), noise multiplier {p['noise_multiplier']:.3g}, "
-            f"{p['clip_mode']} clip bound {bound:.3g}; no sampling amplification claimed")
+            f"{p['clip_mode']} clip bound {bound:.3g}"
+            + ("; noise added on the devices (secure aggregation)" if p.get("noise_added_by") == "devices" else "")
+            + "; no sampling amplification claimed")
 
 
 def rounds_table(rounds: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:

@@ -7,8 +7,11 @@ most ``C`` in L2, so a round is a Gaussian mechanism with noise multiplier ``z``
 Sampling amplification (``sampling_probability < 1``) is a ``PoissonSampledDpEvent``: it may be claimed only
 when each round's participants really are a Poisson sample of a known population. The coordinator picks from
 whichever devices happen to be online, so jobs account with ``q = 1`` (no amplification); simulations that do
-sample uniformly may pass ``q``. The same functions serve distributed noise (secure aggregation): any
-Gaussian-like noise of multiplier ``z`` per round, over ``N`` rounds, with or without amplification.
+sample uniformly may pass ``q``.
+
+``distributed=True`` (noise added on devices under secure aggregation, ``distributed.py``): the same Gaussian
+events, at integer RDP orders only (the Skellam bound they stand for holds at integer orders) and under
+zero-out adjacency (``REPLACE_SPECIAL``; participation is public under secure aggregation).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ log = logging.getLogger(__name__)
 logging.getLogger("absl").setLevel(logging.ERROR)
 
 MAX_NOISE_MULTIPLIER = 1e4
+INTEGER_ORDERS = [*range(2, 64), 128, 256, 512, 1024]
 
 
 def _event(noise_multiplier: float, sampling_probability: float = 1.0) -> dp_accounting.DpEvent:
@@ -35,42 +39,47 @@ def _event(noise_multiplier: float, sampling_probability: float = 1.0) -> dp_acc
     return dp_accounting.PoissonSampledDpEvent(float(sampling_probability), gaussian)
 
 
-def _fresh() -> rdp_privacy_accountant.RdpAccountant:
+def _fresh(distributed: bool = False) -> rdp_privacy_accountant.RdpAccountant:
+    if distributed:
+        return rdp_privacy_accountant.RdpAccountant(INTEGER_ORDERS, dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
     return rdp_privacy_accountant.RdpAccountant()
 
 
-def epsilon(noise_multiplier: float, rounds: int, delta: float, sampling_probability: float = 1.0) -> float:
+def epsilon(noise_multiplier: float, rounds: int, delta: float, sampling_probability: float = 1.0, *,
+            distributed: bool = False) -> float:
     """Epsilon after ``rounds`` Gaussian rounds of multiplier ``noise_multiplier`` (0 rounds: 0)."""
     if rounds <= 0:
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
-    acc = _fresh()
+    acc = _fresh(distributed)
     acc.compose(_event(noise_multiplier, sampling_probability), int(rounds))
     return float(acc.get_epsilon(delta))
 
 
-def calibrate_noise(target_epsilon: float, delta: float, rounds: int, sampling_probability: float = 1.0) -> float:
+def calibrate_noise(target_epsilon: float, delta: float, rounds: int, sampling_probability: float = 1.0, *,
+                    distributed: bool = False) -> float:
     """Smallest noise multiplier whose ``rounds`` rounds spend at most ``target_epsilon`` (dp-accounting's search)."""
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ValueError(f"target epsilon must be a positive finite number, got {target_epsilon}")
-    if epsilon(MAX_NOISE_MULTIPLIER, rounds, delta, sampling_probability) > target_epsilon:
+    if epsilon(MAX_NOISE_MULTIPLIER, rounds, delta, sampling_probability, distributed=distributed) > target_epsilon:
         raise ValueError(f"epsilon {target_epsilon:g} at delta {delta:g} over {rounds} round(s) would need a noise "
                          f"multiplier above {MAX_NOISE_MULTIPLIER:g}; allow a larger epsilon or fewer rounds")
     z = dp_accounting.calibrate_dp_mechanism(
-        _fresh, lambda z: dp_accounting.SelfComposedDpEvent(_event(z, sampling_probability), int(rounds)),
+        lambda: _fresh(distributed),
+        lambda z: dp_accounting.SelfComposedDpEvent(_event(z, sampling_probability), int(rounds)),
         float(target_epsilon), float(delta), dp_accounting.ExplicitBracketInterval(1e-3, MAX_NOISE_MULTIPLIER),
         tol=1e-4)
     return float(z)
 
 
 def rounds_within(target_epsilon: float, noise_multiplier: float, delta: float, max_rounds: int,
-                  sampling_probability: float = 1.0) -> int:
+                  sampling_probability: float = 1.0, *, distributed: bool = False) -> int:
     """How many rounds (at most ``max_rounds``) fit in ``target_epsilon``; epsilon is monotone in rounds."""
     lo, hi = 0, int(max_rounds)
     while lo < hi:  # largest n with epsilon(n) <= target
         mid = (lo + hi + 1) // 2
-        if epsilon(noise_multiplier, mid, delta, sampling_probability) <= target_epsilon:
+        if epsilon(noise_multiplier, mid, delta, sampling_probability, distributed=distributed) <= target_epsilon:
             lo = mid
         else:
             hi = mid - 1
@@ -86,9 +95,10 @@ class Accountant:
 
     delta: float
     events: list[tuple[float, float]] = field(default_factory=list)
+    distributed: bool = False  # noise added on devices (secure aggregation): integer orders, zero-out adjacency
 
     def _accountant(self, extra: Iterable[tuple[float, float]] = ()) -> rdp_privacy_accountant.RdpAccountant:
-        acc = _fresh()
+        acc = _fresh(self.distributed)
         for z, q in [*self.events, *extra]:
             acc.compose(_event(z, q))
         return acc
@@ -107,9 +117,9 @@ class Accountant:
         return self.spent()
 
     @classmethod
-    def from_rounds(cls, delta: float, rounds: Iterable[dict]) -> Accountant:
+    def from_rounds(cls, delta: float, rounds: Iterable[dict], distributed: bool = False) -> Accountant:
         """From stored round records: every closed round that carries a ``privacy`` record was released."""
-        acc = cls(delta)
+        acc = cls(delta, distributed=distributed)
         for r in rounds:
             p = r.get("privacy") or {}
             if r.get("status") == "closed" and p.get("noise_multiplier") is not None:

@@ -8,6 +8,9 @@ State survives a restart without a file of its own: every committed round's reco
 object (noise multiplier, sampling probability, clip bound, epsilon after the round) written in the same
 store transaction that advances the job, so the accountant is rebuilt from the store by replaying those
 records, and the adaptive clip bound continues from the last one.
+
+The same object serves jobs whose noise the devices add under secure aggregation (``distributed.py``): only
+the mechanism (no server noise) and the accountant's orders and adjacency differ.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import logging
 from typing import Any
 
 from coordinator.privacy.accountant import Accountant
-from coordinator.privacy.mechanism import DPMechanism
+from coordinator.privacy.distributed import is_distributed, mechanism_for
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +30,8 @@ class JobPrivacy:
         self.config = privacy
         self.target = float(privacy["epsilon"])
         self.delta = float(privacy["delta"])
-        self.mechanism = DPMechanism.from_config(privacy, clients_per_round)
-        self.accountant = Accountant.from_rounds(self.delta, rounds)
+        self.mechanism = mechanism_for(privacy, clients_per_round)  # central noise, or devices' (secure aggregation)
+        self.accountant = Accountant.from_rounds(self.delta, rounds, distributed=is_distributed(privacy))
         released = [r for r in rounds if r.get("status") == "closed" and (r.get("privacy") or {}).get(
             "next_clip_bound") is not None]
         if released:  # the adaptive bound continues where the last released round left it
@@ -80,7 +83,8 @@ def summary(privacy: dict[str, Any], spent: float, released: int, clip_bound: fl
     return {"target_epsilon": privacy["epsilon"], "delta": privacy["delta"], "epsilon_spent": spent,
             "rounds_released": released, "rounds_within_budget": privacy.get("rounds_within_budget"),
             "noise_multiplier": privacy["noise_multiplier"], "clip_mode": privacy["clip"]["mode"],
-            "clip_bound": clip_bound, "amplification": privacy.get("amplification")}
+            "clip_bound": clip_bound, "amplification": privacy.get("amplification"),
+            "noise_added_by": "devices" if is_distributed(privacy) else "coordinator"}
 
 
 def summary_from_rounds(privacy: dict[str, Any], rounds: list[dict[str, Any]]) -> dict[str, Any]:

@@ -12,6 +12,10 @@
 
 The normalised object adds what the coordinator derived (``update_noise_multiplier``, ``rounds_within_budget``,
 ``sampling_probability`` = 1, i.e. no amplification claimed), so a job's record states exactly what it does.
+
+With ``secure_aggregation`` (``distributed``) the devices add the noise (``distributed.py``): the clip is fixed
+by default and adaptive clipping is refused (it needs one clipped/unclipped bit per device, which the
+coordinator never sees); ``mechanism`` is ``"distributed"`` and ``update_noise_multiplier`` is what devices add.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import math
 from typing import Any
 
 from coordinator.privacy import accountant
+from coordinator.privacy.distributed import ADJACENCY_NOTE, MECHANISM, device_noise_multiplier
 
 CLIP_MODES = ("fixed", "adaptive")
 DEFAULT_DELTA = 1e-5
@@ -53,8 +58,10 @@ def _fields(obj: Any, allowed: set[str], path: str) -> dict[str, Any]:
     return obj
 
 
-def normalize_privacy(body: Any, rounds: int, clients_per_round: int) -> dict[str, Any] | None:
-    """Validate ``privacy`` (None: not a DP job) and derive the noise; PrivacySpecError names the bad field."""
+def normalize_privacy(body: Any, rounds: int, clients_per_round: int, distributed: bool = False
+                      ) -> dict[str, Any] | None:
+    """Validate ``privacy`` (None: not a DP job) and derive the noise; PrivacySpecError names the bad field.
+    ``distributed``: the job also has secure aggregation, so devices add the noise."""
     if body is None:
         return None
     body = _fields(body, {"epsilon", "delta", "noise_multiplier", "clip"}, "privacy")
@@ -64,23 +71,33 @@ def normalize_privacy(body: Any, rounds: int, clients_per_round: int) -> dict[st
     delta = _num(body, "delta", DEFAULT_DELTA, 0.0, 0.1, lo_open=True)
     z_in = _num(body, "noise_multiplier", None, 0.0, accountant.MAX_NOISE_MULTIPLIER, lo_open=True, nullable=True)
     clip_in = _fields(body.get("clip", {}), {"mode", "bound", "quantile", "lr", "count_stddev"}, "privacy.clip")
-    mode = clip_in.get("mode", DEFAULT_CLIP["mode"])
+    mode = clip_in.get("mode", "fixed" if distributed else DEFAULT_CLIP["mode"])
     if mode not in CLIP_MODES:
         raise PrivacySpecError(f"'privacy.clip.mode' must be one of {', '.join(CLIP_MODES)}, got {mode!r}")
+    if distributed and mode == "adaptive":
+        raise PrivacySpecError("'privacy.clip.mode' 'adaptive' cannot be combined with 'secure_aggregation': "
+                               "adaptive clipping (Andrew et al. 2021) counts the devices whose update was not "
+                               "clipped, one bit per device, and under secure aggregation the coordinator never "
+                               "sees one device's update; use {\"mode\": \"fixed\", \"bound\": C}")
     clip: dict[str, Any] = {"mode": mode, "bound": _clip_num(clip_in, "bound", 1e-6, 1e6)}
     if mode == "fixed":
         extra = sorted(set(clip_in) - {"mode", "bound"})
         if extra:
             raise PrivacySpecError(f"'privacy.clip' field(s) {extra} only apply to mode 'adaptive'")
     try:
-        z = z_in if z_in is not None else accountant.calibrate_noise(eps, delta, rounds)
+        z = z_in if z_in is not None else accountant.calibrate_noise(eps, delta, rounds, distributed=distributed)
     except ValueError as exc:
         raise PrivacySpecError(f"'privacy': {exc}") from None
-    allowed = accountant.rounds_within(eps, z, delta, rounds)
+    allowed = accountant.rounds_within(eps, z, delta, rounds, distributed=distributed)
     if allowed == 0:
         raise PrivacySpecError(f"'privacy': one round with noise_multiplier {z:g} already spends epsilon "
-                               f"{accountant.epsilon(z, 1, delta):.3g} > {eps:g}; raise the noise multiplier or "
-                               "the budget")
+                               f"{accountant.epsilon(z, 1, delta, distributed=distributed):.3g} > {eps:g}; raise "
+                               "the noise multiplier or the budget")
+    if distributed:
+        return {"epsilon": eps, "delta": delta, "noise_multiplier": z, "update_noise_multiplier":
+                device_noise_multiplier(z), "calibrated": z_in is None, "clip": clip, "rounds_within_budget": allowed,
+                "sampling_probability": 1.0, "amplification": AMPLIFICATION_NOTE, "mechanism": MECHANISM,
+                "adjacency": ADJACENCY_NOTE}
     z_update = z
     if mode == "adaptive":
         clip["quantile"] = _clip_num(clip_in, "quantile", 0.0, 1.0)

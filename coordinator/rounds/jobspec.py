@@ -202,18 +202,13 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
         raise JobSpecError(f"'strategy': {exc}") from None
     try:
         limits = normalize_limits(body.get("limits"))
-        privacy = normalize_privacy(body.get("privacy"), rounds, k)
-    except ValueError as exc:
-        raise JobSpecError(str(exc)) from None
-    try:
-        secure = normalize_secure_aggregation(body.get("secure_aggregation"), codec, strategy, min_clients)
+        privacy = normalize_privacy(body.get("privacy"), rounds, k, distributed=body.get("secure_aggregation")
+                                    is not None)
+        secure = normalize_secure_aggregation(body.get("secure_aggregation"), codec, strategy, min_clients,
+                                              privacy)
     except ValueError as exc:
         raise JobSpecError(str(exc)) from None
     if privacy is not None:
-        if secure is not None:
-            raise JobSpecError("'privacy' (central noise, added by the coordinator to a sum it sees) cannot be "
-                               "combined with 'secure_aggregation' yet; use secure_aggregation.noise_multiplier "
-                               "for noise added on devices (docs/privacy.md)")
         limits = _private_limits(body, strategy, eval_cfg, limits)
     return {"name": name, "model": {"arch": arch, "num_classes": num_classes, "in_channels": channels,
                                     "image_size": image_size, "weights": weights},

@@ -219,7 +219,7 @@ class JobRunner:
         task_cfg = strategy.configure_round(job, round_, selected, attempt=attempt)
         task_cfg["holdout_fraction"] = holdout_fraction(cfg)  # devices score the base model on this share
         if cfg.get("secure_aggregation"):
-            task_cfg["secure_aggregation"] = task_fields(cfg["secure_aggregation"])
+            task_cfg["secure_aggregation"] = task_fields(cfg)
         base_version = job["current_version"]
         arrays, _ = load_model(eng.models.get(base_version))
         vec = flatten(arrays)

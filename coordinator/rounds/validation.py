@@ -140,6 +140,9 @@ def check_round(header: UpdateHeader, nbytes: int, rnd: RoundView | None) -> Non
                                     f"open attempt is {rnd.attempt}")
     if header.client_id not in rnd.selected:
         raise Rejected(NOT_SELECTED, f"client was not selected for round {rnd.round}")
+    if getattr(rnd, "secagg", None) is not None:  # never fold one update in the clear into a secure round's sum
+        raise Rejected(WRONG_CODEC, f"round {rnd.round} uses secure aggregation: only masked input through the "
+                                    "protocol is accepted, not a plain update")
     if header.base_version != rnd.base_version:
         raise Rejected(OLD_BASE_VERSION,
                        f"trained on {header.base_version[:12]!r}, round base is {rnd.base_version[:12]}")

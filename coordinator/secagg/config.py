@@ -6,6 +6,10 @@
 one update is refused here with the reason: top-k (its index set depends on the device's data and would be
 sent in the clear), value codings other than the 32-bit ring, robust strategies (trimmed mean and median
 need every update), and fewer than two devices (the "sum" of one device is its update).
+
+With ``privacy`` as well, the privacy spec drives the devices' noise and clip (``coordinator/privacy/
+distributed.py``): ``clip`` becomes ``privacy.clip.bound`` and ``noise_multiplier`` the calibrated one, so
+neither may be set here.
 """
 from __future__ import annotations
 
@@ -27,8 +31,9 @@ def _number(value: Any, name: str, lo: float, hi: float, integer: bool = False) 
 
 
 def normalize_secure_aggregation(value: Any, codec: dict[str, Any], strategy: dict[str, Any],
-                                 min_clients: int) -> dict[str, Any] | None:
-    """The normalised field (defaults filled in) or None; ValueError says what to change."""
+                                 min_clients: int, privacy: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The normalised field (defaults filled in) or None; ValueError says what to change. ``privacy``: the
+    normalised DP spec, which then sets ``clip`` and ``noise_multiplier``."""
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -52,6 +57,17 @@ def normalize_secure_aggregation(value: Any, codec: dict[str, Any], strategy: di
                          "hides; use fedavg, fedprox, fedadam or fedyogi")
     if min_clients < 2:
         raise ValueError("secure aggregation needs min_clients >= 2: the sum of a single device is its update")
+    if privacy is not None:
+        given = sorted({"clip", "noise_multiplier"} & set(value))
+        if given:
+            raise ValueError(f"'secure_aggregation' field(s) {given} cannot be set with 'privacy': the devices clip "
+                             "to 'privacy.clip.bound' and add the noise calibrated from 'privacy' (epsilon, delta, "
+                             "noise_multiplier); set them there")
+        if privacy["update_noise_multiplier"] > 100.0:
+            raise ValueError(f"'privacy' calls for noise multiplier {privacy['update_noise_multiplier']:.4g} on the "
+                             "devices, more than the 100 the secure-aggregation ring is sized for; allow a larger "
+                             "epsilon or fewer rounds")
+        value = {**value, "clip": privacy["clip"]["bound"], "noise_multiplier": privacy["update_noise_multiplier"]}
     out = {**DEFAULTS, **value}
     out["clip"] = float(_number(out["clip"], "clip", 1e-6, 1e6))
     out["neighbours"] = int(_number(out["neighbours"], "neighbours", 2, 10_000, integer=True))
@@ -60,6 +76,15 @@ def normalize_secure_aggregation(value: Any, codec: dict[str, Any], strategy: di
     return out
 
 
-def task_fields(sa: dict[str, Any]) -> dict[str, Any]:
-    """What a selected device needs to know before the roster arrives (the rest comes with the roster)."""
-    return {"clip": sa["clip"], "phase_timeout_s": sa["phase_timeout_s"]}
+def min_survivors(cfg: dict[str, Any]) -> int:
+    """The fewest survivors any secure round of the job accepts (the noise is sized for at least this many)."""
+    return max(2, int(cfg["min_clients"]))
+
+
+def task_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What a selected device needs to know before the roster arrives: the job's settings it checks the
+    roster's noise against (``edge_sdk/secagg/terms.py``), so it never takes the stated variance on trust."""
+    sa = cfg["secure_aggregation"]
+    return {"clip": sa["clip"], "phase_timeout_s": sa["phase_timeout_s"], "noise_multiplier": sa["noise_multiplier"],
+            "neighbours": sa["neighbours"], "min_survivors": min_survivors(cfg),
+            "max_devices": int(cfg["clients_per_round"])}

@@ -18,6 +18,7 @@ from edge_sdk.protocol.errors import ProtocolError
 from edge_sdk.secagg.update import round_indices
 
 from coordinator.rounds.open_round import OpenRound
+from coordinator.secagg.config import min_survivors
 from coordinator.secagg.server import SecAggAbort, SecAggParams, SecAggServer
 
 if TYPE_CHECKING:
@@ -35,8 +36,7 @@ def run_secure(runner: JobRunner, job: dict[str, Any], rnd: OpenRound) -> None:
     eng, cfg = runner.ctx, job["config"]
     sa = cfg["secure_aggregation"]
     idx = round_indices(rnd.codec, rnd.numel)
-    params = SecAggParams(k=int(idx.size), clip=sa["clip"], degree=sa["neighbours"],
-                          noise_multiplier=sa["noise_multiplier"], min_survivors=max(2, cfg["min_clients"]))
+    params = round_params(cfg, int(idx.size))
     server = SecAggServer(rnd.job_id, rnd.round, rnd.attempt, sorted(rnd.selected), params,
                           graph_seed=int((rnd.task or {}).get("config", {}).get("seed", 0)))
     rnd.secagg = server
@@ -82,6 +82,14 @@ def run_secure(runner: JobRunner, job: dict[str, Any], rnd: OpenRound) -> None:
         log.info("job %s round %d: unmasked the sum of %d device(s) (%d dropped after sharing, %d left out), "
                  "coordinator crypto %.2f s", rnd.job_id, rnd.round, len(result.survivors), len(result.dropped),
                  len(result.left_out), sum(result.timings.values()))
+
+
+def round_params(cfg: dict[str, Any], k: int) -> SecAggParams:
+    """A round's protocol parameters from the job config (with ``privacy``, clip and noise come from it; see
+    ``coordinator/secagg/config.py``)."""
+    sa = cfg["secure_aggregation"]
+    return SecAggParams(k=k, clip=sa["clip"], degree=sa["neighbours"], noise_multiplier=sa["noise_multiplier"],
+                        min_survivors=min_survivors(cfg))
 
 
 def _wait(rnd: OpenRound, server: SecAggServer, stop: Any, deadline: float) -> None:

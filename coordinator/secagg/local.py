@@ -15,6 +15,7 @@ import numpy as np
 from edge_sdk.protocol import secagg_wire as sw
 from edge_sdk.secagg.device import SecAggDevice
 from edge_sdk.secagg.ring import FixedPoint
+from edge_sdk.secagg.terms import RoundTerms
 
 from coordinator.secagg.server import RoundResult, SecAggParams, SecAggServer
 
@@ -63,7 +64,9 @@ def run_round(inputs: dict[str, np.ndarray], params: SecAggParams, *, drop_befor
     rejection). Devices in the ``drop_*`` sets stop at that point."""
     before, after, no_reveal = set(drop_before_sharing), set(drop_after_masking), set(drop_before_reveal)
     server = SecAggServer(job_id, round_, attempt, sorted(inputs), params, seed)
-    devices = {d: SecAggDevice(d, job_id, round_, attempt) for d in sorted(inputs)}
+    terms = RoundTerms(k=params.k, clip=params.clip, noise_multiplier=params.noise_multiplier,
+                       min_survivors=params.min_survivors, neighbours=params.degree, max_devices=len(inputs))
+    devices = {d: SecAggDevice(d, job_id, round_, attempt, terms) for d in sorted(inputs)}  # rosters are checked
     traffic = Traffic()
     clock = {"coord": 0.0, "dev": 0.0}
 

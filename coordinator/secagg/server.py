@@ -185,13 +185,18 @@ class SecAggServer:
         self.fixed = FixedPoint.for_round(self.params.clip, len(u1), self.params.k, self.params.noise_multiplier,
                                           self.min_devices, noise.max_scale(self.params.noise_multiplier,
                                                                             self.params.clip, self.min_devices))
+        if self.params.noise_multiplier > 0 and self.params.clip * self.fixed.scale < noise.MIN_NOISY_SENSITIVITY:
+            span = self.params.clip * self.fixed.scale
+            raise self._fail(f"the ring is too coarse for distributed DP: one update spans {span:.0f} ring units, "
+                             f"{noise.MIN_NOISY_SENSITIVITY:.0f} needed; lower the noise or the devices per round")
         self.noise_var = noise.per_device_variance(self.params.noise_multiplier, self.params.clip, self.fixed.scale,
                                                    self.params.k, self.min_devices)
         out = {}
         for d in u1:
             body = b"".join(self.keys[p][:sw.PEER_KEY_BYTES] for p in self.roster[d])
             out[d] = self._down(sw.ROSTER, d, {"peers": self.roster[d], "k": self.params.k, "clip": self.params.clip,
-                                               "scale": self.fixed.scale, "noise_var": self.noise_var}, body)
+                                               "scale": self.fixed.scale, "noise_var": self.noise_var,
+                                               "t": self.min_devices, "devices": len(u1)}, body)
         self.phase = "shares"
         self.timings["close_keys"] = time.perf_counter() - t0
         return out

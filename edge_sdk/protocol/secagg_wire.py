@@ -150,7 +150,7 @@ def _expect_body(kind: int, size: int, want: int, what: str) -> None:
 
 
 def _check_fields(kind: int, raw: dict[str, Any], size: int) -> dict[str, Any]:
-    allowed = {KEYS: set(), SHARES: set(), MASKED: {"k"}, ROSTER: {"peers", "k", "scale", "clip", "noise_var"},
+    allowed = {KEYS: set(), SHARES: set(), MASKED: {"k"}, ROSTER: {"peers", "k", "scale", "clip", "noise_var", "t", "devices"},
                INBOX: {"from"}, UNMASK: {"survivors", "dropped"}, REVEAL: {"self_masks", "pair_keys"},
                ABORT: {"reason"}}[kind]
     unknown = sorted(set(raw) - allowed)
@@ -168,6 +168,9 @@ def _check_fields(kind: int, raw: dict[str, Any], size: int) -> dict[str, Any]:
         _int(raw, "k")
         for name in ("scale", "clip", "noise_var"):
             _number(raw, name)
+        for name in ("t", "devices"):  # optional here; a device refuses a roster without them (secagg/terms.py)
+            if name in raw:
+                _int(raw, name, 1)
         _expect_body(kind, size, PEER_KEY_BYTES * len(peers), f"{len(peers)} peers' keys")
     elif kind == INBOX:
         _expect_body(kind, size, ENVELOPE_BYTES * len(_positions(raw, "from")), "the listed senders' envelopes")

@@ -6,7 +6,9 @@ Secrets never leave the device except as Shamir shares sealed for one neighbour 
 device hands out, per peer, either a share of its self-mask seed (peer survived) or of its masking-key seed
 (peer dropped), never both, and only once per round; it reveals nothing when fewer than a strict majority
 of its neighbourhood survived. Honest-but-curious model: the coordinator relays keys faithfully (no PKI
-signatures on the keys; docs/secagg.md says what a malicious coordinator could do).
+signatures on the keys; docs/secagg.md says what a malicious coordinator could do). Given the job's
+``terms``, the device does not take the roster's noise on trust: it refuses a roster that would give less
+noise than the job promises (``terms.py``) before it shares anything.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from edge_sdk.protocol.errors import ProtocolError
 
 from . import noise, prg, shares
 from .ring import FixedPoint
+from .terms import RosterRefused, RoundTerms, refusal
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +37,12 @@ def commitment(context: bytes, self_seed: bytes) -> bytes:
 class SecAggDevice:
     """Create one per round attempt; each method accepts only the message its phase expects."""
 
-    def __init__(self, client_id: str, job_id: str, round_: int, attempt: int) -> None:
+    def __init__(self, client_id: str, job_id: str, round_: int, attempt: int,
+                 terms: RoundTerms | None = None) -> None:
+        """``terms``: the job's promise the roster is checked against (the SDK's session always passes them;
+        without them the roster's scale and noise variance are taken as stated)."""
         self.client_id, self.job_id, self.round, self.attempt = client_id, job_id, round_, attempt
+        self.terms = terms
         self.context = sw.context_bytes(job_id, round_, attempt)
         self._enc_sk = X25519PrivateKey.generate()
         self._mask_seed = secrets.token_bytes(prg.SEED_BYTES)
@@ -83,6 +90,10 @@ class SecAggDevice:
         me = peers.index(self.client_id)
         if keys[me] != (prg.public_bytes(self._enc_sk), prg.public_bytes(self._mask_sk)):
             raise ProtocolError("roster carries keys for this device that it did not advertise")
+        reason = refusal(roster.fields, self.terms) if self.terms is not None else None
+        if reason is not None:
+            self.phase = "refused"
+            raise RosterRefused(f"refusing the roster: {reason}")
         self.peers, self._keys, self.me = peers, keys, me
         self.k = int(roster.fields["k"])
         self.fixed = FixedPoint(float(roster.fields["clip"]), len(peers), float(roster.fields["scale"]))

@@ -5,9 +5,9 @@ each of at least ``t`` surviving devices adds variance ``sigma^2 / t``, the sum 
 ``sigma^2`` whatever subset survives, and no party (not even the coordinator) sees a noise-free sum.
 ``sigma = z * sensitivity`` with the L2 sensitivity of one device's encoded vector in ring units,
 ``clip * scale + sqrt(k) / 2`` (the rounding can lengthen it by half a unit per coordinate).
-Accounting: the sum's noise std over that sensitivity is an effective Gaussian noise multiplier
-(:func:`effective_noise_multiplier`); for the variances used here (>= 1e6 ring units^2) the Skellam RDP bound
-equals the Gaussian one to within 1e-6 relative, and the accountant is fed that multiplier.
+Accounting (``coordinator/privacy/distributed.py``): a DP job charges each round as a Gaussian of multiplier
+slightly below ``z``, an upper bound on the Skellam sum's RDP (Agarwal et al. 2021) as long as the ring is
+fine enough: rounds with noise refuse ``clip * scale < MIN_NOISY_SENSITIVITY``.
 """
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ import numpy as np
 # numpy's Poisson sampler (PTRS) matches the requested variance to within sampling error up to ~1e14 and
 # drifts beyond (12 % too high at 1.6e15); rounds keep each device's variance at or below this:
 MAX_DEVICE_VARIANCE = 1e12
+# the accounting's bound on the Skellam surcharge assumes one update spans at least this many ring units
+# (relative surcharge 9 / (4 z^2 S^2) <= 1.4e-7 / z^2); typical rounds have S of 1e5-1e7
+MIN_NOISY_SENSITIVITY = 2.0 ** 12
 
 
 def sensitivity(clip: float, scale: float, k: int) -> float:

@@ -21,7 +21,8 @@ from edge_sdk.protocol import topics
 from edge_sdk.protocol.errors import ProtocolError
 
 from .device import SecAggDevice
-from .update import encode_secure
+from .terms import RosterRefused, RoundTerms
+from .update import encode_secure, round_indices
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,10 @@ Publish = Callable[[str, bytes], bool]
 
 class SecAggAborted(RuntimeError):
     """The coordinator ended the round (too few devices, a failed phase) or it went silent."""
+
+
+class SecAggRefused(SecAggAborted):
+    """This device would not take part: the task or the roster does not keep the job's privacy promise."""
 
 
 class SecureRounds:
@@ -59,20 +64,33 @@ class SecureRounds:
         sa = (task.get("config") or {}).get("secure_aggregation") or {}
         phase_s = float(sa.get("phase_timeout_s", 30.0))
         roster_s = float(task.get("deadline_s", 60.0)) + phase_s  # the coordinator waits for slow trainers
-        dev = SecAggDevice(self.client_id, job_id, rnd, attempt)
+        try:  # what the roster is checked against: the job's settings and this device's own k
+            terms = RoundTerms.from_task(sa, int(round_indices(spec, int(np.asarray(delta).size)).size))
+        except ValueError as exc:
+            raise self._refuse(job_id, rnd, attempt, str(exc)) from None
+        dev = SecAggDevice(self.client_id, job_id, rnd, attempt, terms)
         sent = self._send(dev.advertise())
         roster = self._await(dev, sw.ROSTER, roster_s)
-        if float(roster.fields["clip"]) != float(sa.get("clip", roster.fields["clip"])):
-            raise ProtocolError("roster clip bound differs from the task's")
-        sent += self._send(dev.share(roster))
+        try:
+            shares_msg = dev.share(roster)
+        except RosterRefused as exc:  # nothing more is sent: no shares, no masked input
+            raise self._refuse(job_id, rnd, attempt, exc.reason) from None
+        sent += self._send(shares_msg)
         dev.receive_inbox(self._await(dev, sw.INBOX, 2 * phase_s))
         assert dev.fixed is not None
-        encoded, _ = encode_secure(spec, delta, dev.fixed, residuals, job_id, stats)
+        dp = bool((task.get("config") or {}).get("dp"))  # DP job: the roster's clip is privacy's bound
+        encoded, _ = encode_secure(spec, delta, dev.fixed, residuals, job_id, stats, dp=dp)
         sent += self._send(dev.mask(encoded))
         sent += self._send(dev.reveal(self._await(dev, sw.UNMASK, 2 * phase_s)))
         log.info("job %s round %d attempt %d: secure aggregation done (%d bytes sent, k=%d)", job_id, rnd, attempt,
                  sent, dev.k)
         return sent
+
+    @staticmethod
+    def _refuse(job_id: str, rnd: int, attempt: int, reason: str) -> SecAggRefused:
+        log.warning("job %s round %d attempt %d: not taking part in secure aggregation: %s", job_id, rnd, attempt,
+                    reason)
+        return SecAggRefused(reason)
 
     def _send(self, msg: sw.SecAggMessage) -> int:
         frame = sw.encode(msg, self._key)

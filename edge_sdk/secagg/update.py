@@ -3,7 +3,8 @@ L2 clipping of what is sent, fixed-point encoding.
 
 Every device in a round selects the same k coordinates (from the codec seed the task announces), so the
 masked vectors add up coordinate by coordinate and the upload stays k ring elements. Error feedback keeps
-what was not sent (other coordinates, what clipping cut, rounding) in the device's residual, never sent.
+what was not sent (other coordinates, what clipping cut, rounding; under DP only the other coordinates) in
+the device's residual, never sent.
 """
 from __future__ import annotations
 
@@ -25,8 +26,12 @@ def round_indices(spec: dict, numel: int) -> np.ndarray:
 
 
 def encode_secure(spec: dict, delta: np.ndarray, fixed: FixedPoint, residuals: ResidualStore | None, job_id: str,
-                  stats: np.ndarray | None = None) -> tuple[np.ndarray, Decoded]:
-    """``(ring vector of k uint32, what it stands for)``; updates the residual when the codec uses feedback."""
+                  stats: np.ndarray | None = None, dp: bool = False) -> tuple[np.ndarray, Decoded]:
+    """``(ring vector of k uint32, what it stands for)``; updates the residual when the codec uses feedback.
+
+    ``dp`` (differential privacy: the clip bound is tight): the residual keeps only the coordinates the codec
+    did not send, not what clipping cut (as ``edge_sdk/dp_clip.py``), or it would grow whenever updates are
+    clipped."""
     delta = np.asarray(delta, dtype=np.float32)
     idx = round_indices(spec, delta.size)
     feedback = residuals is not None and codecs.uses_error_feedback(spec)
@@ -36,5 +41,5 @@ def encode_secure(spec: dict, delta: np.ndarray, fixed: FixedPoint, residuals: R
     encoded = fixed.encode(corrected[idx])
     sent = Decoded(idx, fixed.decode_one(encoded).astype(np.float32))
     if feedback:
-        residuals.update(job_id, corrected, sent)
+        residuals.update(job_id, corrected, Decoded(idx, corrected[idx]) if dp else sent)
     return encoded, sent
