@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -119,11 +120,13 @@ def main() -> None:
     parser.add_argument("--codecs", nargs="+", default=["dense", "topk:0.01:int8"])
     parser.add_argument("--keep-logs", type=Path, help="copy coordinator and device logs here (for profiling)")
     args = parser.parse_args()
+    load_before = os.getloadavg()
     results = run(args.clients, args.rounds, args.models, args.codecs, args.keep_logs)
+    load = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]}
     out = ROOT / "benchmarks" / "results" / "round_overhead.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"clients": args.clients, "rounds": args.rounds, "target_s": TARGET_S,
-                               "results": results}, indent=2))
+                               "load_average": load, "results": results}, indent=2))
     lines = [f"{args.clients} device processes, Mosquitto (TLS, dynamic security) on loopback, HTTPS coordinator, "
              f"server-side evaluation on, {args.rounds} rounds per job, 1 local epoch. Overhead = spacing of "
              "consecutive round closes (version aggregated, evaluated and stored) minus the slowest selected "
@@ -139,7 +142,9 @@ def main() -> None:
     lines += ["", f"Worst median overhead: **{worst:.3f} s** against the {TARGET_S} s target "
               f"({'met' if worst <= TARGET_S else 'missed'}). The machine had 2 CPU cores shared by the "
               f"{args.clients} device processes, the broker and the coordinator, so training and overhead compete "
-              "for the same cores."]
+              "for the same cores.",
+              f"Load average (1/5/15 min) before the run: {load['before']}, after: {load['after']} (other engineers' "
+              "jobs share the machine; compare runs only at similar load)."]
     cmd = (f"python benchmarks/round_overhead.py --clients {args.clients} --rounds {args.rounds} --models "
            f"{' '.join(args.models)} --codecs {' '.join(args.codecs)}")
     write_section("round_overhead", "Round overhead", cmd, lines)

@@ -121,7 +121,7 @@ class EdgeClient:
         if self._mqtt_login["username"] is None:
             self._mqtt_login = self._broker_login()
         self.models = ModelCache(self.cache_dir / "models", self._http, origin=self.origin)
-        self.residuals = ResidualStore(self.cache_dir / "residual")
+        self.residuals = ResidualStore(self.cache_dir / "residual", write_behind=True)  # written off the round
         self.journal = SentJournal(self.cache_dir / "outbox")
         self.broker_url = broker_url or self._discover_broker()
         self.history: list[RoundReport] = []
@@ -171,6 +171,7 @@ class EdgeClient:
             self._transport.stop()
         if self._worker is not None:
             self._worker.join(timeout=30)
+        self.residuals.close(timeout=30)  # the last round's residual reaches disk before we go
 
     def run(self, max_jobs: int | None = None, timeout: float | None = None) -> None:
         """Blocking: serve tasks until ``stop()``, Ctrl-C, ``max_jobs`` jobs finished or ``timeout`` seconds."""
@@ -417,6 +418,7 @@ class EdgeClient:
         self.journal.record(job_id, rnd, attempt, message)
         if not self._transport.publish(topics.update_topic(self.client_id), message, wait=60):
             log.warning("update for job %s round %d was not confirmed by the broker", job_id, rnd)
+        self.residuals.flush(timeout=30)  # written while the update went out; on disk before the next task
         report = RoundReport(job_id, rnd, int(result.num_samples), len(message), fetched.transferred,
                              float(result.wall_time_s), encode_time, metrics)
         self.history.append(report)

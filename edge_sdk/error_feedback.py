@@ -9,6 +9,14 @@ atomically) in the given directory, normally beside the model cache, so an app r
 A store asked about a different job, or about a different ``numel``, discards the old file and starts from
 zeros: a residual only makes sense against the model it was computed for.
 
+Write-behind (``write_behind=True``, what ``EdgeClient`` uses): the residual lives in memory and ``update``
+only hands it to a background thread that writes the file, so the disk write is off the round's critical
+path (the device publishes its update meanwhile). ``flush()`` waits for it (the client flushes on ``stop``).
+Crash semantics: ``update`` first deletes the previous round's file, synchronously, so a crash before the
+deferred write lands leaves *no* residual and the restarted device starts error feedback from zeros. It
+loses the one residual it held (what earlier rounds left unsent), but never resumes a stale one, which
+would send again what that round already sent. Without write-behind, ``update`` writes before returning.
+
 Size bound: a residual costs ``4 * numel`` bytes on disk and in memory. When that exceeds ``max_bytes`` the
 store *refuses* (logs a warning once per job, keeps nothing, and error feedback is simply off for that job)
 rather than trimming: a trimmed residual silently breaks the accounting above, a missing one is explicit.
@@ -24,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .deferred_write import DeferredWriter
 from .protocol.codecs import Decoded
 
 log = logging.getLogger(__name__)
@@ -39,13 +48,15 @@ def _job_key(job_id: str) -> str:
 class ResidualStore:
     """Per-job residual, persisted in ``directory``; thread-safe."""
 
-    def __init__(self, directory: Path | str, max_bytes: int = 64 << 20) -> None:
+    def __init__(self, directory: Path | str, max_bytes: int = 64 << 20, write_behind: bool = False) -> None:
         self.directory = Path(directory)
         self.max_bytes = int(max_bytes)
+        self.write_behind = write_behind
         self._lock = threading.Lock()
         self._job: str | None = None
         self._residual: np.ndarray | None = None
         self._warned: set[str] = set()
+        self._writes = DeferredWriter(self._lock, self._write_tmp) if write_behind else None
 
     def path_for(self, job_id: str) -> Path:
         return self.directory / f"{_PREFIX}{_job_key(job_id)}.npy"
@@ -91,6 +102,8 @@ class ResidualStore:
     def _load(self, job_id: str, numel: int) -> np.ndarray:
         if self._job == job_id and self._residual is not None and self._residual.size == numel:
             return self._residual
+        if self._writes is not None:  # another job (or size) from here on: an older job's write must not land
+            self._writes.cancel()
         path = self.path_for(job_id)
         if not self._fits(job_id, numel):
             self._job, self._residual = job_id, None
@@ -112,11 +125,12 @@ class ResidualStore:
             return vec + self._load(job_id, vec.size)
 
     def update(self, job_id: str, corrected: np.ndarray, sent: Decoded) -> None:
-        """Record ``corrected - sent`` as the residual for the next round and persist it."""
-        corrected = np.asarray(corrected, dtype=np.float32)
-        numel = corrected.size
-        residual = corrected - sent.to_dense(numel)
+        """Record ``corrected - sent`` as the residual for the next round and persist it (or queue the write)."""
+        residual = _unsent(np.asarray(corrected, dtype=np.float32), sent)
+        numel = residual.size
         with self._lock:
+            if self._writes is not None:
+                self._writes.cancel()  # a queued or in-flight write of an older residual must not land
             if not self._fits(job_id, numel):
                 self._job, self._residual = job_id, None
                 self._drop_files()
@@ -126,23 +140,53 @@ class ResidualStore:
                 residual = np.zeros(numel, dtype=np.float32)
             self._job, self._residual = job_id, residual
             path = self.path_for(job_id)
-            self._write(path, residual)
-            self._drop_files(keep=path)
+            if self._writes is None:
+                self._write(path, residual)
+                self._drop_files(keep=path)
+                return
+            self._drop_files()  # module docstring: no stale residual survives a crash before the write
+            self._writes.submit(path, residual)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the newest residual is on disk (write-behind); False if ``timeout`` ran out first."""
+        return True if self._writes is None else self._writes.flush(timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush, then stop the background writer (a later ``update`` starts it again)."""
+        return True if self._writes is None else self._writes.close(timeout)
 
     def _write(self, path: Path, arr: np.ndarray) -> None:
         """Write-then-rename so a crash never leaves a half-written residual behind."""
+        os.replace(self._write_tmp(arr), path)
+
+    def _write_tmp(self, arr: np.ndarray) -> Path:
+        """``arr`` as a complete ``.npy`` beside its final name; the caller renames it into place."""
         self.directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".residual-", suffix=".tmp", dir=self.directory)
         try:
             with os.fdopen(fd, "wb") as fh:
                 np.save(fh, arr, allow_pickle=False)
-            os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        return Path(tmp)
 
     def reset(self) -> None:
         """Forget every residual (memory and disk), e.g. after the device leaves a job."""
         with self._lock:
+            if self._writes is not None:
+                self._writes.cancel()
             self._job, self._residual = None, None
             self._drop_files()
+
+
+def _unsent(corrected: np.ndarray, sent: Decoded) -> np.ndarray:
+    """``corrected - sent.to_dense(numel)`` (same float32 results) without a dense temporary for sparse codecs."""
+    residual = corrected.copy()
+    if sent.indices is None:
+        if sent.values.size != residual.size:
+            raise ValueError(f"dense values have {sent.values.size} elements, numel={residual.size}")
+        residual -= sent.values
+    else:
+        residual[sent.indices] -= sent.values
+    return residual

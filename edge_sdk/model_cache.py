@@ -17,7 +17,7 @@ import requests
 from .coordinator_origin import CoordinatorOrigin, check_version
 from .protocol.errors import ProtocolError
 from .protocol.modelfile import sha256_hex
-from .protocol.patch import apply_patch
+from .protocol.patch import apply_patch, patch_target
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +80,13 @@ class ModelCache:
             if resp.status_code != 200:
                 log.debug("no patch %s -> %s (HTTP %d); full download", base[:12], version[:12], resp.status_code)
                 return None
-            data = apply_patch(self.path(base).read_bytes(), resp.content)
+            if patch_target(resp.content)[1] != version:  # cheap header check before any work
+                return None
+            data = apply_patch(self.path(base).read_bytes(), resp.content)  # verifies data hashes to version
         except (requests.RequestException, ProtocolError, OSError) as exc:
             log.warning("patch download failed (%s); falling back to the full model", exc)
             return None
-        if sha256_hex(data) != version:
-            return None
-        self.put(data)
+        self.put(data, version)
         return Fetched(data, version, len(resp.content))
 
     def _download(self, url: str, version: str) -> Fetched:
@@ -121,9 +121,10 @@ class ModelCache:
             part.unlink()
         raise ModelDownloadError(f"could not download a verified copy of model {version[:12]} from {url}")
 
-    def put(self, data: bytes) -> str:
-        """Store bytes obtained another way (e.g. rebuilt from a downlink patch); returns the version."""
-        version = sha256_hex(data)
+    def put(self, data: bytes, version: str | None = None) -> str:
+        """Store bytes obtained another way (e.g. rebuilt from a downlink patch); returns the version.
+        ``version``: the sha256 the caller has already verified ``data`` against (saves a second pass)."""
+        version = sha256_hex(data) if version is None else check_version(version)
         tmp = self.path(version).with_suffix(".tmp")
         tmp.write_bytes(data)
         os.replace(tmp, self.path(version))

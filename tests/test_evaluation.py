@@ -29,3 +29,29 @@ def test_reused_network_scores_each_version_like_a_fresh_one() -> None:
     assert a1 == a2 == Evaluator().evaluate(first, cfg)
     assert b1 == Evaluator().evaluate(other, cfg)
     assert a1 != b1
+
+
+def test_channels_last_evaluation_matches_a_plain_forward_pass() -> None:
+    """The evaluator runs its network in channels_last (faster on CPU); the scores must be those of the model
+    run the ordinary way, on the same test set."""
+    import torch.nn.functional as F
+
+    from edge_sdk.data import load_digits_split
+    from edge_sdk.models import build_model
+    from edge_sdk.params import load_arrays
+    from edge_sdk.preprocess import Preprocessing
+
+    cfg = normalize_job({"name": "e", "model": {"arch": "mobilenet_v3_small", "num_classes": 10, "in_channels": 3,
+                                                "image_size": 16}, "eval": {"dataset": "digits"}})
+    data = initial_model("job-b", cfg)
+    arrays, meta = load_model(data)
+    got = Evaluator().evaluate(data, cfg)
+    plain = build_model("mobilenet_v3_small", 10, 3)
+    load_arrays(plain, arrays)
+    plain.eval()
+    x, y = load_digits_split(preprocessing=Preprocessing.from_meta(meta))[1].tensors
+    with torch.inference_mode():
+        out = plain(x)
+    assert got["num_samples"] == len(y)
+    assert got["accuracy"] == int((out.argmax(1) == y).sum()) / len(y)
+    assert abs(got["loss"] - float(F.cross_entropy(out, y))) < 1e-4

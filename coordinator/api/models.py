@@ -2,19 +2,17 @@
 from __future__ import annotations
 
 import io
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from flask import jsonify, request, send_file
 
-from edge_sdk.protocol.patch import make_patch
-
 from coordinator.api.blueprint import ApiError, api, job_or_404 as _job
 from coordinator.api.blueprint import caller as _caller, json_body as _body, services as _svc
+from coordinator.api.model_patches import patch_for
 from coordinator.auth import access
 from coordinator.storage.exports import ExportFailed
-from coordinator.storage.model_store import ModelStore, is_version
+from coordinator.storage.model_store import is_version
 
 
 def _send_model(job: dict[str, Any], version: str, immutable: bool) -> Any:
@@ -53,12 +51,6 @@ def get_model(job_id: str, version: str) -> Any:
     return _send_model(job, version, immutable=True)
 
 
-@lru_cache(maxsize=16)
-def _patch(models: ModelStore, old: str, new: str) -> bytes | None:
-    """Every device one version behind asks for the same patch; build it once."""
-    return make_patch(models.get(old), models.get(new))
-
-
 @api.get("/jobs/<job_id>/models/<version>/delta")
 def model_delta(job_id: str, version: str) -> Any:
     job = _job(job_id)
@@ -68,10 +60,10 @@ def model_delta(job_id: str, version: str) -> Any:
     for v in (base, version):
         if not is_version(v) or svc.store.get_model_version(job_id, v) is None:
             raise ApiError(404, f"job {job_id} has no model version {v[:80]!r} (query 'from' names the base)")
-    patch = _patch(svc.models, base, version)
+    patch = patch_for(svc.models, base, version)
     if patch is None:
-        raise ApiError(404, f"no patch from {base[:12]} to {version[:12]}: tensor layouts differ; "
-                            "download the full version")
+        raise ApiError(404, f"no patch from {base[:12]} to {version[:12]}: tensor layouts differ or it would not "
+                            "be much smaller; download the full version")
     resp = send_file(io.BytesIO(patch), mimetype="application/octet-stream", conditional=True,
                      etag=f"{base}-{version}", download_name=f"{base[:12]}-{version[:12]}.fsp", max_age=None)
     resp.headers["X-Model-Version"] = version

@@ -100,8 +100,9 @@ class Evaluator:
         key = (arch, num_classes, pre.channels)
         with self._model_lock:
             model = self._models.get(key)
-            if model is None:
-                model = self._models[key] = build_model(arch, num_classes, in_channels=pre.channels)
+            if model is None:  # channels_last: oneDNN's CPU convolutions run 1.2-4x faster on it (MobileNetV3 ~4x)
+                model = build_model(arch, num_classes, in_channels=pre.channels).to(memory_format=torch.channels_last)
+                self._models[key] = model
             load_arrays(model, arrays)  # every parameter and buffer: nothing of the last round survives
             model.eval()
             with torch.inference_mode():
@@ -110,12 +111,13 @@ class Evaluator:
         return {"loss": loss_sum / n, "accuracy": correct / n, "num_samples": float(n)}
 
     def _score(self, model: Any, x_all: Any, y_all: Any) -> tuple[float, int]:
+        import torch
         import torch.nn.functional as F
 
         loss_sum, correct = 0.0, 0
         for start in range(0, len(y_all), self.batch_size):
             x, y = x_all[start:start + self.batch_size], y_all[start:start + self.batch_size]
-            out = model(x)
+            out = model(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
             loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
         return loss_sum, correct

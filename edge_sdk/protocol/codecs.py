@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from . import quant, sparse_index, stats_block
+from .topk import top_k_indices
 from .zblock import deflate as _deflate, inflate as _inflate
 from .errors import ProtocolError
 
@@ -210,24 +211,13 @@ def _rounding_rng(spec: dict, values: np.ndarray) -> np.random.Generator:
     return np.random.default_rng([_ROUNDING_TAG, seed, zlib.crc32(values.tobytes())])
 
 
-def _top_k(mag: np.ndarray, k: int) -> np.ndarray:
-    n = mag.size
-    if k >= n:
-        return np.arange(n, dtype=np.int64)
-    if k == 0:
-        return np.empty(0, dtype=np.int64)
-    picked = np.argpartition(mag, n - k)[n - k:]
-    picked.sort()
-    return picked.astype(np.int64, copy=False)
-
-
 def _select_topk(norm: dict, vec: np.ndarray, sizes: list[int]) -> np.ndarray:
     mag = np.abs(vec)
     if norm["scope"] == "global":
-        return _top_k(mag, _k_of(norm["density"], vec.size))
+        return top_k_indices(mag, _k_of(norm["density"], vec.size))
     parts, offset = [], 0
     for size in sizes:
-        parts.append(_top_k(mag[offset:offset + size], _k_of(norm["density"], size)) + offset)
+        parts.append(top_k_indices(mag[offset:offset + size], _k_of(norm["density"], size)) + offset)
         offset += size
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
