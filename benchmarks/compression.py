@@ -102,10 +102,14 @@ PREVIOUS = "top-k 1% int8 +EF (previous default)"
 STATS = (f"{BEST}, stats fp16", f"{BEST}, stats int8", f"{PREVIOUS}, stats fp16", f"{PREVIOUS}, stats int8")
 SETUPS: dict[str, tuple[Callable[[], Setup], tuple[str, ...]]] = {
     "digits-a0.5": (lambda: digits(0.5, 10, 10, 20), ("dense fp32", BEST, PREVIOUS, *STATS)),
-    "digits-a0.1": (lambda: digits(0.1, 10, 10, 20), ("dense fp32", BEST, PREVIOUS)),
+    "digits-a0.1": (lambda: digits(0.1, 10, 10, 20), ("dense fp32", BEST, PREVIOUS, STATS[1])),
     "digits-50dev": (lambda: digits(0.5, 50, 15, 30), ("dense fp32", BEST)),
     # 12 rounds and 100 training images per class: what the shared 2 cores allowed for 3 seeds
     "colour-small_cnn": (lambda: colour("small_cnn", 12, train_per_class=100), ("dense fp32", BEST, *STATS[:2])),
+    # MobileNetV3 / ResNet-18 on the same task: one seed, what the shared cores allowed (BENCHMARKS.md notes)
+    "colour-mobilenet_v3_small": (lambda: colour("mobilenet_v3_small", 12, train_per_class=100),
+                                  ("dense fp32", BEST)),
+    "colour-resnet18": (lambda: colour("resnet18", 12, train_per_class=100), ("dense fp32", BEST)),
     # the deployment benchmark's setting (32 px, 3,000 images, 5 devices, 5 rounds x 1 epoch, batch 32), where
     # top-k 1 % int8 stayed at chance through the CLI
     "deploy-small_cnn": (lambda: colour("small_cnn", 5, size=32, train_per_class=300, test_per_class=50, devices=5,
