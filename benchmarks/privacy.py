@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import Subset  # noqa: E402
 
-from benchmarks.privacy_secure import secure_report_lines, simulate_secure  # noqa: E402
+from benchmarks.privacy_secure import accuracy, secure_report_lines, simulate_secure  # noqa: E402
 from benchmarks.report import write_section  # noqa: E402
 from coordinator.privacy.accountant import Accountant  # noqa: E402
 from coordinator.privacy.mechanism import DPMechanism  # noqa: E402
@@ -77,13 +77,6 @@ def job_config(epsilon: float | None, args: argparse.Namespace, clip: float) -> 
         body["privacy"] = {"epsilon": epsilon if math.isfinite(epsilon) else 1e4, "delta": args.delta,
                            "clip": {"mode": "fixed", "bound": clip}}
     return normalize_job(body)
-
-
-def accuracy(model: torch.nn.Module, test: Any) -> float:
-    x, y = test.tensors
-    model.eval()
-    with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
 
 
 def simulate(epsilon: float | None, seed: int, args: argparse.Namespace, clip: float = 1.0) -> dict[str, Any]:
