@@ -60,13 +60,14 @@ def _digits() -> tuple[TensorDataset, TensorDataset]:
     return load_digits_split()
 
 
-def digits(alpha: float, devices: int, per_round: int, rounds: int) -> Setup:
+def digits(alpha: float, devices: int, per_round: int, rounds: int, limits: dict | None = None,
+           note: str = "") -> Setup:
     train, test = _digits()
     labels = train.tensors[1].numpy()
     part = "all" if per_round == devices else f"{per_round}"
-    return Setup(f"digits, Dirichlet {alpha}, {devices} devices ({part} per round), {rounds} rounds", "small_cnn",
-                 1, train, test, lambda seed: dirichlet_partition(labels, devices, alpha, seed=seed),
-                 per_round, rounds, DIGITS_TRAIN)
+    return Setup(f"digits, Dirichlet {alpha}, {devices} devices ({part} per round), {rounds} rounds{note}",
+                 "small_cnn", 1, train, test, lambda seed: dirichlet_partition(labels, devices, alpha, seed=seed),
+                 per_round, rounds, DIGITS_TRAIN, limits)
 
 
 def colour(arch: str, rounds: int, size: int = 16, train_per_class: int = 200, test_per_class: int = 50,
@@ -103,6 +104,9 @@ STATS = (f"{BEST}, stats fp16", f"{BEST}, stats int8", f"{PREVIOUS}, stats fp16"
 SETUPS: dict[str, tuple[Callable[[], Setup], tuple[str, ...]]] = {
     "digits-a0.5": (lambda: digits(0.5, 10, 10, 20), ("dense fp32", BEST, PREVIOUS, *STATS)),
     "digits-a0.1": (lambda: digits(0.1, 10, 10, 20), ("dense fp32", BEST, PREVIOUS, STATS[1])),
+    # the same with the direction screen off: what the robustness default costs on extreme label skew
+    "digits-a0.1-noscreen": (lambda: digits(0.1, 10, 10, 20, {"direction": {"mode": "none"}},
+                                            ", direction screen off"), ("dense fp32", STATS[1])),
     "digits-50dev": (lambda: digits(0.5, 50, 15, 30), ("dense fp32", BEST)),
     # 12 rounds and 100 training images per class: what the shared 2 cores allowed for 3 seeds
     "colour-small_cnn": (lambda: colour("small_cnn", 12, train_per_class=100), ("dense fp32", BEST, *STATS[:2])),

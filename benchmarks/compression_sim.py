@@ -48,6 +48,7 @@ class Setup:
     per_round: int
     rounds: int
     train_cfg: dict
+    limits: dict | None = None    # the job's `limits` (None: a job's defaults, direction screen included)
 
 
 def run(setup: Setup, codec: dict, strategy: dict | None, seed: int) -> dict:
@@ -61,7 +62,7 @@ def run(setup: Setup, codec: dict, strategy: dict | None, seed: int) -> dict:
     global_vec = flatten(template)
     stats = statistics_mask(template)
     trainer = LocalTrainer(device="cpu")
-    strat = make_strategy(strategy, UpdateLimits.from_config(None))  # a job's default weighting and clipping
+    strat = make_strategy(strategy, UpdateLimits.from_config(setup.limits))  # job default limits unless set
     rng = np.random.default_rng(seed)
     job = {"id": "job-3f9a1c2e", "config": {"codec": codec, "seed": seed, "train": setup.train_cfg}}
     accs: list[float] = []
