@@ -224,9 +224,11 @@ def main() -> None:
     torch.set_num_threads(1)
     old: list[dict] = []
     cache = _cached_runs()
+    done: list[str] = []  # names of the setups this invocation ran
     for key in args.setups:
         make, labels = SETUPS[key]
         setup = make()
+        done.append(setup.name)
         if args.smoke:
             setup.rounds = 2
         runs: dict[str, list[dict]] = {}
@@ -251,8 +253,12 @@ def main() -> None:
         return
     seeds = sorted({s for r in old for s in r["seeds"]})
     command = f"nice -n 10 python benchmarks/compression.py --setups {' '.join(args.setups)}"
+    others = {r["setup"] for r in old} - set(done)
+    earlier = ([f"This command ran {len(done)} setup(s); the rows of the other {len(others)} come from earlier runs "
+                "of the same script with their own `--setups` (kept in benchmarks/results/compression.json, dated "
+                "in the notes below).", ""] if others else [])
     write_section("compression", "Uplink compression vs accuracy (label-skewed)", command,
-                  [f"Seeds {seeds}; ratios are total uplink of dense fp32 over total uplink of the row, same setup "
+                  [*earlier, f"Seeds {seeds}; ratios are total uplink of dense fp32 over total uplink of the row, same setup "
                    "and seed, whole messages (JSON header, payload, MAC, CRC); payload ratio counts codec bytes only. "
                    "'uplink to 95 % of dense': bytes sent until the first round at 95 % of dense's final accuracy "
                    "(mean over seeds that reached it; 'reached' says how many).", "", *lines])
