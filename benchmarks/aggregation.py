@@ -61,7 +61,7 @@ def updates(n: int, codec: dict, numel: int) -> Iterator[tuple[bytes, int]]:
 
 def worker(mode: str, n: int, codec_name: str, numel: int) -> dict:
     codec = CODECS[codec_name]
-    rnd = SimpleNamespace(codec=codec, numel=numel, layout_sizes=_layout(numel))
+    rnd = SimpleNamespace(codec=codec, numel=numel, layout_sizes=_layout(numel), statistics=None, secagg=None)
     global_vec = np.zeros(numel, np.float32)
     start_rss = _rss_mb()
     busy = 0.0

@@ -79,6 +79,7 @@ class RoundView(Protocol):
     numel: int
     layout_sizes: list[int]
     statistics: np.ndarray | None
+    secagg: Any  # the round's secure-aggregation server, or None
     selected: Collection[str]
     accepted_clients: Collection[str]
     max_update_bytes: int
@@ -141,7 +142,7 @@ def check_round(header: UpdateHeader, nbytes: int, rnd: RoundView | None) -> Non
                                     f"open attempt is {rnd.attempt}")
     if header.client_id not in rnd.selected:
         raise Rejected(NOT_SELECTED, f"client was not selected for round {rnd.round}")
-    if getattr(rnd, "secagg", None) is not None:  # never fold one update in the clear into a secure round's sum
+    if rnd.secagg is not None:  # never fold one update in the clear into a secure round's sum
         raise Rejected(WRONG_CODEC, f"round {rnd.round} uses secure aggregation: only masked input through the "
                                     "protocol is accepted, not a plain update")
     if header.base_version != rnd.base_version:
@@ -164,7 +165,7 @@ def decode_payload(header: UpdateHeader, payload: bytes, rnd: RoundView) -> code
     """Codec-decode (bounded by numel, hostile-input safe). ``codecs.decode`` refuses NaN/Inf itself, so no
     second pass over the values is spent here on the per-update hot path."""
     try:
-        decoded = codecs.decode(rnd.codec, payload, rnd.numel, rnd.layout_sizes, getattr(rnd, "statistics", None))
+        decoded = codecs.decode(rnd.codec, payload, rnd.numel, rnd.layout_sizes, rnd.statistics)
     except ProtocolError as exc:
         # the value decoder already refuses NaN/Inf (quant.dequantize); keep that distinct from garbage
         raise Rejected(NON_FINITE if "non-finite" in exc.reason else BAD_PAYLOAD, exc.reason) from None
