@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from coordinator.rounds.strategy import FedAvg  # noqa: E402
 from coordinator.rounds.validation import decode_payload, parse_message  # noqa: E402
 from edge_sdk.protocol import codecs  # noqa: E402
+from edge_sdk.protocol.codec_digest import codec_digest  # noqa: E402
 from edge_sdk.protocol.wire import UpdateHeader, encode_update  # noqa: E402
 
 NUMEL = 2_542_856
@@ -53,9 +54,10 @@ def updates(n: int, codec: dict, numel: int) -> Iterator[tuple[bytes, int]]:
     rng = np.random.default_rng(0)
     payloads = [codecs.encode(codec, (rng.standard_normal(numel, dtype=np.float32) * 0.01), _layout(numel))[0]
                 for _ in range(POOL)]
+    digest = codec_digest(codec)
     for i in range(n):
         samples = 10 + (i * 7) % 90
-        header = UpdateHeader("job-bench", 1, f"c{i}", "0" * 64, codec, samples, numel, {"loss": 1.0})
+        header = UpdateHeader("job-bench", 1, f"c{i}", "0" * 64, digest, samples, numel, {"loss": 1.0})
         yield encode_update(header, payloads[i % POOL], BENCH_KEY), samples
 
 

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.compression_sim import Setup, bytes_to_target, run  # noqa: E402
 from benchmarks.report import write_section  # noqa: E402
 from edge_sdk.data import dirichlet_partition, load_digits_split  # noqa: E402
+from edge_sdk.protocol.wire import VERSION as WIRE_VERSION  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "compression.json"
 RUN_CACHE = ROOT / "benchmarks" / "results" / "compression-runs.jsonl"
@@ -146,6 +147,7 @@ def summarise(setup: str, label: str, runs: list[dict], dense: dict[int, dict]) 
             "bytes_to_target_mean": float(np.mean(reached)) if reached else None,  # over the seeds that reached it
             "encode_share_of_training": float(np.mean([r["encode_share_of_training"] for r in runs])),
             "clamped_variances": [r.get("clamped_variances") for r in runs],  # None: run predates the count
+            "wire_version": min(r.get("wire_version", 2) for r in runs),  # absent: measured before wire v3
             "runs": runs}
 
 
@@ -159,7 +161,8 @@ def table(rows: list[dict]) -> list[str]:
         p, _ = r["ratio_vs_dense_payload"]
         btt = r["bytes_to_target_mean"]
         reached = sum(b is not None for b in r["bytes_to_target"])
-        lines.append(f"| {r['setup']} | {r['label']} | {r['message_bytes_per_update']:,.0f} | {m:.1f}x ± {s:.1f} "
+        mark = f" (wire v{r.get('wire_version', 2)})" if r.get("wire_version", 2) < WIRE_VERSION else ""
+        lines.append(f"| {r['setup']}{mark} | {r['label']} | {r['message_bytes_per_update']:,.0f} | {m:.1f}x ± {s:.1f} "
                      f"| {p:.0f}x | {100 * r['final_accuracy_mean']:.2f} ± {100 * r['final_accuracy_std']:.2f} "
                      f"| {100 * (r['final_accuracy_mean'] - dense[r['setup']]):+.2f} "
                      f"| {f'{btt / 1e3:,.0f} kB' if btt else '-'} | {reached}/{len(r['bytes_to_target'])} |")
@@ -188,7 +191,8 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 
 def _cached_runs() -> dict[str, dict]:
-    """Finished runs by (setup, codec, strategy, seed): an interrupted benchmark resumes where it stopped.
+    """Finished runs by (setup, codec, strategy, seed, wire version): an interrupted benchmark resumes where it
+    stopped; a run framed by an older wire version is not reused (its byte counts are the old header's).
     Delete the file (or pass --fresh) after changing code that affects results."""
     if not RUN_CACHE.exists():
         return {}
@@ -235,10 +239,11 @@ def main() -> None:
         for label in labels:
             codec, strategy = ROWS[label]
             for seed in args.seeds:
-                key = json.dumps([setup.name, codec, strategy, seed], sort_keys=True)
+                key = json.dumps([setup.name, codec, strategy, seed, f"wire-v{WIRE_VERSION}"], sort_keys=True)
                 result = cache.get(key) if not args.fresh else None
                 if result is None:
-                    result = {**run(setup, codec, strategy, seed), "codec": codec, "strategy": strategy}
+                    result = {**run(setup, codec, strategy, seed), "codec": codec, "strategy": strategy,
+                              "wire_version": WIRE_VERSION}
                     with open(RUN_CACHE, "a") as fh:
                         fh.write(json.dumps({"key": key, "run": result}) + "\n")
                 runs.setdefault(label, []).append(result)
@@ -257,9 +262,15 @@ def main() -> None:
     earlier = ([f"This command ran {len(done)} setup(s); the rows of the other {len(others)} come from earlier runs "
                 "of the same script with their own `--setups` (kept in benchmarks/results/compression.json, dated "
                 "in the notes below).", ""] if others else [])
+    stale = sorted({r["setup"] for r in old if r.get("wire_version", 2) < WIRE_VERSION})
+    if stale:
+        earlier += [f"Rows marked (wire v2) ({', '.join(stale)}) predate wire v{WIRE_VERSION}: their messages carry "
+                    "wire v2's JSON header (its size: the notes below), so their message ratios understate what "
+                    "devices get today; their payload ratios and accuracies stand. Re-run those setups to "
+                    "update them.", ""]
     write_section("compression", "Uplink compression vs accuracy (label-skewed)", command,
                   [*earlier, f"Seeds {seeds}; ratios are total uplink of dense fp32 over total uplink of the row, same setup "
-                   "and seed, whole messages (JSON header, payload, MAC, CRC); payload ratio counts codec bytes only. "
+                   "and seed, whole messages (header, payload, MAC, CRC); payload ratio counts codec bytes only. "
                    "'uplink to 95 % of dense': bytes sent until the first round at 95 % of dense's final accuracy "
                    "(mean over seeds that reached it; 'reached' says how many).", "", *lines])
     print("\n".join(lines))

@@ -3,7 +3,7 @@
 Per round: the strategy's ``configure_round`` (which resolves a density warm-up), ``LocalTrainer`` on each
 selected device's shard (BatchNorm statistics re-estimated on device, as product code does), error feedback
 through ``ResidualStore``, ``codecs.encode`` and the wire framing with the header a device sends
-(``wire_codec``/``wire_metrics``, a 64-hex base version, the MAC), then ``decode_update`` + ``codecs.decode``
+(wire v3: codec digest, ``wire_metrics``, a 64-hex base version, the MAC), then ``decode_update`` + ``codecs.decode``
 into the strategy's accumulator (with a job's default limits: weighting and adaptive clipping),
 ``clamp_variances`` as the runner does, and a test-set evaluation. Only MQTT is left out; it moves exactly
 the bytes counted here.
@@ -28,9 +28,10 @@ from edge_sdk.error_feedback import ResidualStore
 from edge_sdk.models import build_model
 from edge_sdk.protocol import codecs
 from edge_sdk.protocol.modelfile import flatten, layout_sizes, unflatten
+from edge_sdk.protocol.codec_digest import codec_digest
 from edge_sdk.protocol.wire import UpdateHeader, decode_update, encode_update
 from edge_sdk.trainer import LocalTrainer
-from edge_sdk.update import clamp_variances, encode_delta, statistics_mask, wire_codec, wire_metrics
+from edge_sdk.update import clamp_variances, encode_delta, statistics_mask, wire_metrics
 
 DEVICE_KEY = b"k" * 32
 
@@ -90,7 +91,7 @@ def run(setup: Setup, codec: dict, strategy: dict | None, seed: int) -> dict:
                 store = stores.setdefault(int(cid), ResidualStore(Path(tmp) / str(cid)))
                 payload, _ = encode_delta(spec, delta, sizes, store, "job-3f9a1c2e", stats)
                 metrics = {"loss": res.loss, "accuracy": res.accuracy, "train_time_s": res.wall_time_s}
-                header = UpdateHeader("job-3f9a1c2e", rnd, f"device-{cid:03d}", version, wire_codec(spec),
+                header = UpdateHeader("job-3f9a1c2e", rnd, f"device-{cid:03d}", version, codec_digest(spec),
                                       res.num_samples, int(global_vec.size), wire_metrics(metrics))
                 message = encode_update(header, payload, DEVICE_KEY)
                 enc_t += time.perf_counter() - t0

@@ -53,9 +53,10 @@ from edge_sdk.error_feedback import ResidualStore, _unsent  # noqa: E402
 from edge_sdk.models import build_model  # noqa: E402
 from edge_sdk.protocol import codecs, quant, sparse_index  # noqa: E402
 from edge_sdk.protocol.modelfile import flatten, layout_sizes  # noqa: E402
+from edge_sdk.protocol.codec_digest import codec_digest  # noqa: E402
 from edge_sdk.protocol.wire import UpdateHeader, encode_update  # noqa: E402
 from edge_sdk.trainer import LocalTrainer  # noqa: E402
-from edge_sdk.update import encode_delta, statistics_mask, wire_codec  # noqa: E402
+from edge_sdk.update import encode_delta, statistics_mask  # noqa: E402
 
 log = logging.getLogger("benchmarks.encode")
 RESULTS = ROOT / "benchmarks" / "results" / "encode.json"
@@ -92,7 +93,7 @@ def client_encode(spec: dict, delta: np.ndarray, arrays: dict, store: ResidualSt
     norm = codecs.validate_spec(spec)
     payload, _ = encode_delta(norm, delta, layout_sizes(arrays), store, job, statistics_mask(arrays))
     header = UpdateHeader(job_id=job, round=1, client_id="bench-device", base_version="0" * 64,
-                          codec=wire_codec(norm), num_samples=1000, numel=int(delta.size),
+                          codec_digest=codec_digest(norm), num_samples=1000, numel=int(delta.size),
                           metrics={"loss": 1.234, "accuracy": 0.5, "train_time_s": 1.0})
     return encode_update(header, payload, KEY)
 
@@ -132,7 +133,8 @@ def breakdown(spec: dict, delta: np.ndarray, arrays: dict, store: ResidualStore,
         payload = b"".join([raw_index if packed[0] is None else packed[0], raw_values if packed[1] is None
                             else packed[1]])
         header = UpdateHeader(job_id=job, round=1, client_id="bench-device", base_version="0" * 64,
-                              codec=wire_codec(norm), num_samples=1000, numel=int(delta.size), metrics={})
+                              codec_digest=codec_digest(norm), num_samples=1000, numel=int(delta.size),
+                              metrics={})
         return encode_update(header, payload, KEY)
 
     out["serialise_sign"], _ = timed(serialise, PHASE_REPS)

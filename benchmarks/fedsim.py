@@ -23,11 +23,13 @@ from edge_sdk import params
 from edge_sdk.error_feedback import ResidualStore
 from edge_sdk.protocol import codecs
 from edge_sdk.protocol.modelfile import flatten, layout_sizes, unflatten
+from edge_sdk.protocol.codec_digest import codec_digest
 from edge_sdk.protocol.wire import UpdateHeader, decode_update, encode_update
 from edge_sdk.trainer import LocalTrainer
 from edge_sdk.update import encode_delta, statistics_mask
 
 DENSE = {"name": "dense", "dtype": "float32"}
+DEVICE_KEY = b"k" * 32  # the simulated devices' HMAC key (frames are MAC-signed as on the wire)
 
 
 @dataclass
@@ -71,12 +73,12 @@ def federate(model: nn.Module, train: TensorDataset, test: TensorDataset, shards
                 delta = flatten(params.state_to_arrays(model)) - global_vec
                 store = stores.setdefault(cid, ResidualStore(Path(tmp) / str(cid)))
                 payload, _ = encode_delta(spec, delta, sizes, store, "sim", stats)
-                header = UpdateHeader("sim-job", rnd, f"client-{cid}", "f" * 64, spec, res.num_samples,
-                                      int(global_vec.size), res.metrics(), "t" * 43)
-                message = encode_update(header, payload)
+                header = UpdateHeader("sim-job", rnd, f"client-{cid}", "f" * 64, codec_digest(spec), res.num_samples,
+                                      int(global_vec.size), res.metrics())
+                message = encode_update(header, payload, DEVICE_KEY)
                 out.uplink_bytes += len(message)
                 head, body = decode_update(message)
-                acc.add(codecs.decode(head.codec, body, head.numel, sizes, stats), head.num_samples)
+                acc.add(codecs.decode(spec, body, head.numel, sizes, stats), head.num_samples)
             global_vec = acc.finalize()
             params.load_arrays(model, unflatten(global_vec, template))
             score = evaluate(model) if evaluate else trainer.evaluate(model, test)["accuracy"]

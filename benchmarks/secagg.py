@@ -5,7 +5,7 @@ local.py``): X25519 + HKDF, ChaCha20 masks, pycryptodome Shamir, AES-GCM envelop
 MQTT is left out (it carries the bytes counted here).
 
 1. Bytes: one round of the digits model (SmallCNN, 26,202 parameters) with random-k masking, broken down by
-   message, uplink and downlink, against a dense fp32 update (wire v2, as measured) and Flower SecAgg+'s
+   message, uplink and downlink, against a dense fp32 update (wire v3, as measured) and Flower SecAgg+'s
    dense int64 masked vector (8 bytes per parameter, payload only).
 2. Coordinator CPU time per round (one thread; other load on the shared cores does not count) at 10, 100 and
    1000 devices with 10 % dropping after masking; past
@@ -44,6 +44,7 @@ from edge_sdk.error_feedback import ResidualStore  # noqa: E402
 from edge_sdk.models import build_model  # noqa: E402
 from edge_sdk.protocol import codecs  # noqa: E402
 from edge_sdk.protocol.modelfile import flatten, layout_sizes, unflatten  # noqa: E402
+from edge_sdk.protocol.codec_digest import codec_digest  # noqa: E402
 from edge_sdk.protocol.wire import UpdateHeader, decode_update, encode_update  # noqa: E402
 from edge_sdk.secagg.update import encode_secure  # noqa: E402
 from edge_sdk.trainer import LocalTrainer  # noqa: E402
@@ -58,8 +59,8 @@ def _randk(density: float) -> dict:
 
 
 def dense_fp32_message_bytes(numel: int) -> int:
-    """A dense fp32 update as a device sends it today (wire v2 frame with its JSON header)."""
-    header = UpdateHeader("job-0123456789", 1, "c-0123456789ab", "f" * 64, DENSE, 100, numel,
+    """A dense fp32 update as a device sends it today (wire v3 frame with its binary header)."""
+    header = UpdateHeader("job-0123456789", 1, "c-0123456789ab", "f" * 64, codec_digest(DENSE), 100, numel,
                           {"loss": 0.5, "accuracy": 0.9, "train_time_s": 1.0})
     return len(encode_update(header, bytes(4 * numel), b"k" * 32))
 
@@ -155,12 +156,12 @@ def simulate(setup: Setup, spec: dict, secure: bool, clip: float, seed: int = 0)
             else:
                 for cid in chosen:
                     payload, _ = encode_delta(round_spec, deltas[cid], sizes, stores[cid], "bench", stats)
-                    header = UpdateHeader("bench-job-0001", rnd, f"client-{cid:03d}", "f" * 64, round_spec, 100,
+                    header = UpdateHeader("bench-job-0001", rnd, f"client-{cid:03d}", "f" * 64, codec_digest(round_spec), 100,
                                           NUMEL, {"loss": 0.5})
                     message = encode_update(header, payload, b"k" * 32)
                     up_bytes.append(len(message))
                     head, body = decode_update(message)
-                    acc.add(codecs.decode(head.codec, body, head.numel, sizes), head.num_samples)
+                    acc.add(codecs.decode(round_spec, body, head.numel, sizes), head.num_samples)
             global_vec = acc.finalize()
             params.load_arrays(model, unflatten(global_vec, template))
             accs.append(trainer.evaluate(model, setup.test)["accuracy"])

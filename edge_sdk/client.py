@@ -32,6 +32,7 @@ from .model_cache import ModelCache
 from .models import build_model
 from .preprocess import Preprocessing
 from .protocol import codecs, topics
+from .protocol.codec_digest import codec_digest
 from .protocol.errors import ProtocolError
 from .protocol.modelfile import flatten, layout_sizes, load_model
 from .protocol.wire import UpdateHeader, encode_update
@@ -40,7 +41,7 @@ from .sent_journal import SentJournal
 from .task_check import check_task
 from .tls import PinnedSession
 from .trainer import LocalTrainer
-from .update import encode_delta, statistics_mask, wire_codec, wire_metrics
+from .update import encode_delta, statistics_mask, wire_metrics
 from .transport import BrokerAddress, BrokerRefused, MqttTransport
 
 log = logging.getLogger(__name__)
@@ -406,7 +407,7 @@ class EdgeClient:
         metrics = {} if dp else wire_metrics({"loss": float(result.loss), "accuracy": float(result.accuracy),
                                               "train_time_s": float(result.wall_time_s), **scored})  # as sent
         header = UpdateHeader(job_id=job_id, round=rnd, client_id=self.client_id,
-                              base_version=str(task["base_version"]), codec=wire_codec(spec),
+                              base_version=str(task["base_version"]), codec_digest=codec_digest(spec),
                               num_samples=1 if dp else int(result.num_samples), numel=int(global_vec.size),
                               metrics=metrics, attempt=int(task.get("attempt", 1)))
         message = encode_update(header, payload, self._device_key)

@@ -7,8 +7,8 @@ codec left out of them lets residuals pile up until a running variance turns neg
 NaN. So those coordinates never use the residual (they are sent fresh each round: when selected, or all of
 them in the dense block of a spec with ``stats``, see ``protocol/stats_block.py``).
 
-The header fields a device fills in are kept short (:func:`wire_codec`, :func:`wire_metrics`): at 100x and
-beyond, a few hundred header bytes are a large share of a small model's message.
+Metrics are rounded to 4 significant digits (:func:`wire_metrics`): wire v3 carries them as float32, which
+holds those digits exactly, so what a device reports is what the coordinator stores.
 """
 from __future__ import annotations
 
@@ -22,18 +22,6 @@ from .protocol.modelfile import Arrays, is_float
 
 _STAT_SUFFIXES = ("running_mean", "running_var")
 METRIC_DIGITS = 4  # significant digits of the display-only metrics a device reports
-
-
-def wire_codec(spec: dict) -> dict:
-    """The codec spec as a device echoes it in its update header: keys that equal their defaults left out.
-
-    ``codecs.validate_spec`` of the result equals that of ``spec``, which is all the coordinator compares."""
-    norm = codecs.validate_spec(spec)
-    defaults = codecs.validate_spec({"name": norm["name"], **({"seed": norm["seed"]} if "seed" in norm else {})})
-    short = {k: v for k, v in norm.items() if k in ("name", "seed") or defaults.get(k) != v}
-    if codecs.validate_spec(short) != norm:  # a default that depends on another key: keep everything
-        return norm
-    return short
 
 
 def wire_metrics(metrics: dict[str, float]) -> dict[str, float]:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edge_sdk.protocol import codecs
+from edge_sdk.protocol.codec_digest import codec_digest, comparable_codec
 from edge_sdk.protocol.errors import ProtocolError
 from edge_sdk.protocol.wire import UpdateHeader, decode_update, verify_update
 
@@ -49,11 +50,6 @@ REASON_CODES = (OVERSIZE, MALFORMED, TRUNCATED, UNKNOWN_CLIENT, BAD_MAC, CLIENT_
 # carries a valid MAC, but anyone who saw the bytes can resend them, so it is junk too.
 UNAUTHENTICATED = frozenset({OVERSIZE, MALFORMED, TRUNCATED, UNKNOWN_CLIENT, BAD_MAC, CLIENT_MISMATCH, REPLAYED,
                              RATE_LIMITED})
-
-# Keys of a codec spec that only change how a device *encodes* (its residual, its rounding noise); a
-# device may choose them freely, everything else must match the round's codec exactly.
-_ENCODER_ONLY_KEYS = frozenset({"error_feedback", "stochastic"})
-
 
 class Rejected(Exception):
     """An update that must not be aggregated; ``reason`` is ``code`` or ``code: detail``."""
@@ -97,8 +93,8 @@ def check_size(nbytes: int, limit: int) -> None:
 
 
 def parse_message(raw: bytes, limit: int) -> tuple[UpdateHeader, bytes]:
-    """Wire frame -> (header, payload). A CRC failure cannot tell truncation from corruption; wire v1
-    reports both as 'corrupted or truncated', which is filed under ``truncated``."""
+    """Wire frame (v3, or v2 from a device not yet upgraded) -> (header, payload). A CRC failure cannot tell
+    truncation from corruption; the decoder reports both as 'corrupted or truncated', filed under ``truncated``."""
     check_size(len(raw), limit)
     try:
         return decode_update(raw, max_bytes=limit)
@@ -122,15 +118,6 @@ def check_client(header: UpdateHeader, raw: bytes, topic_client_id: str,
         raise Rejected(CLIENT_MISMATCH, f"header says {header.client_id!r}, published on {topic_client_id!r}'s topic")
 
 
-def comparable_codec(spec: dict[str, Any]) -> dict[str, Any]:
-    """The decode-relevant part of a normalised codec spec (seed matters only for rand-k's mask)."""
-    norm = codecs.validate_spec(spec)
-    out = {k: v for k, v in norm.items() if k not in _ENCODER_ONLY_KEYS}
-    if out["name"] != "randk":
-        out.pop("seed", None)
-    return out
-
-
 def check_round(header: UpdateHeader, nbytes: int, rnd: RoundView | None) -> None:
     """Everything about the update's place in the round, checked before its payload is decoded."""
     if rnd is None or rnd.closed:
@@ -150,12 +137,10 @@ def check_round(header: UpdateHeader, nbytes: int, rnd: RoundView | None) -> Non
                        f"trained on {header.base_version[:12]!r}, round base is {rnd.base_version[:12]}")
     if header.client_id in rnd.accepted_clients:
         raise Rejected(DUPLICATE, f"an update from this client was already accepted for round {rnd.round}")
-    try:
-        sent = comparable_codec(header.codec)
-    except ProtocolError as exc:
-        raise Rejected(WRONG_CODEC, exc.reason) from None
-    if sent != comparable_codec(rnd.codec):
-        raise Rejected(WRONG_CODEC, f"update uses {sent}, round expects {comparable_codec(rnd.codec)}")
+    expected = codec_digest(rnd.codec)  # the header names its codec by digest (edge_sdk/protocol/codec_digest.py)
+    if header.codec_digest != expected:
+        raise Rejected(WRONG_CODEC, f"update was encoded with codec {header.codec_digest.hex()}, round expects "
+                                    f"{comparable_codec(rnd.codec)} (codec {expected.hex()})")
     if header.numel != rnd.numel:
         raise Rejected(WRONG_NUMEL, f"update has numel {header.numel}, model has {rnd.numel}")
     check_size(nbytes, rnd.max_update_bytes)
