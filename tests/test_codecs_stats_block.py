@@ -14,7 +14,8 @@ from edge_sdk.error_feedback import ResidualStore
 from edge_sdk.protocol import codecs, quant, stats_block
 from edge_sdk.protocol.errors import ProtocolError
 from edge_sdk.protocol.modelfile import flatten, layout_sizes, unflatten
-from edge_sdk.update import clamp_variances, encode_delta, statistics_mask, wire_codec
+from edge_sdk.protocol.codec_digest import codec_digest
+from edge_sdk.update import clamp_variances, encode_delta, statistics_mask
 
 # a conv, a BatchNorm (weight, bias, running_mean, running_var), a head: statistics sit between weights
 ARRAYS = {"conv.weight": np.zeros((32, 3, 3, 3), np.float32), "bn.weight": np.ones(32, np.float32),
@@ -105,7 +106,9 @@ def test_spec_validation_and_text_form() -> None:
     assert spec["stats"] == "float16" and codec_label(spec) == "topk:0.003:sign:rice:warmup=6/0.25:stats=fp16"
     assert parse_codec("topk:0.01:int8:stats=sparse")["stats"] == "sparse"
     assert codecs.round_spec(spec, 1)["stats"] == "float16"  # survives the warm-up resolution
-    assert codecs.validate_spec(wire_codec(spec)) == codecs.validate_spec(spec)  # the device's short echo
+    # the device's codec digest names the stats kind too: a block of another kind is a wrong codec
+    assert codec_digest(spec) == codec_digest(codecs.validate_spec(spec))
+    assert codec_digest(spec) != codec_digest({**spec, "stats": "int8"}) != codec_digest({**spec, "stats": "sparse"})
 
 
 def test_missing_or_wrong_mask_is_refused() -> None:

@@ -15,6 +15,7 @@ from coordinator.rounds.jobspec import initial_model, normalize_job
 from coordinator.services import build_services
 from coordinator.rounds.validation import hash_token
 from edge_sdk.protocol import codecs, topics
+from edge_sdk.protocol.codec_digest import codec_digest
 from edge_sdk.protocol.modelfile import dump_model, flatten, layout_sizes, load_model
 from edge_sdk.protocol.wire import UpdateHeader, encode_update
 from edge_sdk.update import statistics_mask
@@ -69,8 +70,8 @@ class Env:
         rnd = self.engine.current_round(JOB)
         codec = codec or (rnd.codec if rnd else self.config["codec"])
         payload, sent = codecs.encode(codec, delta, self.sizes, self.stats)
-        raw = encode_update(UpdateHeader(JOB, round_, cid, base or rnd.base_version, codec, n, self.numel,
-                                         metrics or {}, rnd.attempt if rnd else 1), payload,
+        raw = encode_update(UpdateHeader(JOB, round_, cid, base or rnd.base_version, codec_digest(codec), n,
+                                         self.numel, metrics or {}, rnd.attempt if rnd else 1), payload,
                             self.engine.device_key(cid))
         return raw, sent
 

@@ -22,14 +22,15 @@ from coordinator.rounds.engine import EngineConfig
 from coordinator.rounds.rate_limit import RateLimiter
 from edge_sdk.protocol import topics
 from edge_sdk.protocol.errors import ProtocolError
-from edge_sdk.protocol.wire import MAC_BYTES, MAGIC, VERSION, decode_update
+from edge_sdk.protocol.wire import MAC_BYTES, MAGIC, V2, decode_update
 from edge_sdk.tls import tls_context
 from tests.test_validation import Env
+from tests.wire_frames import v3_frame, v3_header
 
 
 def _frame(head: bytes, payload: bytes = b"") -> bytes:
-    """A wire frame around ``head`` with a valid CRC (the MAC is never reached: the header fails first)."""
-    body = struct.pack("<3sBI", MAGIC, VERSION, len(head)) + head + payload + b"\x00" * MAC_BYTES
+    """A wire v2 frame around JSON ``head`` with a valid CRC (the MAC is never reached: the header fails first)."""
+    body = struct.pack("<3sBI", MAGIC, V2, len(head)) + head + payload + b"\x00" * MAC_BYTES
     return body + struct.pack("<I", zlib.crc32(body))
 
 
@@ -45,12 +46,25 @@ def test_header_decoder_failures_are_protocol_errors(head, fragment):
         decode_update(_frame(head))
 
 
+@pytest.mark.parametrize("head, fragment", [  # wire v3: no nesting, no unbounded numbers; lengths bound it
+    (v3_header(metrics=b"\xff" + b"\x00\xff" + b"m" * 255 + b"\x00" * 4), "runs past the header's end"),
+    (v3_header(metrics=b"\x01\x01\x00\x00\x80\x7f"), "not a finite number"),
+    (b"\xff" * 65_535, "'job_id' is not valid UTF-8"),
+])
+def test_v3_header_decoder_failures_are_protocol_errors(head, fragment):
+    with pytest.raises(ProtocolError, match=fragment):
+        decode_update(v3_frame(head))
+
+
 def test_deeply_nested_header_is_a_malformed_rejection_on_the_update_path(tmp_path):
     env = Env(tmp_path)
     try:
         env.start()
         verdict = env.engine.submit("a", _frame(b"[" * 30_000 + b"]" * 30_000))
         assert verdict.code == V.MALFORMED and "nested" in verdict.reason
+        assert env.acks("a")[-1]["code"] == V.MALFORMED
+        verdict = env.engine.submit("a", v3_frame(v3_header(metrics=b"\x01\x09" + b"\x00" * 4)))  # v3 likewise
+        assert verdict.code == V.MALFORMED and "unknown metric tag 9" in verdict.reason
         assert env.acks("a")[-1]["code"] == V.MALFORMED
     finally:
         env.engine.shutdown()

@@ -19,6 +19,7 @@ import pytest
 import requests
 
 from edge_sdk.protocol import codecs, topics
+from edge_sdk.protocol.codec_digest import codec_digest
 from edge_sdk.protocol.modelfile import flatten, layout_sizes, load_model
 from edge_sdk.protocol.wire import UpdateHeader, encode_update
 from edge_sdk.tls import PinnedSession
@@ -107,9 +108,10 @@ class Rogue:
         zero = np.zeros(numel, np.float32)
         good_payload, _ = codecs.encode(spec, zero, sizes)
 
-        def msg(payload: bytes = good_payload, key: bytes | None = None, **kw: object) -> bytes:
+        def msg(payload: bytes = good_payload, key: bytes | None = None, codec: dict = spec, **kw: object) -> bytes:
             fields = dict(job_id=task["job_id"], round=task["round"], client_id=me,
-                          base_version=task["base_version"], codec=spec, num_samples=1, numel=numel,
+                          base_version=task["base_version"], codec_digest=codec_digest(codec), num_samples=1,
+                          numel=numel,
                           metrics={}, attempt=task["attempt"])
             fields.update(kw)
             signer = key or self.keys.get(str(fields["client_id"]), b"g" * 32)  # 'ghost' is unknown anyway

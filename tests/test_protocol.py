@@ -1,4 +1,6 @@
-"""Wire format v2 (MAC-signed), FSM1 model files and topic layout: round trips and hostile input."""
+"""Wire format v3 (MAC-signed; v2 still decoded), FSM1 model files and topic layout: round trips and hostile input.
+
+The v3 header's own byte table, encoder refusals and v2 compatibility: tests/test_wire_v3.py."""
 from __future__ import annotations
 
 import struct
@@ -10,9 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_sdk.protocol import topics
+from edge_sdk.protocol.codec_digest import codec_digest
 from edge_sdk.protocol.errors import ProtocolError
 from edge_sdk.protocol.modelfile import dump_model, flatten, float_layout, load_model, sha256_hex, unflatten
 from edge_sdk.protocol.wire import MAC_BYTES, UpdateHeader, decode_update, encode_update, verify_update
+from tests.wire_frames import v2_frame, v3_frame, v3_header
 
 KEY = bytes(range(32))
 MAC = b"\x00" * MAC_BYTES
@@ -20,7 +24,7 @@ MAC = b"\x00" * MAC_BYTES
 
 def header(**kw: object) -> UpdateHeader:
     base = dict(job_id="job1", round=3, client_id="dev-1", base_version="ab" * 32,
-                codec={"name": "dense", "dtype": "float32"}, num_samples=17, numel=4,
+                codec_digest=codec_digest({"name": "dense", "dtype": "float32"}), num_samples=17, numel=4,
                 metrics={"loss": 0.5}, attempt=2)
     base.update(kw)
     return UpdateHeader(**base)  # type: ignore[arg-type]
@@ -47,9 +51,12 @@ def reframe(body: bytes) -> bytes:
     (lambda m: b"XXX" + m[3:], "magic"),
     (lambda m: m[:3] + b"\x07" + m[4:], "unsupported wire version"),
     (lambda m: m[:20] + bytes([m[20] ^ 0xFF]) + m[21:], "checksum"),
-    (lambda m: reframe(m[:4] + struct.pack("<I", 10**6) + m[8:-4]), "header length"),
-    (lambda m: reframe(m[:4] + struct.pack("<I", 3) + b"{x}" + b"payload" + MAC), "not valid JSON"),
-    (lambda m: reframe(m[:4] + struct.pack("<I", 2) + b"[]" + MAC), "JSON object"),
+    (lambda m: reframe(m[:4] + struct.pack("<H", 60_000) + m[6:-4]), "header length"),
+    (lambda m: reframe(m[:4] + struct.pack("<H", 40) + m[6:-4]), "runs past the header's end"),
+    (lambda m: reframe(m[:4] + struct.pack("<H", struct.unpack_from("<H", m, 4)[0] + 3) + m[6:-4]),
+     "does not match its fields"),
+    (lambda m: v2_frame(b"{x}", b"payload"), "not valid JSON"),  # a v2 frame: its JSON header
+    (lambda m: v2_frame(b"[]"), "JSON object"),
 ])
 def test_hostile_messages_rejected_with_reason(mutate, reason: str) -> None:
     good = encode_update(header(), b"\x00" * 16, KEY)
@@ -58,13 +65,12 @@ def test_hostile_messages_rejected_with_reason(mutate, reason: str) -> None:
 
 
 def test_header_field_types_checked() -> None:
-    bad = encode_update(header(num_samples=0), b"", KEY)
+    with pytest.raises(ProtocolError, match="num_samples"):  # the encoder refuses what the decoder would
+        encode_update(header(num_samples=0), b"", KEY)
     with pytest.raises(ProtocolError, match="num_samples"):
-        decode_update(bad)
-    body = b'{"job_id":1}'
-    msg = reframe(b"FSU\x02" + struct.pack("<I", len(body)) + body + MAC)
+        decode_update(v3_frame(v3_header(num_samples=0), key=KEY))
     with pytest.raises(ProtocolError, match="job_id"):
-        decode_update(msg)
+        decode_update(v2_frame(b'{"job_id":1}'))
 
 
 def test_oversize_rejected_before_parsing() -> None:
@@ -74,22 +80,27 @@ def test_oversize_rejected_before_parsing() -> None:
 
 
 def test_non_finite_metric_rejected() -> None:
-    h = header()
-    body = encode_update(h, b"", KEY)
-    raw = body.replace(b'"loss":0.5', b'"loss":NaN')[:-4]
+    for bits in (struct.pack("<f", float("nan")), struct.pack("<f", float("inf")), b"\x00\x00\x80\xff"):
+        with pytest.raises(ProtocolError, match="finite"):
+            decode_update(v3_frame(v3_header(metrics=b"\x01\x01" + bits)))
     with pytest.raises(ProtocolError, match="finite"):
-        decode_update(reframe(raw))
+        encode_update(header(metrics={"loss": float("nan")}), b"", KEY)
+    fields = {"job_id": "j", "round": 1, "attempt": 1, "client_id": "c", "base_version": "ab" * 32,
+              "codec": {"name": "dense"}, "num_samples": 1, "numel": 1, "metrics": {"loss": float("nan")}}
+    with pytest.raises(ProtocolError, match="finite"):  # v2: NaN in the JSON
+        decode_update(v2_frame(fields))
 
 
 def test_update_carries_no_secret() -> None:
-    """Wire v2: nothing in the message can be reused; a header that tries to carry a token is refused."""
+    """Nothing in the message can be reused (v3 has no field a secret could go in); a v2 header that tries
+    to carry a token is refused."""
     raw = encode_update(header(), b"\x01" * 64, KEY)
     assert b"token" not in raw and KEY not in raw and KEY.hex().encode() not in raw
-    head = raw[8:8 + struct.unpack_from("<I", raw, 4)[0]]
-    forged = head.replace(b'"attempt":2', b'"attempt":2,"token":"secret"')
-    msg = reframe(b"FSU\x02" + struct.pack("<I", len(forged)) + forged + MAC)
+    fields = {"job_id": "job1", "round": 3, "attempt": 2, "client_id": "dev-1", "base_version": "ab" * 32,
+              "codec": {"name": "dense"}, "num_samples": 17, "numel": 4, "metrics": {"loss": 0.5}}
+    assert decode_update(v2_frame(fields, key=KEY))[0] == header()
     with pytest.raises(ProtocolError, match="token"):
-        decode_update(msg)
+        decode_update(v2_frame({**fields, "token": "secret"}, key=KEY))
 
 
 @given(pos=st.integers(0, 10_000), bit=st.integers(0, 7))

@@ -1,8 +1,6 @@
 """Options for sparse training on skewed data: server momentum, the density warm-up a job announces, and the
-compact update header devices send (its codec must still match the round's)."""
+compact update header devices send (its codec digest must still match the round's codec)."""
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -10,7 +8,8 @@ import pytest
 from coordinator.rounds.strategy import FedAvg, FedAvgM, make_strategy
 from coordinator.rounds.validation import comparable_codec
 from edge_sdk.protocol import codecs
-from edge_sdk.update import wire_codec, wire_metrics
+from edge_sdk.protocol.codec_digest import DIGEST_BYTES, codec_digest
+from edge_sdk.update import wire_metrics
 
 
 def _round(strategy: FedAvg, g: np.ndarray, decoded: codecs.Decoded) -> np.ndarray:
@@ -60,13 +59,22 @@ def test_configure_round_announces_the_warmup_density_of_each_round():
     {"name": "topk", "density": 0.01, "values": "int8", "error_feedback": False, "scope": "per_tensor"},
     {"name": "randk", "density": 0.05, "values": "float16", "seed": 123456789},
 ])
-def test_wire_codec_is_shorter_and_decodes_to_the_same_spec(spec: dict):
+def test_codec_digest_names_what_the_coordinator_decodes(spec: dict):
+    """The header's 8-byte digest: equal for every spelling of one spec (defaults written out or not, any
+    encoder-only choice), different as soon as a decode-relevant key differs."""
     norm = codecs.validate_spec(spec)
-    short = wire_codec(norm)
-    assert codecs.validate_spec(short) == norm and comparable_codec(short) == comparable_codec(norm)
-    assert len(json.dumps(short)) <= len(json.dumps(norm))
-    if spec["name"] == "topk":
-        assert "stochastic" not in short and ("scope" in short) == ("scope" in spec)
+    digest = codec_digest(spec)
+    assert len(digest) == DIGEST_BYTES and codec_digest(norm) == digest
+    assert codec_digest({**norm, "error_feedback": not norm["error_feedback"]}) == digest
+    if spec["name"] != "dense":
+        assert codec_digest({**norm, "stochastic": True}) == digest
+        assert codec_digest({**norm, "density": norm["density"] / 2}) != digest
+        assert comparable_codec({**norm, "stochastic": True}) == comparable_codec(spec)
+    else:
+        other = "float16" if norm["dtype"] == "float32" else "float32"
+        assert codec_digest({**norm, "dtype": other}) != digest
+    if spec["name"] == "randk":
+        assert codec_digest({**norm, "seed": norm["seed"] + 1}) != digest
 
 
 def test_wire_metrics_round_to_four_significant_digits():

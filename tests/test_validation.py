@@ -14,8 +14,10 @@ from coordinator.rounds.jobspec import normalize_job
 from coordinator.services import build_services
 from coordinator.rounds.validation import hash_token
 from edge_sdk.protocol import codecs, topics
+from edge_sdk.protocol.codec_digest import codec_digest
 from edge_sdk.protocol.modelfile import dump_model, flatten, layout_sizes, load_model
 from edge_sdk.protocol.wire import UpdateHeader, encode_update
+from tests.wire_frames import v2_frame
 
 JOB = "job-t"
 DENSE = {"name": "dense", "dtype": "float32"}
@@ -59,13 +61,20 @@ class Env:
         return self.engine.current_round(JOB)
 
     def message(self, cid, delta, n=10, codec=DENSE, payload=None, key=None, **header):
-        """Signed with ``cid``'s device key unless ``key`` says otherwise."""
+        """Signed with ``cid``'s device key unless ``key`` says otherwise; ``codec`` encodes the payload and
+        its digest goes in the (wire v3) header."""
         if payload is None:
             payload, _ = codecs.encode(codec, delta, self.sizes)
-        h = dict(job_id=JOB, round=1, client_id=cid, base_version=self.version, codec=codec, num_samples=n,
-                 numel=self.numel, metrics={"loss": 1.0}, attempt=1)
+        h = dict(job_id=JOB, round=1, client_id=cid, base_version=self.version, codec_digest=codec_digest(codec),
+                 num_samples=n, numel=self.numel, metrics={"loss": 1.0}, attempt=1)
         h.update(header)
         return encode_update(UpdateHeader(**h), payload, key or self.engine.device_key(cid))
+
+    def message_v2(self, cid, delta, n=10, codec=DENSE, **header):
+        """The same update as a device not yet upgraded frames it (wire v2, JSON header echoing the spec)."""
+        fields = dict(job_id=JOB, round=1, client_id=cid, base_version=self.version, codec=codec, num_samples=n,
+                      numel=self.numel, metrics={"loss": 1.0}, attempt=1, **header)
+        return v2_frame(fields, codecs.encode(codec, delta, self.sizes)[0], self.engine.device_key(cid))
 
     def acks(self, cid):
         return self.pub.json_on(topics.ack_topic(cid))
@@ -204,6 +213,40 @@ def test_fuzzed_messages_never_raise_or_touch_the_aggregate(env):
         assert not verdict.accepted and verdict.code in V.REASON_CODES and verdict.code != V.INTERNAL_ERROR
     assert rnd.accumulator.count == 0 and rnd.accepted == 0
     assert env.engine.submit("b", base).accepted
+
+
+def test_codec_digest_mismatch_is_wrong_codec_naming_the_rounds_spec_and_v2_devices_still_count(env):
+    """The header names its codec by digest; a mismatch is refused saying which spec the round expects. A
+    wire v2 frame (JSON header, full spec) from a device not yet upgraded goes through the same checks."""
+    rnd = env.start()
+    rng = np.random.default_rng(5)
+    d = {c: rng.normal(size=env.numel).astype(np.float32) for c in "abc"}
+    sparse = {"name": "topk", "density": 0.1, "values": "int8"}
+    cases = [(env.message("a", d["a"], codec=sparse), f"codec {codec_digest(sparse).hex()}"),
+             (env.message("a", d["a"], payload=codecs.encode(DENSE, d["a"], env.sizes)[0],
+                          codec_digest=b"\x00" * 8), "codec 0000000000000000"),
+             (env.message_v2("a", d["a"], codec={"name": "dense", "dtype": "float16"}),
+              f"codec {codec_digest({'name': 'dense', 'dtype': 'float16'}).hex()}")]
+    for raw, sent in cases:
+        verdict = env.engine.submit("a", raw)
+        assert verdict.code == V.WRONG_CODEC, verdict
+        assert sent in verdict.reason and "round expects {'name': 'dense', 'dtype': 'float32'}" in verdict.reason
+        assert f"(codec {codec_digest(DENSE).hex()})" in verdict.reason
+        assert env.acks("a")[-1]["reason"] == verdict.reason
+    assert rnd.accepted == 0
+    # the spelling of the spec does not matter, only what the coordinator decodes with
+    assert env.engine.submit("a", env.message("a", d["a"], 10, codec={"name": "dense",
+                                                                      "error_feedback": True})).accepted
+    assert env.engine.submit("b", env.message_v2("b", d["b"], 30)).accepted  # an old device's v2 frame
+    assert env.engine.submit("b", env.message_v2("b", d["b"], 30)).code == V.REPLAYED
+    assert env.engine.submit("c", env.message("c", d["c"], 60)).accepted
+    assert env.engine.wait_idle(JOB, 10)
+    job = env.store.get_job(JOB)
+    new, _ = load_model(env.svc.models.get(job["current_version"]))
+    expected = env.global_vec + (10 * d["a"] + 30 * d["b"] + 60 * d["c"]) / 100
+    np.testing.assert_allclose(flatten(new), expected, rtol=1e-5, atol=1e-6)
+    assert {r["client_id"]: r["metrics"] for r in env.store.list_updates(JOB, status="accepted")} == {
+        c: {"loss": 1.0} for c in "abc"}
 
 
 def test_codec_check_ignores_encoder_only_keys_and_checks_randk_seed():

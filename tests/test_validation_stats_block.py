@@ -13,6 +13,7 @@ from coordinator.rounds.jobspec import JobSpecError, normalize_job
 from coordinator.rounds.validation import hash_token
 from coordinator.services import build_services
 from edge_sdk.protocol import codecs, topics
+from edge_sdk.protocol.codec_digest import codec_digest
 from edge_sdk.protocol.stats_block import NEW_JOB_DEFAULT
 from edge_sdk.protocol.modelfile import dump_model, flatten, layout_sizes, load_model, unflatten
 from edge_sdk.protocol.wire import UpdateHeader, encode_update
@@ -55,8 +56,8 @@ def env(tmp_path):
 
 def _message(svc, arrays, version, cid, delta, mask, n=10):
     payload, _ = codecs.encode(CODEC, delta, layout_sizes(arrays), mask)
-    header = UpdateHeader(job_id=JOB, round=1, client_id=cid, base_version=version, codec=CODEC, num_samples=n,
-                          numel=delta.size, metrics={}, attempt=1)
+    header = UpdateHeader(job_id=JOB, round=1, client_id=cid, base_version=version,
+                          codec_digest=codec_digest(CODEC), num_samples=n, numel=delta.size, metrics={}, attempt=1)
     return encode_update(header, payload, svc.engine.device_key(cid))
 
 

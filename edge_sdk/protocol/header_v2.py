@@ -46,13 +46,12 @@ def parse_header(head: bytes) -> UpdateHeader:
         raise ProtocolError(f"header is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(raw, dict):
         raise ProtocolError("header must be a JSON object")
-    spec = _require(raw, "codec", dict)
     header = UpdateHeader(
         job_id=_require(raw, "job_id", str),
         round=_require(raw, "round", int),
         client_id=_require(raw, "client_id", str),
         base_version=_require(raw, "base_version", str),
-        codec_digest=b"",
+        codec_digest=b"",  # below, once the ranges passed
         num_samples=_require(raw, "num_samples", int),
         numel=_require(raw, "numel", int),
         metrics=_metrics(raw.get("metrics", {})),
@@ -60,6 +59,7 @@ def parse_header(head: bytes) -> UpdateHeader:
     )
     if "token" in raw:
         raise ProtocolError("header carries a 'token': wire v2 never sends secrets (the update is MAC-signed)")
+    spec = _require(raw, "codec", dict)
     check_ranges(header)
     try:
         header.codec_digest = codec_digest(spec)
