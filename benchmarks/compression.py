@@ -264,10 +264,10 @@ def main() -> None:
                 "in the notes below).", ""] if others else [])
     stale = sorted({r["setup"] for r in old if r.get("wire_version", 2) < WIRE_VERSION})
     if stale:
-        earlier += [f"Rows marked (wire v2) ({', '.join(stale)}) predate wire v{WIRE_VERSION}: their messages carry "
-                    "wire v2's JSON header (its size: the notes below), so their message ratios understate what "
-                    "devices get today; their payload ratios and accuracies stand. Re-run those setups to "
-                    "update them.", ""]
+        earlier += [f"Rows marked (wire v2) ({len(stale)} of {len({r['setup'] for r in old})} setups) predate wire "
+                    f"v{WIRE_VERSION}: their messages carry wire v2's JSON header (its size: the notes below), so their "
+                    "message ratios understate what devices get today; their payload ratios and accuracies stand. "
+                    "Re-run those setups to update them.", ""]
     write_section("compression", "Uplink compression vs accuracy (label-skewed)", command,
                   [*earlier, f"Seeds {seeds}; ratios are total uplink of dense fp32 over total uplink of the row, same setup "
                    "and seed, whole messages (header, payload, MAC, CRC); payload ratio counts codec bytes only. "
