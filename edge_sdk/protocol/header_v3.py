@@ -9,7 +9,7 @@ Layout (little-endian; ``docs/wire-format.md`` has the byte table)::
 A metric's tag is its index + 1 in :data:`METRIC_NAMES` (the names every device reports), or 0 with its name
 spelled out. Values are float32: metrics are display numbers a device rounds to 4 significant digits
 (``edge_sdk.update.wire_metrics``) and float32 carries 7, so what the coordinator stores is exactly what the
-device computed, in half the bytes of float64. JSON (wire v2) spent ~300 bytes on what takes ~120 here.
+device computed, in half the bytes of float64. A demo device's header takes 115 bytes here, 451 as wire v2 JSON.
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ Layout (little-endian)::
     | mac 32B | crc32 u32
 
 The header carries job / round / attempt / client / base version, an 8-byte digest of the codec spec, sample
-count and metrics in ~120 bytes (wire v2's JSON header took ~400, a third of a compressed update); the payload
-is whatever the codec produced. No secret travels: ``mac`` is HMAC-SHA256 under the device's own key over
+count and metrics: a demo device's frame costs 157 bytes besides the payload, where wire v2's JSON header made it
+495, a third of a compressed update. The payload is whatever the codec produced. No secret travels: ``mac`` is HMAC-SHA256 under the device's own key over
 every byte before it (so over the whole header and the payload), which makes a sniffed update useless for
 anything but an identical replay, and the coordinator refuses those. The trailing CRC-32 covers everything
 before it, so a truncated or corrupted message is told apart from a forged one before any field is trusted.
