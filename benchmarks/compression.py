@@ -29,6 +29,7 @@ from torch.utils.data import TensorDataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from coordinator.rounds.jobspec import LOGIT_ADJUST_DEFAULT  # noqa: E402
 from benchmarks.compression_sim import Setup, bytes_to_target, run  # noqa: E402
 from benchmarks.report import write_section  # noqa: E402
 from edge_sdk.data import dirichlet_partition, load_digits_split  # noqa: E402
@@ -54,6 +55,10 @@ ROWS.update({f"{label}, stats {short}": ({**codec, "stats": kind}, strategy)
              for label, (codec, strategy) in list(ROWS.items()) if codec["name"] != "dense"
              for kind, short in (("float16", "fp16"), ("int8", "int8"))})
 DIGITS_TRAIN = {"epochs": 2, "batch_size": 16, "lr": 0.05}
+# the same with the job default of new jobs since logit adjustment exists (coordinator/rounds/jobspec.py); setups
+# without it keep their names, so their cached runs stay valid and read as "before logit adjustment"
+LA_TRAIN = {**DIGITS_TRAIN, "logit_adjust": LOGIT_ADJUST_DEFAULT}
+LA_NOTE = f", logit adjustment {LOGIT_ADJUST_DEFAULT:g} (job default)"
 
 
 @lru_cache(maxsize=1)
@@ -62,13 +67,13 @@ def _digits() -> tuple[TensorDataset, TensorDataset]:
 
 
 def digits(alpha: float, devices: int, per_round: int, rounds: int, limits: dict | None = None,
-           note: str = "") -> Setup:
+           note: str = "", train_cfg: dict | None = None) -> Setup:
     train, test = _digits()
     labels = train.tensors[1].numpy()
     part = "all" if per_round == devices else f"{per_round}"
     return Setup(f"digits, Dirichlet {alpha}, {devices} devices ({part} per round), {rounds} rounds{note}",
                  "small_cnn", 1, train, test, lambda seed: dirichlet_partition(labels, devices, alpha, seed=seed),
-                 per_round, rounds, DIGITS_TRAIN, limits)
+                 per_round, rounds, train_cfg or DIGITS_TRAIN, limits)
 
 
 def colour(arch: str, rounds: int, size: int = 16, train_per_class: int = 200, test_per_class: int = 50,
@@ -109,6 +114,11 @@ SETUPS: dict[str, tuple[Callable[[], Setup], tuple[str, ...]]] = {
     "digits-a0.1-noscreen": (lambda: digits(0.1, 10, 10, 20, {"direction": {"mode": "none"}},
                                             ", direction screen off"), ("dense fp32", STATS[1])),
     "digits-50dev": (lambda: digits(0.5, 50, 15, 30), ("dense fp32", BEST)),
+    # job defaults since logit adjustment: direction screen on, devices adjust logits by their label shares
+    "digits-a0.5-la": (lambda: digits(0.5, 10, 10, 20, note=LA_NOTE, train_cfg=LA_TRAIN),
+                       ("dense fp32", STATS[1], STATS[3])),
+    "digits-a0.1-la": (lambda: digits(0.1, 10, 10, 20, note=LA_NOTE, train_cfg=LA_TRAIN),
+                       ("dense fp32", STATS[1], STATS[3])),
     # 12 rounds and 100 training images per class: what the shared 2 cores allowed for 3 seeds
     "colour-small_cnn": (lambda: colour("small_cnn", 12, train_per_class=100), ("dense fp32", BEST, *STATS[:2])),
     # MobileNetV3 / ResNet-18 on the same task: one seed, what the shared cores allowed (BENCHMARKS.md notes)

@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=5)
     parser.add_argument("--strategy", default=None,
                         help="job strategy (name or JSON, as `fedsight job create --strategy`); default: the job default")
+    parser.add_argument("--logit-adjust", type=float, default=None,
+                        help="as `fedsight job create --logit-adjust`; default: the job default")
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--workdir", help="keep data, coordinator state and exports here (default: a temp dir)")
     parser.add_argument("--smoke", action="store_true", help="small_cnn dense, 2 rounds, 30 images per class")
@@ -122,6 +124,8 @@ def run(args: argparse.Namespace, work: Path,
                      "--seed", "0", "--name", f"{arch}-{codec}"]
             if args.strategy:
                 flags += ["--strategy", args.strategy]
+            if getattr(args, "logit_adjust", None) is not None:
+                flags += ["--logit-adjust", str(args.logit_adjust)]
             row = cluster.train_export_infer(flags, test_dir, work / "exports" / f"{arch}-{codec}.onnx")
             row.update(arch=arch, codec=codec)
             log.info("%s %s: ONNX accuracy %.3f %s", arch, codec, row["onnx_accuracy"], json.dumps(row))
@@ -155,10 +159,12 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     RESULTS.write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "rewrite"},
                                    "rows": results}, indent=2))
     strategy = getattr(args, "strategy", None)  # absent in results saved before --strategy existed
+    adjust = getattr(args, "logit_adjust", None)
     lines = [f"Generated 10-class 32 px colour shapes (`benchmarks/shapes_dataset.py`): {args.per_class * 10} "
              f"training / {args.test_per_class * 10} held-out test images. {args.devices} `fedsight client` "
              f"processes (Dirichlet {args.alpha}), {args.rounds} rounds x {args.epochs} local epoch, lr {args.lr}, "
-             f"batch {args.batch_size}, strategy {strategy or 'fedavg (job default)'}; accuracy is `fedsight infer` "
+             f"batch {args.batch_size}, strategy {strategy or 'fedavg (job default)'}, logit adjustment "
+             f"{'job default' if adjust is None else adjust}; accuracy is `fedsight infer` "
              "on the exported ONNX model over the test "
              "folder. Ceiling: centralised PyTorch training, same images and epochs.", "",
              "| arch | codec | ONNX accuracy (`fedsight infer`) | centralised ceiling | share | >= 85 % | "
@@ -172,7 +178,8 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
         lines += ["", note]
     command = (f"nice -n 10 python benchmarks/deployment.py --rounds {args.rounds} --epochs {args.epochs} "
                f"--archs {args.archs} --codecs {args.codecs} --per-class {args.per_class}"
-               + (f" --strategy {strategy}" if strategy else ""))
+               + (f" --strategy {strategy}" if strategy else "")
+               + (f" --logit-adjust {adjust}" if adjust is not None else ""))
     write_section("deployment", "From demo to deployment (CLI end to end, ONNX scored)", command, lines)
     print("\n".join(lines))
 

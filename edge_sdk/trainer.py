@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from edge_sdk.bn_stats import recalibrate_batchnorm, training_batchnorms
+from edge_sdk.label_prior import label_counts, logit_offset
 from edge_sdk.models import backbone_and_head, head_module
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     backbone_lr_mult: float = 1.0   # backbone lr = lr * this (head keeps lr); 0 freezes the backbone weights
     bn_recalibrate: bool = True     # re-estimate BatchNorm running statistics after training (see bn_stats)
+    logit_adjust: float = 0.0       # train on logits + this * log(local label prior); 0 disables (label_prior)
 
     @classmethod
     def coerce(cls, config: TrainConfig | Mapping[str, Any] | None) -> TrainConfig:
@@ -52,7 +54,8 @@ class TrainConfig:
             return config
         names = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in config.items() if k in names and v is not None})
-        if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0 or cfg.mu < 0 or not cfg.backbone_lr_mult >= 0:
+        if (cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0 or cfg.mu < 0 or not cfg.backbone_lr_mult >= 0
+                or not 0 <= cfg.logit_adjust <= 10):
             raise ValueError(f"invalid train config: {asdict(cfg)}")
         return cfg
 
@@ -95,6 +98,14 @@ def _as_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
             idx = torch.as_tensor(list(dataset.indices), dtype=torch.long)
             return inner[0][idx], inner[1][idx]
     return None
+
+
+def _num_outputs(model: nn.Module) -> int:
+    """Classes the model predicts: its last Linear layer's width (every architecture the SDK builds ends in one)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("logit_adjust needs a model that ends in a Linear classifier")
+    return linears[-1].out_features
 
 
 class LocalTrainer:
@@ -206,6 +217,9 @@ class LocalTrainer:
             raise ValueError("cannot train on an empty dataset")
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         anchor = [p.detach().clone() for p in trainable] if cfg.mu > 0 else None
+        offset = None
+        if cfg.logit_adjust > 0:
+            offset = logit_offset(label_counts(dataset, _num_outputs(model)), cfg.logit_adjust).to(dev)
         rng_devices = [dev.index] if dev.type == "cuda" else []
         bar = None
         if progress:
@@ -230,7 +244,7 @@ class LocalTrainer:
                             x = x.contiguous(memory_format=torch.channels_last)
                         with self._autocast():
                             out = model(x)
-                            loss = F.cross_entropy(out, y)
+                            loss = F.cross_entropy(out if offset is None else out + offset, y)
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         if anchor is not None:

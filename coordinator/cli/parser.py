@@ -211,6 +211,10 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     c.add_argument("--lr", type=float, help="local SGD learning rate (server default: 0.05)")
     c.add_argument("--mu", type=float, help="FedProx proximal strength (server default: 0)")
     c.add_argument("--freeze-backbone", action="store_true", help="train the classification head only")
+    c.add_argument("--logit-adjust", type=float, metavar="TAU",
+                   help="devices train on logits + TAU * log(their own label shares): less client drift when each "
+                        "device sees a few classes; the shares never leave the device; 0 = off "
+                        "(server default: 1)")
     c.add_argument("--weights", metavar="FILE",
                    help="start from your torchvision state_dict (torch.save(model.state_dict(), FILE)) for --arch; "
                         "the head is replaced for --num-classes. Sent to the coordinator with the job")
