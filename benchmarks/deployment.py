@@ -34,6 +34,7 @@ from benchmarks.shapes_dataset import TARGET, write_task  # noqa: E402
 from benchmarks.cli_cluster import Cluster  # noqa: E402
 from coordinator.cli.chart import human_bytes  # noqa: E402
 from edge_sdk.data import IMAGENET_NORMALIZATION  # noqa: E402
+from edge_sdk.bn_stats import recalibrate_batchnorm, training_batchnorms  # noqa: E402
 from edge_sdk.models import build_model  # noqa: E402
 
 log = logging.getLogger("deployment")
@@ -42,7 +43,12 @@ RESULTS = ROOT / "benchmarks" / "results" / "deployment.json"
 
 
 def centralised(arch: str, train_dir: Path, test_dir: Path, epochs: int, lr: float, batch: int) -> dict[str, Any]:
-    """Plain PyTorch: one model, all training images, SGD(momentum 0.9), eval-mode accuracy on the test set."""
+    """Plain PyTorch: one model, all training images, SGD(momentum 0.9), eval-mode accuracy on the test set.
+
+    The ceiling is the better of the plain model and the same model with its BatchNorm statistics re-estimated
+    over the training images (what the SDK does after local training): torchvision's MobileNetV3/EfficientNet
+    BatchNorm momentum of 0.01 can leave plain eval-mode statistics behind the weights, and a ceiling that low
+    would flatter the federated rows."""
     torch.set_num_threads(1)
     train, test = load_tensors(train_dir), load_tensors(test_dir)
     x, y = train.tensors
@@ -59,10 +65,20 @@ def centralised(arch: str, train_dir: Path, test_dir: Path, epochs: int, lr: flo
             opt.zero_grad()
             loss.backward()
             opt.step()
-    model.eval()
+    seconds = time.perf_counter() - t0
+
+    def accuracy() -> float:
+        model.eval()
+        with torch.no_grad():
+            return float((model(test.tensors[0]).argmax(1) == test.tensors[1]).float().mean())
+
+    plain = accuracy()
+    model.train()
     with torch.no_grad():
-        acc = float((model(test.tensors[0]).argmax(1) == test.tensors[1]).float().mean())
-    return {"accuracy": acc, "seconds": time.perf_counter() - t0}
+        recalibrate_batchnorm(model, training_batchnorms(model), (x[i:i + 256] for i in range(0, len(x), 256)))
+    recalibrated = accuracy()
+    return {"accuracy": max(plain, recalibrated), "plain_accuracy": plain, "recalibrated_accuracy": recalibrated,
+            "seconds": seconds}
 
 
 def main() -> None:
@@ -87,10 +103,22 @@ def main() -> None:
     parser.add_argument("--rewrite", action="store_true",
                         help="only re-render the section from benchmarks/results/deployment.json (with --note)")
     parser.add_argument("--note", action="append", default=[], help="a line of analysis under the table")
+    parser.add_argument("--recompute-ceilings", action="store_true",
+                        help="with --rewrite and the --workdir of the run: train the centralised ceilings again")
     args = parser.parse_args()
     if args.rewrite:
         saved = json.loads(RESULTS.read_text())
-        report(argparse.Namespace(**{**saved["config"], "note": args.note}), saved["rows"])
+        rows = saved["rows"]
+        if args.recompute_ceilings:
+            if not args.workdir:
+                parser.error("--recompute-ceilings needs the --workdir of the run (its data/ folder)")
+            config = saved["config"]
+            data = Path(args.workdir) / "data"
+            epochs = config["rounds"] * config["epochs"]
+            ceilings = {arch: centralised(arch, data / "train", data / "test", epochs, config["lr"],
+                                          config["batch_size"]) for arch in dict.fromkeys(r["arch"] for r in rows)}
+            rows = finish(rows, ceilings)
+        report(argparse.Namespace(**{**saved["config"], "note": args.note}), rows)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.smoke:
@@ -147,6 +175,7 @@ def finish(results: list[dict[str, Any]], ceilings: dict[str, dict[str, Any]]) -
         ceiling = ceilings[row["arch"]]["accuracy"]
         row["centralised_accuracy"] = ceiling
         row["centralised_seconds"] = ceilings[row["arch"]]["seconds"]
+        row["centralised_plain_accuracy"] = ceilings[row["arch"]].get("plain_accuracy", ceiling)
         row["share_of_ceiling"] = row["onnx_accuracy"] / ceiling if ceiling > 0 else 0.0
         row["meets_target"] = row["share_of_ceiling"] >= TARGET_SHARE
     dense = {r["arch"]: r["uplink_bytes"] for r in results if r["codec"] == "dense"}
@@ -166,12 +195,16 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
              f"batch {args.batch_size}, strategy {strategy or 'fedavg (job default)'}, logit adjustment "
              f"{'job default' if adjust is None else adjust}; accuracy is `fedsight infer` "
              "on the exported ONNX model over the test "
-             "folder. Ceiling: centralised PyTorch training, same images and epochs.", "",
+             "folder. Ceiling: centralised PyTorch training, same images and epochs, the better of its plain eval-mode "
+             "accuracy and the same model with BatchNorm statistics re-estimated on the training images (plain in "
+             "brackets).", "",
              "| arch | codec | ONNX accuracy (`fedsight infer`) | centralised ceiling | share | >= 85 % | "
              "uplink total | vs dense | wall time |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         ratio = f"{r['uplink_ratio_vs_dense']:.0f}x less" if r["uplink_ratio_vs_dense"] not in (None, 1.0) else "-"
+        plain = r.get("centralised_plain_accuracy", r["centralised_accuracy"])
         lines.append(f"| {r['arch']} | {r['codec']} | {r['onnx_accuracy']:.3f} | {r['centralised_accuracy']:.3f} "
+                     f"({plain:.3f}) "
                      f"| {100 * r['share_of_ceiling']:.0f} % | {'yes' if r['meets_target'] else '**no**'} "
                      f"| {human_bytes(r['uplink_bytes'])} | {ratio} | {r['seconds']:.0f} s |")
     for note in getattr(args, "note", []):

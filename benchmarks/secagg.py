@@ -33,7 +33,7 @@ from torch.utils.data import Subset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.compression import Setup, digits_setup  # noqa: E402
+from benchmarks.compression import Setup, digits  # noqa: E402
 from benchmarks.report import write_section  # noqa: E402
 from coordinator.rounds.limits import UpdateLimits  # noqa: E402
 from coordinator.rounds.strategy import FedAvg  # noqa: E402
@@ -122,11 +122,12 @@ def simulate(setup: Setup, spec: dict, secure: bool, clip: float, seed: int = 0)
     # clear by the coordinator, so the two rows differ only by the protocol (fixed point, masking, unmasking)
     strategy = FedAvg(UpdateLimits.from_config({"weighting": "uniform", "clip": {"mode": "fixed", "bound": clip}}))
     rng = np.random.default_rng(seed)
+    shards = setup.shards_for_seed(seed)
     accs, up_bytes = [], []
     with tempfile.TemporaryDirectory() as tmp:
         stores: dict[int, ResidualStore] = {}
         for rnd in range(1, setup.rounds + 1):
-            chosen = sorted(rng.choice(len(setup.shards), setup.per_round, replace=False).tolist())
+            chosen = sorted(rng.choice(len(shards), setup.per_round, replace=False).tolist())
             round_spec = strategy.configure_round({"id": "bench", "config": {"codec": spec, "seed": seed}}, rnd,
                                                   [])["codec"]
             acc = strategy.begin(global_vec)
@@ -134,7 +135,7 @@ def simulate(setup: Setup, spec: dict, secure: bool, clip: float, seed: int = 0)
             for cid in chosen:
                 params.load_arrays(model, unflatten(global_vec, template))
                 torch.manual_seed(seed * 100003 + rnd * 1009 + int(cid))
-                trainer.train(model, Subset(setup.train, setup.shards[cid].tolist()), {**setup.train_cfg, "seed": rnd})
+                trainer.train(model, Subset(setup.train, shards[cid].tolist()), {**setup.train_cfg, "seed": rnd})
                 deltas[cid] = flatten(params.state_to_arrays(model)) - global_vec
                 stores.setdefault(cid, ResidualStore(Path(tmp) / str(cid)))
             if secure:
@@ -170,7 +171,7 @@ def simulate(setup: Setup, spec: dict, secure: bool, clip: float, seed: int = 0)
 
 
 def accuracy_rows(rounds: int, densities: list[float], clip: float) -> list[dict]:
-    setup = digits_setup(0.5, rounds)
+    setup = digits(0.5, 10, 10, rounds)
     out = []
     for density in densities:
         for secure in (False, True):
@@ -187,7 +188,7 @@ def accuracy_rows(rounds: int, densities: list[float], clip: float) -> list[dict
 
 def convergence_rows(rounds: int, densities: list[float], clip: float) -> list[dict]:
     """How many rounds rand-k under secure aggregation needs at densities that meet the 20x byte target."""
-    setup = digits_setup(0.5, rounds)
+    setup = digits(0.5, 10, 10, rounds)
     out = []
     for density in densities:
         r = simulate(setup, _randk(density), True, clip)
