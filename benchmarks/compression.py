@@ -99,6 +99,8 @@ def colour(arch: str, rounds: int, size: int = 16, train_per_class: int = 200, t
     labels = train.tensors[1].numpy()
     cfg = train_cfg or {"epochs": 2, "batch_size": 16, "lr": 0.05}
     extra = "" if train_cfg is None else f", {cfg['epochs']} epoch(s), batch {cfg['batch_size']}"
+    if cfg.get("logit_adjust"):
+        extra += f", logit adjustment {cfg['logit_adjust']:g}"
     return Setup(f"colour shapes {size}px ({10 * train_per_class} images), 10 classes, {arch}, Dirichlet 0.5, "
                  f"{devices} devices, {rounds} rounds{extra}", arch, 3,
                  train, test, lambda seed: dirichlet_partition(labels, devices, 0.5, seed=seed), devices, rounds, cfg)
@@ -131,6 +133,13 @@ SETUPS: dict[str, tuple[Callable[[], Setup], tuple[str, ...]]] = {
                                         train_cfg={"epochs": 1, "batch_size": 32, "lr": 0.05}),
                          ("dense fp32", PREVIOUS, f"{PREVIOUS}, stats fp16", f"{PREVIOUS}, stats int8", BEST,
                           f"{BEST}, stats int8")),
+    # the same setting at the deployment benchmark's 20 rounds with MobileNetV3 (1.5 M values, so the per-message
+    # framing and statistics are a small share) under the job defaults of new jobs (logit adjustment 1)
+    "deploy-mobilenet_v3_small": (lambda: colour("mobilenet_v3_small", 20, size=32, train_per_class=300,
+                                                 test_per_class=50, devices=5,
+                                                 train_cfg={"epochs": 1, "batch_size": 32, "lr": 0.05,
+                                                            "logit_adjust": LOGIT_ADJUST_DEFAULT}),
+                                  ("dense fp32", STATS[1], STATS[3])),
 }
 
 
