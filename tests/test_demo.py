@@ -14,7 +14,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from tests.support.processes import ROOT, child_env
+from tests.support.processes import ROOT, child_env, ctrl_c_reaches_child
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +83,7 @@ def test_dp_demo_reports_epsilon_per_round_in_summary_and_chart(tmp_path: Path) 
 def test_ctrl_c_stops_every_device(tmp_path: Path) -> None:
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(_demo(out, "--rounds", "200"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=child_env(), cwd=ROOT)
+                            text=True, env=child_env(), cwd=ROOT, preexec_fn=ctrl_c_reaches_child)
     try:
         seen = []
         deadline = time.monotonic() + 120

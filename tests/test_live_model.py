@@ -162,7 +162,7 @@ def test_swaps_under_concurrent_inference_and_keeps_the_old_model_on_bad_downloa
 def test_camera_app_example_follows_versions_without_torch(server: CoordinatorHandle, tmp_path: Path) -> None:
     from PIL import Image
 
-    from tests.support.processes import ROOT, child_env
+    from tests.support.processes import ROOT, child_env, ctrl_c_reaches_child
 
     job_id = requests.post(f"{server.url}/api/v1/jobs", json=JOB, timeout=120,
                            verify=str(server.ca_file), headers=operator(server)).json()["id"]
@@ -177,7 +177,7 @@ def test_camera_app_example_follows_versions_without_torch(server: CoordinatorHa
     no_torch = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['camera_app.py', *sys.argv[1:]]; "
                 "runpy.run_path('examples/camera_app.py', run_name='__main__')")
     proc = subprocess.Popen([sys.executable, "-c", no_torch, *app], cwd=ROOT, env=child_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=ctrl_c_reaches_child)
     lines: list[str] = []
     second = None
     assert proc.stdout is not None
@@ -199,7 +199,7 @@ def test_camera_app_that_trains_swaps_on_job_events(server: CoordinatorHandle, t
 
     from PIL import Image
 
-    from tests.support.processes import ROOT, child_env
+    from tests.support.processes import ROOT, child_env, ctrl_c_reaches_child
 
     for i, frame in enumerate(FRAMES):
         folder = tmp_path / "frames" / str(i % 3)  # sub-folder = label, as in imagefolder
@@ -216,7 +216,7 @@ def test_camera_app_that_trains_swaps_on_job_events(server: CoordinatorHandle, t
                              "--poll", "1000", "--loop", "--fps", "20",
                              "--cache-dir", str(tmp_path / "cache"), "--token", operator_token(server)], cwd=ROOT,
                             env={**child_env(), "FEDSIGHT_ENROLL_SECRET": secret}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=ctrl_c_reaches_child)
     lines: list[str] = []
     assert proc.stdout is not None
     try:

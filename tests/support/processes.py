@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import signal
 import secrets
 import shutil
 import socket
@@ -157,6 +158,12 @@ def child_env() -> dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def ctrl_c_reaches_child() -> None:
+    """``preexec_fn`` for a child a test interrupts with SIGINT: a shell that starts pytest in the background
+    (no job control) ignores SIGINT, children inherit that, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def cli(*args: str) -> list[str]:
