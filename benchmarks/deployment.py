@@ -42,7 +42,8 @@ TARGET_SHARE = 0.85
 RESULTS = ROOT / "benchmarks" / "results" / "deployment.json"
 
 
-def centralised(arch: str, train_dir: Path, test_dir: Path, epochs: int, lr: float, batch: int) -> dict[str, Any]:
+def centralised(arch: str, train_dir: Path, test_dir: Path, epochs: int, lr: float, batch: int,
+                seed: int = 0) -> dict[str, Any]:
     """Plain PyTorch: one model, all training images, SGD(momentum 0.9), eval-mode accuracy on the test set.
 
     The ceiling is the better of the plain model and the same model with its BatchNorm statistics re-estimated
@@ -52,7 +53,7 @@ def centralised(arch: str, train_dir: Path, test_dir: Path, epochs: int, lr: flo
     torch.set_num_threads(1)
     train, test = load_tensors(train_dir), load_tensors(test_dir)
     x, y = train.tensors
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model(arch, 10, 3)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     t0 = time.perf_counter()

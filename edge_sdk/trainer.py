@@ -35,6 +35,7 @@ class TrainConfig:
     """Per-round training settings (the ``config`` of a task; unknown keys such as ``codec`` are ignored)."""
 
     epochs: int = 1
+    max_steps: int = 0              # stop after this many SGD steps (0: whole epochs); shorter rounds drift less
     batch_size: int = 32
     lr: float = 0.05
     mu: float = 0.0                 # FedProx proximal strength; 0 disables it
@@ -54,7 +55,7 @@ class TrainConfig:
             return config
         names = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in config.items() if k in names and v is not None})
-        if (cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0 or cfg.mu < 0 or not cfg.backbone_lr_mult >= 0
+        if (cfg.epochs < 1 or cfg.max_steps < 0 or cfg.batch_size < 1 or not cfg.lr > 0 or cfg.mu < 0 or not cfg.backbone_lr_mult >= 0
                 or not 0 <= cfg.logit_adjust <= 10):
             raise ValueError(f"invalid train config: {asdict(cfg)}")
         return cfg
@@ -63,7 +64,7 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     num_samples: int        # dataset size (the FedAvg weight)
-    loss: float             # mean cross-entropy over the last epoch (without the proximal term)
+    loss: float             # mean cross-entropy over the last epoch, or every step of a max_steps round (without the proximal term)
     accuracy: float         # training accuracy over the last epoch
     wall_time_s: float
     device: str
@@ -225,7 +226,8 @@ class LocalTrainer:
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.epochs * math.ceil(n / cfg.batch_size), desc="train", unit="step")
+            total = cfg.epochs * math.ceil(n / cfg.batch_size)
+            bar = tqdm(total=min(total, cfg.max_steps) if cfg.max_steps else total, desc="train", unit="step")
         steps = processed = 0
         try:
             with torch.random.fork_rng(devices=rng_devices):
@@ -238,8 +240,10 @@ class LocalTrainer:
                 correct = torch.zeros((), dtype=torch.int64, device=dev)
                 seen = 0
                 for ep in range(cfg.epochs):
-                    last = ep == cfg.epochs - 1
+                    last = ep == cfg.epochs - 1 or cfg.max_steps > 0  # capped rounds report every step
                     for x, y in epoch_iter():
+                        if cfg.max_steps and steps >= cfg.max_steps:
+                            break
                         if self.channels_last:
                             x = x.contiguous(memory_format=torch.channels_last)
                         with self._autocast():
@@ -258,6 +262,8 @@ class LocalTrainer:
                         processed += len(y)
                         if bar is not None:
                             bar.update()
+                    if cfg.max_steps and steps >= cfg.max_steps:
+                        break
                 loss_v, correct_v = float(loss_sum), int(correct)  # the one sync
                 if cfg.bn_recalibrate:
                     self._recalibrate(model, dataset)

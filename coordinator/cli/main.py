@@ -139,7 +139,8 @@ def job_body(args: argparse.Namespace) -> dict[str, Any]:
                          image_size=args.image_size)
     body["train"] = pick(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mu=args.mu,
                          freeze_backbone=args.freeze_backbone or None, backbone_lr_mult=args.backbone_lr_mult,
-                         bn_recalibrate=args.bn_recalibrate, logit_adjust=args.logit_adjust)
+                         bn_recalibrate=args.bn_recalibrate, logit_adjust=args.logit_adjust,
+                         max_steps=args.max_steps)
     kind, path = args.eval or (None, None)
     if kind == "none":
         if args.holdout:

@@ -207,6 +207,10 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     c.add_argument("--round-timeout", type=float, metavar="SECONDS", help="(server default: 60)")
     c.add_argument("--codec", type=_typed(spec_text.parse_codec, "codec"), help="e.g. dense, topk:0.01:int8")
     c.add_argument("--epochs", type=int, help="local epochs per round (server default: 1)")
+    c.add_argument("--max-steps", type=int, metavar="N",
+                   help="stop each device's round after N SGD steps, even inside an epoch: more, shorter rounds at "
+                        "the same total epochs drift less on label-skewed devices; 0 = whole epochs "
+                        "(server default: 0)")
     c.add_argument("--batch-size", type=int, help="(server default: 32)")
     c.add_argument("--lr", type=float, help="local SGD learning rate (server default: 0.05)")
     c.add_argument("--mu", type=float, help="FedProx proximal strength (server default: 0)")

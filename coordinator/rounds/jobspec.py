@@ -174,7 +174,8 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
     min_clients = _get(body, "min_clients", int, min(3, k), "", lo=1, hi=k)
     timeout = _get(body, "round_timeout_s", float, 60.0, "", lo=0.1, hi=7 * 24 * 3600)
     train = _object(body.get("train", {}), {"epochs", "batch_size", "lr", "mu", "freeze_backbone",
-                                            "backbone_lr_mult", "bn_recalibrate", "logit_adjust"}, "train.")
+                                            "backbone_lr_mult", "bn_recalibrate", "logit_adjust", "max_steps"},
+                    "train.")
     train_cfg = {"epochs": _get(train, "epochs", int, 1, "train.", lo=1, hi=1000),
                  "batch_size": _get(train, "batch_size", int, 32, "train.", lo=1, hi=65536),
                  "lr": _get(train, "lr", float, 0.05, "train.", lo=0.0, hi=100.0),
@@ -182,7 +183,8 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
                  "freeze_backbone": _get(train, "freeze_backbone", bool, False, "train."),
                  "backbone_lr_mult": _get(train, "backbone_lr_mult", float, 1.0, "train.", lo=0.0, hi=1000.0),
                  "bn_recalibrate": _get(train, "bn_recalibrate", bool, True, "train."),
-                 "logit_adjust": _get(train, "logit_adjust", float, LOGIT_ADJUST_DEFAULT, "train.", lo=0.0, hi=10.0)}
+                 "logit_adjust": _get(train, "logit_adjust", float, LOGIT_ADJUST_DEFAULT, "train.", lo=0.0, hi=10.0),
+                 "max_steps": _get(train, "max_steps", int, 0, "train.", lo=0, hi=10_000_000)}
     codec_in = body.get("codec", {"name": "dense", "dtype": "float32"})
     if isinstance(codec_in, dict) and codec_in.get("name") == "randk" and "seed" not in codec_in:
         codec_in = {**codec_in, "seed": 0}  # placeholder: the coordinator announces a fresh seed per round

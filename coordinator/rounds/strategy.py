@@ -159,6 +159,7 @@ class Strategy:
                 "backbone_lr_mult": train.get("backbone_lr_mult", 1.0),
                 "bn_recalibrate": train.get("bn_recalibrate", True),
                 **({"logit_adjust": train["logit_adjust"]} if train.get("logit_adjust") else {}),
+                **({"max_steps": train["max_steps"]} if train.get("max_steps") else {}),
                 "codec": codec, "seed": seed, **({"dp": self.privacy.task_config()} if self.privacy else {})}
 
     def _mu(self, train: dict[str, Any]) -> float:
