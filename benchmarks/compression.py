@@ -50,6 +50,8 @@ ROWS: dict[str, tuple[dict, dict | None]] = {
         {"name": "topk", "density": 0.01, "values": "sign", "index_coding": "rice", **WARMUP}, MOMENTUM),
     "top-k 1% int8 +EF (previous default)": ({"name": "topk", "density": 0.01, "values": "int8"}, None),
     "top-k 0.3% int8 +EF": ({"name": "topk", "density": 0.003, "values": "int8"}, None),
+    # 1-bit values at 1 % without warm-up or server momentum: about the bytes of 0.3 % int8 with 3x the positions
+    "top-k 1% sign+rice +EF": ({"name": "topk", "density": 0.01, "values": "sign", "index_coding": "rice"}, None),
 }
 # the same rows with BatchNorm statistics in a dense block outside the sparse budget (codec key "stats")
 ROWS.update({f"{label}, stats {short}": ({**codec, "stats": kind}, strategy)
@@ -140,7 +142,8 @@ SETUPS: dict[str, tuple[Callable[[], Setup], tuple[str, ...]]] = {
                                                  test_per_class=50, devices=5,
                                                  train_cfg={"epochs": 1, "batch_size": 32, "lr": 0.05,
                                                             "logit_adjust": LOGIT_ADJUST_DEFAULT}),
-                                  ("dense fp32", STATS[1], STATS[3], "top-k 0.3% int8 +EF, stats int8")),
+                                  ("dense fp32", STATS[1], STATS[3], "top-k 0.3% int8 +EF, stats int8",
+                                   "top-k 1% sign+rice +EF, stats int8")),
 }
 
 

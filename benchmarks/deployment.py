@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -88,6 +89,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-steps", type=int, default=0,
+                        help="as `fedsight job create --max-steps`: SGD steps per device per round (0: whole epochs)")
     parser.add_argument("--archs", default="small_cnn,mobilenet_v3_small,resnet18")
     parser.add_argument("--codecs", default="dense,topk:0.01:int8")
     parser.add_argument("--per-class", type=int, default=300, help="training images per class")
@@ -115,7 +118,7 @@ def main() -> None:
                 parser.error("--recompute-ceilings needs the --workdir of the run (its data/ folder)")
             config = saved["config"]
             data = Path(args.workdir) / "data"
-            epochs = config["rounds"] * config["epochs"]
+            epochs = ceiling_epochs(argparse.Namespace(**config), len(load_tensors(data / "train")))
             ceilings = {arch: centralised(arch, data / "train", data / "test", epochs, config["lr"],
                                           config["batch_size"]) for arch in dict.fromkeys(r["arch"] for r in rows)}
             rows = finish(rows, ceilings)
@@ -155,18 +158,31 @@ def run(args: argparse.Namespace, work: Path,
                 flags += ["--strategy", args.strategy]
             if getattr(args, "logit_adjust", None) is not None:
                 flags += ["--logit-adjust", str(args.logit_adjust)]
+            if args.max_steps:
+                flags += ["--max-steps", str(args.max_steps)]
             row = cluster.train_export_infer(flags, test_dir, work / "exports" / f"{arch}-{codec}.onnx")
             row.update(arch=arch, codec=codec)
             log.info("%s %s: ONNX accuracy %.3f %s", arch, codec, row["onnx_accuracy"], json.dumps(row))
             results.append(row)
             if arch not in ceilings:
-                log.info("centralised %s, %d epochs", arch, args.rounds * args.epochs)
-                ceilings[arch] = centralised(arch, train_dir, test_dir, args.rounds * args.epochs, args.lr,
-                                             args.batch_size)
+                epochs = ceiling_epochs(args, len(class_names) * args.per_class)
+                log.info("centralised %s, %d epochs", arch, epochs)
+                ceilings[arch] = centralised(arch, train_dir, test_dir, epochs, args.lr, args.batch_size)
                 log.info("centralised %s: %.3f", arch, ceilings[arch]["accuracy"])
             if on_row is not None:
                 on_row(finish(results, ceilings))
     return finish(results, ceilings)
+
+
+def ceiling_epochs(args: argparse.Namespace, train_images: int) -> int:
+    """Centralised epochs that process at least as many samples as the whole fleet did: ``rounds x epochs``, or
+    with ``--max-steps`` the fleet's ``rounds x devices x max_steps x batch`` samples in whole epochs, rounded up
+    (a device whose shard is smaller than ``max_steps`` batches processes less, so the ceiling never trains less)."""
+    full = args.rounds * args.epochs
+    steps = getattr(args, "max_steps", 0)
+    if not steps:
+        return full
+    return min(full, math.ceil(args.rounds * args.devices * steps * args.batch_size / train_images))
 
 
 def finish(results: list[dict[str, Any]], ceilings: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -190,9 +206,14 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
                                    "rows": results}, indent=2))
     strategy = getattr(args, "strategy", None)  # absent in results saved before --strategy existed
     adjust = getattr(args, "logit_adjust", None)
+    steps = getattr(args, "max_steps", 0)  # absent in results saved before --max-steps existed
+    local = f"{args.epochs} local epoch"
+    if steps:
+        local = (f"at most {steps} SGD steps per device (`--max-steps`; the ceiling trains "
+                 f"{ceiling_epochs(args, args.per_class * 10)} epochs, at least the fleet's samples)")
     lines = [f"Generated 10-class 32 px colour shapes (`benchmarks/shapes_dataset.py`): {args.per_class * 10} "
              f"training / {args.test_per_class * 10} held-out test images. {args.devices} `fedsight client` "
-             f"processes (Dirichlet {args.alpha}), {args.rounds} rounds x {args.epochs} local epoch, lr {args.lr}, "
+             f"processes (Dirichlet {args.alpha}), {args.rounds} rounds x {local}, lr {args.lr}, "
              f"batch {args.batch_size}, strategy {strategy or 'fedavg (job default)'}, logit adjustment "
              f"{'job default' if adjust is None else adjust}; accuracy is `fedsight infer` "
              "on the exported ONNX model over the test "
@@ -213,7 +234,8 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     command = (f"nice -n 10 python benchmarks/deployment.py --rounds {args.rounds} --epochs {args.epochs} "
                f"--archs {args.archs} --codecs {args.codecs} --per-class {args.per_class}"
                + (f" --strategy {strategy}" if strategy else "")
-               + (f" --logit-adjust {adjust}" if adjust is not None else ""))
+               + (f" --logit-adjust {adjust}" if adjust is not None else "")
+               + (f" --max-steps {steps}" if steps else ""))
     write_section("deployment", "From demo to deployment (CLI end to end, ONNX scored)", command, lines)
     print("\n".join(lines))
 
