@@ -68,7 +68,7 @@ def test_create_list_get_job_with_defaults_and_initial_model(http, app, job):
     assert job["status"] == "created" and job["current_round"] == 0 and job["rounds"] == 2
     cfg = job["config"]
     assert cfg["train"] == {"epochs": 1, "batch_size": 32, "lr": 0.05, "mu": 0.0, "freeze_backbone": False,
-                            "backbone_lr_mult": 1.0, "bn_recalibrate": True, "logit_adjust": 1.0}
+                            "backbone_lr_mult": 1.0, "bn_recalibrate": True, "logit_adjust": 1.0, "max_steps": 0}
     assert cfg["codec"]["name"] == "topk" and cfg["codec"]["density"] == 0.1 and cfg["strategy"] == {"name": "fedavg"}
     assert http.get("/api/v1/jobs").json["jobs"][0]["id"] == job["id"]
     assert http.get(f"/api/v1/jobs/{job['id']}").json["config"] == cfg
