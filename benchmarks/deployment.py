@@ -118,7 +118,7 @@ def main() -> None:
                 parser.error("--recompute-ceilings needs the --workdir of the run (its data/ folder)")
             config = saved["config"]
             data = Path(args.workdir) / "data"
-            epochs = ceiling_epochs(argparse.Namespace(**config), len(load_tensors(data / "train")))
+            epochs = ceiling_epochs(argparse.Namespace(**config), config["per_class"] * 10)
             ceilings = {arch: centralised(arch, data / "train", data / "test", epochs, config["lr"],
                                           config["batch_size"]) for arch in dict.fromkeys(r["arch"] for r in rows)}
             rows = finish(rows, ceilings)

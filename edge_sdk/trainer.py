@@ -55,8 +55,8 @@ class TrainConfig:
             return config
         names = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in config.items() if k in names and v is not None})
-        if (cfg.epochs < 1 or cfg.max_steps < 0 or cfg.batch_size < 1 or not cfg.lr > 0 or cfg.mu < 0 or not cfg.backbone_lr_mult >= 0
-                or not 0 <= cfg.logit_adjust <= 10):
+        if (cfg.epochs < 1 or cfg.max_steps < 0 or cfg.batch_size < 1 or not cfg.lr > 0 or cfg.mu < 0
+                or not cfg.backbone_lr_mult >= 0 or not 0 <= cfg.logit_adjust <= 10):
             raise ValueError(f"invalid train config: {asdict(cfg)}")
         return cfg
 
@@ -242,8 +242,6 @@ class LocalTrainer:
                 for ep in range(cfg.epochs):
                     last = ep == cfg.epochs - 1 or cfg.max_steps > 0  # capped rounds report every step
                     for x, y in epoch_iter():
-                        if cfg.max_steps and steps >= cfg.max_steps:
-                            break
                         if self.channels_last:
                             x = x.contiguous(memory_format=torch.channels_last)
                         with self._autocast():
@@ -262,7 +260,9 @@ class LocalTrainer:
                         processed += len(y)
                         if bar is not None:
                             bar.update()
-                    if cfg.max_steps and steps >= cfg.max_steps:
+                        if 0 < cfg.max_steps <= steps:
+                            break
+                    if 0 < cfg.max_steps <= steps:
                         break
                 loss_v, correct_v = float(loss_sum), int(correct)  # the one sync
                 if cfg.bn_recalibrate:
