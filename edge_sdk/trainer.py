@@ -64,8 +64,8 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     num_samples: int        # dataset size (the FedAvg weight)
-    loss: float             # mean cross-entropy over the last epoch, or every step of a max_steps round (without the proximal term)
-    accuracy: float         # training accuracy over the last epoch
+    loss: float             # mean cross-entropy (no proximal term) over the last epoch; all steps if max_steps is set
+    accuracy: float         # training accuracy over the same samples as ``loss``
     wall_time_s: float
     device: str
     steps: int = 0
