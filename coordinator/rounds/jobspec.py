@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from edge_sdk.protocol import codecs, stats_block
+from edge_sdk.protocol import byte_planes, codecs, stats_block
 from edge_sdk.protocol.errors import ProtocolError
 from edge_sdk.preprocess import DIGITS_INPUT_SCALE, DIGITS_NORMALIZATION, IMAGENET_NORMALIZATION
 from edge_sdk.protocol.modelfile import dump_model
@@ -189,7 +189,8 @@ def normalize_job(body: Any, known_archs: tuple[str, ...] | None = None) -> dict
     if isinstance(codec_in, dict) and codec_in.get("name") == "randk" and "seed" not in codec_in:
         codec_in = {**codec_in, "seed": 0}  # placeholder: the coordinator announces a fresh seed per round
     try:
-        codec = stats_block.with_new_job_default(codecs.validate_spec(codec_in), body.get("secure_aggregation"))
+        codec = byte_planes.with_new_job_default(
+            stats_block.with_new_job_default(codecs.validate_spec(codec_in), body.get("secure_aggregation")))
     except ProtocolError as exc:
         raise JobSpecError(f"'codec': {exc.reason}") from None
     seed = _get(body, "seed", int, 0, "", lo=0, hi=2**63 - 1)

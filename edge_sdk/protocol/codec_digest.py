@@ -17,9 +17,10 @@ from . import codecs
 
 DIGEST_BYTES = 8
 
-# Keys of a codec spec that only change how a device *encodes* (its residual, its rounding noise); a
+# Keys of a codec spec that only change how a device *encodes* (its residual, its rounding noise, byte planes
+# for a dense block, which every decoder of a dense spec reads); a
 # device may choose them freely, everything else must match the round's codec exactly.
-ENCODER_ONLY_KEYS = frozenset({"error_feedback", "stochastic"})
+ENCODER_ONLY_KEYS = frozenset({"error_feedback", "stochastic", "planes"})
 
 
 def comparable_codec(spec: dict[str, Any]) -> dict[str, Any]:

@@ -12,9 +12,11 @@ Payload layout (little-endian; full byte map in docs/codecs.md)::
 
 flags: bits 0-1 value coding (0 float32, 1 float16, 2 int8, 3 sign), bit 2 values zlib'd, bit 3 index bitmap,
 bit 4 index zlib'd, bit 5 index Golomb-Rice (only for a spec with ``"index_coding": "rice"``; neither bit 3
-nor bit 5: delta-varint); bits 6-7 must be zero. Payloads of specs without the newer options (sign values,
-rice positions, a ``stats`` block) are byte-identical to earlier releases; a decoder that predates them
-refuses such a spec. Under ``"stats": "float16"`` (``float32``, ``int8``) a topk/randk payload covers the
+nor bit 5: delta-varint), bit 6 values stored as zlib'd byte planes (dense only, always with bit 2; a device
+sets it only under a spec with ``"planes": true``, so decoders that predate it never see it; ``byte_planes.py``);
+bit 7 must be zero. Payloads of specs without the
+newer options (sign values, rice positions, a ``stats`` block, byte planes) are byte-identical to earlier
+releases; a decoder that predates them refuses such a spec. Under ``"stats": "float16"`` (``float32``, ``int8``) a topk/randk payload covers the
 coordinates that are not BatchNorm running statistics and a dense statistics block follows it
 (``stats_block.py``); encode and decode then need the model's statistics mask.
 """
@@ -29,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from . import quant, sparse_index, stats_block
+from . import byte_planes, quant, sparse_index, stats_block
 from .topk import top_k_indices
 from .zblock import deflate as _deflate, inflate as _inflate
 from .errors import ProtocolError
@@ -42,7 +44,8 @@ F_VALUES_ZLIB = 0x04
 F_INDEX_BITMAP = 0x08
 F_INDEX_ZLIB = 0x10
 F_INDEX_RICE = 0x20
-_F_RESERVED = 0xC0
+F_VALUES_PLANES = 0x40
+_F_RESERVED = 0x80
 INDEX_CODINGS = ("auto", "rice")
 _HEAD = struct.Struct("<cBI")
 _U32 = struct.Struct("<I")
@@ -51,7 +54,7 @@ _ROUNDING_TAG = 0x46535251  # separates the stochastic-rounding stream from the 
 _DEFAULT_ROUNDING_SEED = 0x5EED
 
 _ALLOWED_KEYS = {
-    "dense": {"name", "dtype", "error_feedback"},
+    "dense": {"name", "dtype", "error_feedback", "planes"},
     "topk": {"name", "density", "scope", "values", "stochastic", "error_feedback", "seed", "index_coding",
              "warmup_rounds", "warmup_density", "stats"},
     "randk": {"name", "density", "values", "stochastic", "error_feedback", "seed", "warmup_rounds", "warmup_density",
@@ -101,7 +104,12 @@ def validate_spec(spec: dict) -> dict:
         dtype = spec.get("dtype", "float32")
         if dtype not in ("float32", "float16"):
             raise _bad(f"dense dtype must be float32 or float16, got {dtype!r}")
-        return {"name": "dense", "dtype": dtype, "error_feedback": spec.get("error_feedback", False)}
+        out_dense = {"name": "dense", "dtype": dtype, "error_feedback": spec.get("error_feedback", False)}
+        if "planes" in spec:  # absent: plain zlib, byte-identical to releases before the option
+            if not isinstance(spec["planes"], bool):
+                raise _bad("planes must be a bool")
+            out_dense["planes"] = spec["planes"]
+        return out_dense
     density = spec.get("density", 0.01)
     if isinstance(density, bool) or not isinstance(density, (int, float, np.floating, np.integer)):
         raise _bad("density must be a number")
@@ -263,8 +271,10 @@ def _encode(norm: dict, vec: np.ndarray, sizes: list[int]) -> tuple[bytes, Decod
     rng = _rounding_rng(norm, values) if kind == "int8" and norm.get("stochastic") else None
     raw_values, sent = quant.quantize(kind, values, stochastic=rng is not None, rng=rng)
     flags = quant.VALUE_CODES[kind]
-    packed = _deflate(raw_values)
+    packed = byte_planes.deflate(raw_values, byte_planes.WIDTHS[kind]) if norm.get("planes") else None
     if packed is not None:
+        raw_values, flags = packed, flags | F_VALUES_ZLIB | F_VALUES_PLANES
+    elif (packed := _deflate(raw_values)) is not None:
         raw_values, flags = packed, flags | F_VALUES_ZLIB
     count = numel if indices is None else indices.size
     index_part = b""
@@ -339,6 +349,8 @@ def _decode_part(norm: dict, view: memoryview, numel: int, sizes: list[int]) -> 
         raise ProtocolError(f"index flags set on a {name} payload, which carries no indices")
     if flags & F_INDEX_RICE and (flags & F_INDEX_BITMAP or norm.get("index_coding") != "rice"):
         raise ProtocolError("rice index flag set, but the spec does not allow rice positions (or bitmap also set)")
+    if flags & F_VALUES_PLANES and not (name == "dense" and flags & F_VALUES_ZLIB):
+        raise ProtocolError(f"byte-plane flag set on a {name} payload or without the zlib bit (dense only, with zlib)")
     expected = numel if name == "dense" else sum(expected_counts(norm, sizes))
     if count != expected:
         raise ProtocolError(f"count mismatch: payload declares k={count}, spec and numel imply {expected}")
@@ -364,7 +376,9 @@ def _decode_part(norm: dict, view: memoryview, numel: int, sizes: list[int]) -> 
     elif name == "randk":
         indices = sparse_index.seeded_indices(norm["seed"], numel, count)
     raw_values: bytes | memoryview = view[pos:pos + vlen]
-    if flags & F_VALUES_ZLIB:
+    if flags & F_VALUES_PLANES:
+        raw_values = byte_planes.inflate_planes(raw_values, quant.block_size(kind, count), byte_planes.WIDTHS[kind])
+    elif flags & F_VALUES_ZLIB:
         raw_values = _inflate(raw_values, quant.block_size(kind, count), "values")
     return Decoded(indices, quant.dequantize(kind, raw_values, count)), total
 
