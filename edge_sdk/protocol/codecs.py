@@ -14,11 +14,11 @@ flags: bits 0-1 value coding (0 float32, 1 float16, 2 int8, 3 sign), bit 2 value
 bit 4 index zlib'd, bit 5 index Golomb-Rice (only for a spec with ``"index_coding": "rice"``; neither bit 3
 nor bit 5: delta-varint), bit 6 values stored as zlib'd byte planes (dense only, always with bit 2; a device
 sets it only under a spec with ``"planes": true``, so decoders that predate it never see it; ``byte_planes.py``);
-bit 7 must be zero. Payloads of specs without the
-newer options (sign values, rice positions, a ``stats`` block, byte planes) are byte-identical to earlier
-releases; a decoder that predates them refuses such a spec. Under ``"stats": "float16"`` (``float32``, ``int8``) a topk/randk payload covers the
-coordinates that are not BatchNorm running statistics and a dense statistics block follows it
-(``stats_block.py``); encode and decode then need the model's statistics mask.
+bit 7 must be zero. Payloads of specs without the newer options (sign values, rice positions, a ``stats``
+block, byte planes) are byte-identical to earlier releases; a decoder that predates them refuses such a spec.
+Under ``"stats": "float16"`` (``float32``, ``int8``) a topk/randk payload covers the coordinates that are not
+BatchNorm running statistics and a dense statistics block follows it (``stats_block.py``); encode and decode then
+need the model's statistics mask.
 """
 from __future__ import annotations
 
