@@ -36,13 +36,29 @@ def test_sparse_change_is_patched(tmp_path: Path) -> None:
     assert apply_patch(store.get(old), patch) == store.get(new)
 
 
-def test_dense_change_gets_no_patch(tmp_path: Path) -> None:
-    """Every weight changed: the patch would be larger than the model, so the device downloads the model."""
+def test_unrelated_weights_get_no_patch(tmp_path: Path) -> None:
+    """Every word changed to something unrelated: no form of patch is clearly smaller, so the device downloads
+    the model."""
     store = ModelStore(tmp_path)
-    old, new = versions(store, 1.0)
-    assert model_patches.patch_for(store, old, new) is None
+    old, _ = versions(store, 0.0)
+    bits = np.random.default_rng(9).integers(0, 2**30, 50_000, dtype=np.uint32)  # random exponents and mantissas
+    fresh = store.put(dump_model({"w": bits.view(np.float32)}, {"round": 1}))
+    assert model_patches.patch_for(store, old, fresh) is None
     _, half = versions(store, 0.5)  # half the words changed: still clearly smaller, so still served
     assert model_patches.patch_for(store, old, half) is not None
+
+
+def test_dense_round_is_served_as_an_xor_patch(tmp_path: Path) -> None:
+    """After a dense FedAvg round every weight moves a little: the XOR of the two versions is mostly zero in
+    the sign/exponent bytes, so the FSP2 patch is well below the model."""
+    store = ModelStore(tmp_path)
+    w = np.random.default_rng(0).standard_normal(50_000).astype(np.float32) * 0.05
+    old = store.put(dump_model({"w": w}, {"round": 0}))
+    step = np.random.default_rng(1).standard_normal(w.size).astype(np.float32) * 1e-3
+    new = store.put(dump_model({"w": w + step}, {"round": 1}))
+    patch = model_patches.patch_for(store, old, new)
+    assert patch is not None and patch[:4] == b"FSP2" and len(patch) < 0.8 * len(store.get(new))
+    assert apply_patch(store.get(old), patch) == store.get(new)
 
 
 def test_concurrent_requests_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -37,20 +37,25 @@ def join(planes: bytes | memoryview, width: int) -> bytes:
     return np.frombuffer(planes, dtype=np.uint8).reshape(width, -1).T.tobytes()
 
 
+def pack(block: bytes | memoryview, width: int) -> bytes:
+    """zlib (RLE strategy) of the block's byte planes, whatever its size."""
+    deflater = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
+    return deflater.compress(split(block, width)) + deflater.flush()
+
+
 def deflate(block: bytes, width: int) -> bytes | None:
-    """zlib of the block's byte planes if that is smaller than the block, else None."""
+    """:func:`pack` of the block if that is smaller than the block, else None."""
     if len(block) < MIN_BLOCK or len(block) % width:
         return None
-    deflater = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
-    packed = deflater.compress(split(block, width)) + deflater.flush()
+    packed = pack(block, width)
     return packed if len(packed) < len(block) else None
 
 
-def inflate_planes(data: memoryview, size: int, width: int) -> bytes:
+def inflate_planes(data: memoryview | bytes, size: int, width: int, what: str = "values") -> bytes:
     """Inflate a planes block that must hold exactly ``size`` bytes (capped, as every zlib block) and rejoin it."""
-    raw = inflate(data, size, "values")
+    raw = inflate(memoryview(data), size, what)
     if len(raw) != size:
-        raise ProtocolError(f"byte-plane values block inflates to {len(raw)} bytes, expected {size}")
+        raise ProtocolError(f"byte-plane {what} block inflates to {len(raw)} bytes, expected {size}")
     return join(raw, width)
 
 
