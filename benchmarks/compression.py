@@ -55,9 +55,14 @@ ROWS: dict[str, tuple[dict, dict | None]] = {
     # 1-bit values at 1 % without warm-up or server momentum: about the bytes of 0.3 % int8 with 3x the positions
     "top-k 1% sign+rice +EF": ({"name": "topk", "density": 0.01, "values": "sign", "index_coding": "rice"}, None),
 }
+# a shorter or lower warm-up: what the warm-up's bytes buy (statistics block as for new jobs)
+ROWS.update({f"top-k 0.3% sign+rice, warm-up {rounds} from {int(100 * start)}%, server momentum, stats int8": (
+    {"name": "topk", "density": 0.003, "values": "sign", "index_coding": "rice", "warmup_rounds": rounds,
+     "warmup_density": start, "stats": "int8"}, MOMENTUM) for rounds, start in ((6, 0.2), (5, 0.25))})
+WARMUP_VARIANTS = tuple(label for label in ROWS if "warm-up " in label and " from " in label)
 # the same rows with BatchNorm statistics in a dense block outside the sparse budget (codec key "stats")
 ROWS.update({f"{label}, stats {short}": ({**codec, "stats": kind}, strategy)
-             for label, (codec, strategy) in list(ROWS.items()) if codec["name"] != "dense"
+             for label, (codec, strategy) in list(ROWS.items()) if codec["name"] != "dense" and "stats" not in codec
              for kind, short in (("float16", "fp16"), ("int8", "int8"))})
 DIGITS_TRAIN = {"epochs": 2, "batch_size": 16, "lr": 0.05}
 # the same with the job default of new jobs since logit adjustment exists (coordinator/rounds/jobspec.py); setups
@@ -119,7 +124,7 @@ SETUPS: dict[str, tuple[Callable[[], Setup], tuple[str, ...]]] = {
     "digits-a0.1": (lambda: digits(0.1, 10, 10, 20), ("dense fp32", BEST, PREVIOUS, STATS[1])),
     # the same with the direction screen off: what the robustness default costs on extreme label skew
     "digits-a0.1-noscreen": (lambda: digits(0.1, 10, 10, 20, {"direction": {"mode": "none"}},
-                                            ", direction screen off"), ("dense fp32", STATS[1])),
+                                            ", direction screen off"), ("dense fp32", STATS[1], *WARMUP_VARIANTS)),
     "digits-50dev": (lambda: digits(0.5, 50, 15, 30), ("dense fp32", BEST)),
     # job defaults since logit adjustment: direction screen on, devices adjust logits by their label shares
     "digits-a0.5-la": (lambda: digits(0.5, 10, 10, 20, note=LA_NOTE, train_cfg=LA_TRAIN),
