@@ -53,18 +53,20 @@ def make_patch(old: bytes, new: bytes) -> bytes | None:
     count = -(-len(new_data) // 4)
     a, b = _words(old_data, count), _words(new_data, count)
     idx = np.flatnonzero(a != b)
-    method, index_block = encode_indices(idx, count)
     ends = {"from": sha256_hex(old), "to": sha256_hex(new), "data_len": len(new_data), "words": count}
+    xor = None
+    if idx.size >= _XOR_WHEN * count:
+        packed = byte_planes.pack(np.bitwise_xor(a, b).tobytes(), 4)
+        meta = json.dumps({**ends, "zlen": len(packed)}, sort_keys=True).encode()
+        xor = b"".join([MAGIC_XOR, _U32.pack(len(meta)), meta, _U32.pack(len(new_head)), new_head, packed])
+        if len(xor) <= 4 * idx.size:  # the changed words alone would make FSP1 larger: do not build it
+            return xor
+    method, index_block = encode_indices(idx, count)
     meta = json.dumps({**ends, "k": int(idx.size), "method": method, "index_bytes": len(index_block)},
                       sort_keys=True).encode()
     patch = b"".join([MAGIC, _U32.pack(len(meta)), meta, _U32.pack(len(new_head)), new_head, index_block,
                       b[idx].astype("<u4").tobytes()])
-    if idx.size < _XOR_WHEN * count:
-        return patch
-    packed = byte_planes.pack(np.bitwise_xor(a, b).tobytes(), 4)
-    meta = json.dumps({**ends, "zlen": len(packed)}, sort_keys=True).encode()
-    xor = b"".join([MAGIC_XOR, _U32.pack(len(meta)), meta, _U32.pack(len(new_head)), new_head, packed])
-    return xor if len(xor) < len(patch) else patch
+    return xor if xor is not None and len(xor) < len(patch) else patch
 
 
 def patch_target(patch: bytes) -> tuple[str, str]:
