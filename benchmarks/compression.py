@@ -56,10 +56,13 @@ ROWS: dict[str, tuple[dict, dict | None]] = {
     "top-k 1% sign+rice +EF": ({"name": "topk", "density": 0.01, "values": "sign", "index_coding": "rice"}, None),
 }
 # a shorter or lower warm-up: what the warm-up's bytes buy (statistics block as for new jobs)
-ROWS.update({f"top-k 0.3% sign+rice, warm-up {rounds} from {int(100 * start)}%, server momentum, stats int8": (
-    {"name": "topk", "density": 0.003, "values": "sign", "index_coding": "rice", "warmup_rounds": rounds,
-     "warmup_density": start, "stats": "int8"}, MOMENTUM) for rounds, start in ((6, 0.2), (5, 0.25), (5, 0.2), (4, 0.25), (4, 0.2))})
-WARMUP_VARIANTS = tuple(label for label in ROWS if "warm-up " in label and " from " in label)
+_WARMUP_ROWS = {
+    f"top-k 0.3% sign+rice, warm-up {rounds} from {int(100 * start)}%, server momentum, stats int8": (
+        {"name": "topk", "density": 0.003, "values": "sign", "index_coding": "rice", "warmup_rounds": rounds,
+         "warmup_density": start, "stats": "int8"}, MOMENTUM)
+    for rounds, start in ((6, 0.2), (5, 0.25), (5, 0.2), (4, 0.25), (4, 0.2))}
+ROWS.update(_WARMUP_ROWS)
+WARMUP_VARIANTS = tuple(_WARMUP_ROWS)
 # the same rows with BatchNorm statistics in a dense block outside the sparse budget (codec key "stats")
 ROWS.update({f"{label}, stats {short}": ({**codec, "stats": kind}, strategy)
              for label, (codec, strategy) in list(ROWS.items()) if codec["name"] != "dense" and "stats" not in codec
