@@ -37,8 +37,9 @@ def _demo(out: Path, *extra: str) -> list[str]:
 
 
 def test_small_demo_trains_exports_and_charts(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
-    result = subprocess.run(_demo(out, "--codec", "topk:0.03:int8"), capture_output=True, text=True, timeout=300, env=child_env(), cwd=ROOT)
+    out = tmp_path / "demo"  # given relative to the caller's directory, as README's bare `fedsight demo` does
+    result = subprocess.run(_demo(Path("demo"), "--codec", "topk:0.03:int8"), capture_output=True, text=True,
+                            timeout=300, env=child_env(), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ok"] is True

@@ -106,7 +106,7 @@ def _log_to_file(path: Path) -> logging.Handler:
 def _start_devices(cfg: DemoConfig, url: str, job_id: str, logs: Path, caches: Path,
                    enroll_secret_file: Path, ca_file: Path | None) -> list[subprocess.Popen]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])  # the checkout holding coordinator/ and edge_sdk/
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     procs = []
     for i in range(cfg.clients):
@@ -266,7 +266,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = log.info,
 
     started = time.monotonic()
     torch.set_num_threads(1)  # leave the cores to the devices
-    out = Path(cfg.out)
+    out = Path(cfg.out).resolve()  # device processes run in another directory: give them absolute paths
     out.mkdir(parents=True, exist_ok=True)
     data_dir, logs, caches = out / "coordinator-data", out / "logs", out / "devices"
     _clean_dir(data_dir, "fedsight.db")
