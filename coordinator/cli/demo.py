@@ -196,7 +196,8 @@ def _follow(cfg: DemoConfig, rest: Callable[..., Any], job_id: str, numel: int, 
             closed = [r for r in rows if r["closed"]]
             if len(closed) > done:
                 last = closed[-1]
-                acc = last["accuracy"]
+                # a round's version is scored in the background: show the newest score there is
+                acc = next((r["accuracy"] for r in reversed(closed) if r["accuracy"] is not None), None)
                 bar.set_postfix_str(f"acc {acc * 100:.1f}% uplink {human_bytes(last['uplink_bytes'])}"
                                     if acc is not None else f"uplink {human_bytes(last['uplink_bytes'])}")
                 bar.update(len(closed) - done)

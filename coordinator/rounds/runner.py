@@ -66,6 +66,7 @@ class JobRunner:
         self._strategy: Strategy | None = None
         self._privacy: JobPrivacy | None = None  # DP jobs: mechanism + accountant (rebuilt from the store)
         self._pending: tuple[OpenRound, dict[str, Any]] | None = None
+        self._committed: tuple[str, dict[str, Any]] | None = None  # (version, arrays) this runner just stored
         self._on_done = on_done
         self.job_id = job_id
         self.scoring = RoundScoring(ctx, job_id)
@@ -115,6 +116,7 @@ class JobRunner:
                 self._attach_privacy(job, strategy)
             pending, self._pending = self._pending, None
             self.scoring.baseline(job)
+            self.scoring.resume(job)
             failures = 0
             while job["current_round"] < cfg["rounds"] and not self.stop_event.is_set():
                 if pending is not None:
@@ -161,6 +163,7 @@ class JobRunner:
                 log.exception("could not record failure of job %s", self.job_id)
         finally:
             self.current = None
+            self.scoring.close(None if self.interrupted else "the job ended before this version was scored")
             self._on_done(self)
 
     def _attach_privacy(self, job: dict[str, Any], strategy: Strategy) -> None:
@@ -221,7 +224,10 @@ class JobRunner:
         if cfg.get("secure_aggregation"):
             task_cfg["secure_aggregation"] = task_fields(cfg)
         base_version = job["current_version"]
-        arrays, _ = load_model(eng.models.get(base_version))
+        if self._committed is not None and self._committed[0] == base_version:
+            arrays = self._committed[1]  # the version the last round wrote: no re-read, re-hash and re-parse
+        else:
+            arrays, _ = load_model(eng.models.get(base_version))
         vec = flatten(arrays)
         strategy.observe_layout(stats := statistics_mask(arrays))
         rnd = OpenRound(job_id=self.job_id, round=round_, attempt=attempt, base_version=base_version,
@@ -297,24 +303,27 @@ class JobRunner:
         if clamp_variances(arrays):  # lossy codecs can push a BatchNorm variance below 0 (NaN outputs)
             log.info("job %s round %d: clamped negative BatchNorm variances", self.job_id, rnd.round)
         data = dump_model(arrays, meta)
-        evaluation = self.scoring.evaluate(data, cfg)
+        scored_later = self.scoring.server_side(cfg)  # in the background: devices need not wait for it
+        evaluation = {"status": "pending", "reason": "scored in the background after the round closed"} \
+            if scored_later else None
         pending = {"status": "pending", "reason": f"devices score this version on their held-out data in round "
                                                   f"{rnd.round + 1}"} if holdout_fraction(cfg) > 0 else None
         metrics = []
         if common["metrics"]:
             metrics.append((numbers(common["metrics"]), "clients"))
-        if evaluation and "error" not in evaluation:
-            metrics.append((numbers(evaluation), "eval"))
-        done = time.time()  # a round closes when its version is stored and scored, not when intake stops
+        done = time.time()  # a round closes when its version is stored, not when intake stops
         common.update(closed_at=done, duration_s=done - rnd.started_at)
         version = self._commit(rnd, data, strategy, {"status": "closed", "eval": evaluation,
                                                      "federated_eval": pending, **common}, metrics)
         if version is None:
             return False
+        self._committed = (version, arrays)
         if self._privacy is not None and "privacy" in common:
             self._privacy.charge(common["privacy"])
             log.info("job %s round %d: epsilon %.4f of %g spent", self.job_id, rnd.round,
                      common["privacy"]["epsilon"], self._privacy.target)
+        if scored_later:
+            self.scoring.submit(rnd.round, rnd.attempt, version, data, cfg)
         self.scoring.record_federated(rnd, cfg)
         eng.send_event(self.job_id, {"type": "round_closed", "job_id": self.job_id, "round": rnd.round,
                                      "attempt": rnd.attempt, "status": "closed", "accepted": rnd.accepted,
@@ -323,9 +332,8 @@ class JobRunner:
         eng.send_event(self.job_id, {"type": "model_updated", "job_id": self.job_id, "round": rnd.round,
                                      "version": version, "model_path": eng.model_path(self.job_id, version),
                                      "eval": evaluation})
-        log.info("job %s round %d closed: %d accepted, %d rejected, version %s%s", self.job_id, rnd.round,
-                 rnd.accepted, rnd.rejected, version[:12],
-                 f", eval accuracy {evaluation['accuracy']:.4f}" if evaluation and "accuracy" in evaluation else "")
+        log.info("job %s round %d closed: %d accepted, %d rejected, version %s", self.job_id, rnd.round,
+                 rnd.accepted, rnd.rejected, version[:12])
         return True
 
     def _commit(self, rnd: OpenRound, data: bytes, strategy: Strategy, fields: dict[str, Any],
@@ -412,6 +420,7 @@ class JobRunner:
                 eng.store.update_round(self.job_id, r["round"], r["attempt"], federated_eval={
                     "status": "not_run", "reason": f"final version: devices score a version in the round after "
                                                    f"it; {hint}"})
+        self.scoring.drain(self.stop_event)  # the last version's server-side score is in before 'finished'
         eng.store.update_job(self.job_id, status="finished", reason=reason)
         if reason:
             log.info("job %s finished early: %s", self.job_id, reason)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from typing import Any
 
+from coordinator.rounds.background_eval import BackgroundEvaluation, Scoring
 from coordinator.rounds.context import RunnerContext
 from coordinator.rounds.jobspec import holdout_fraction
 from coordinator.rounds.open_round import OpenRound
@@ -22,9 +24,14 @@ class RoundScoring:
     def __init__(self, ctx: RunnerContext, job_id: str) -> None:
         self.ctx = ctx
         self.job_id = job_id
+        self.background = BackgroundEvaluation(job_id, self.evaluate, self._record)
+
+    def server_side(self, cfg: dict[str, Any]) -> bool:
+        """Does this job score its versions on a server-side held-out set?"""
+        return bool((cfg.get("eval") or {}).get("dataset")) and self.ctx.evaluator is not None
 
     def evaluate(self, data: bytes, cfg: dict[str, Any]) -> dict[str, Any] | None:
-        if not (cfg.get("eval") or {}).get("dataset") or self.ctx.evaluator is None:
+        if not self.server_side(cfg):
             return None
         try:
             return finite(self.ctx.evaluator.evaluate(data, cfg))
@@ -32,6 +39,41 @@ class RoundScoring:
             log.warning("job %s: evaluation failed: %s", self.job_id, exc, exc_info=not isinstance(exc, ValueError))
             reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
             return {"error": reason}
+
+    def submit(self, round_: int, attempt: int, version: str, data: bytes, cfg: dict[str, Any]) -> None:
+        """Score a committed version in the background; its round's ``eval`` says pending until then."""
+        self.background.submit(Scoring(round_, attempt, version, data, cfg))
+
+    def resume(self, job: dict[str, Any]) -> None:
+        """After a restart: score again the versions whose evaluation was still pending when the coordinator
+        stopped (older ones than the newest are superseded, as they would have been while running)."""
+        if not self.server_side(job["config"]):
+            return
+        for r in self.ctx.store.get_rounds(self.job_id):
+            if r["status"] == "closed" and (r.get("eval") or {}).get("status") == "pending" and r["new_version"]:
+                self.submit(r["round"], r["attempt"], r["new_version"], self.ctx.models.get(r["new_version"]),
+                            job["config"])
+
+    def drain(self, stop: threading.Event) -> None:
+        """Wait for the queued and running evaluations (the job's last version is always scored)."""
+        while not self.background.drain(0.5):
+            if stop.is_set():
+                return
+
+    def close(self, reason: str | None) -> None:
+        """Stop scoring; a queued version is recorded as not run with ``reason`` (None: left pending, so a
+        restarted coordinator scores it)."""
+        self.background.close(reason)
+
+    def _record(self, item: Scoring, result: dict[str, Any]) -> None:
+        store = self.ctx.store
+        store.update_round(self.job_id, item.round, item.attempt, eval=result)
+        if "error" not in result and "status" not in result:
+            store.add_metrics(self.job_id, item.round, numbers(result), "eval")
+            log.info("job %s round %d: version %s scored, eval accuracy %.4f", self.job_id, item.round,
+                     item.version[:12], result.get("accuracy", math.nan))
+        self.ctx.send_event(self.job_id, {"type": "round_evaluated", "job_id": self.job_id, "round": item.round,
+                                          "attempt": item.attempt, "version": item.version, "eval": result})
 
     def record_federated(self, rnd: OpenRound, cfg: dict[str, Any]) -> None:
         """Devices scored this round's base version: store it on the round that produced that version."""
