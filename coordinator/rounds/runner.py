@@ -413,14 +413,7 @@ class JobRunner:
     def _finish(self, job: dict[str, Any], reason: str | None = None) -> None:
         """The job is done: all rounds ran, or (``reason``) the next round would exceed its privacy budget."""
         eng = self.ctx
-        hint = "see its server-side eval" if (job["config"].get("eval") or {}).get("dataset") else \
-            "give the job eval.dataset imagefolder for a server-side score"
-        for r in eng.store.get_rounds(self.job_id):  # the final version has no later round to be scored in
-            if (r.get("federated_eval") or {}).get("status") == "pending":
-                eng.store.update_round(self.job_id, r["round"], r["attempt"], federated_eval={
-                    "status": "not_run", "reason": f"final version: devices score a version in the round after "
-                                                   f"it; {hint}"})
-        self.scoring.drain(self.stop_event)  # the last version's server-side score is in before 'finished'
+        self.scoring.finish(job, self.stop_event)
         eng.store.update_job(self.job_id, status="finished", reason=reason)
         if reason:
             log.info("job %s finished early: %s", self.job_id, reason)

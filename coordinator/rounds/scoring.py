@@ -60,6 +60,19 @@ class RoundScoring:
             if stop.is_set():
                 return
 
+    def finish(self, job: dict[str, Any], stop: threading.Event) -> None:
+        """The job is ending: the final version has no later round for devices to score it in (say so), and
+        its server-side score is waited for, so a finished job is a fully scored one."""
+        store = self.ctx.store
+        hint = "see its server-side eval" if (job["config"].get("eval") or {}).get("dataset") else \
+            "give the job eval.dataset imagefolder for a server-side score"
+        for r in store.get_rounds(self.job_id):
+            if (r.get("federated_eval") or {}).get("status") == "pending":
+                store.update_round(self.job_id, r["round"], r["attempt"], federated_eval={
+                    "status": "not_run", "reason": f"final version: devices score a version in the round after "
+                                                   f"it; {hint}"})
+        self.drain(stop)
+
     def close(self, reason: str | None) -> None:
         """Stop scoring; a queued version is recorded as not run with ``reason`` (None: left pending, so a
         restarted coordinator scores it)."""
