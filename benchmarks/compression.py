@@ -128,7 +128,9 @@ SETUPS: dict[str, tuple[Callable[[], Setup], tuple[str, ...]]] = {
     # the same with the direction screen off: what the robustness default costs on extreme label skew
     "digits-a0.1-noscreen": (lambda: digits(0.1, 10, 10, 20, {"direction": {"mode": "none"}},
                                             ", direction screen off"), ("dense fp32", STATS[1], *WARMUP_VARIANTS)),
-    "digits-50dev": (lambda: digits(0.5, 50, 15, 30), ("dense fp32", BEST)),
+    # a device is picked every ~3 rounds: the statistics block keeps its BatchNorm statistics from going stale
+    "digits-50dev": (lambda: digits(0.5, 50, 15, 30), ("dense fp32", BEST, STATS[1],
+                                                       "top-k 1% sign+rice, warm-up, server momentum, stats int8")),
     # job defaults since logit adjustment: direction screen on, devices adjust logits by their label shares
     "digits-a0.5-la": (lambda: digits(0.5, 10, 10, 20, note=LA_NOTE, train_cfg=LA_TRAIN),
                        ("dense fp32", STATS[1], STATS[3])),
