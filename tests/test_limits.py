@@ -134,29 +134,52 @@ def test_adaptive_bound_ignores_a_minority_of_huge_updates():
     assert bound.bound < 2.0  # tracks the honest norms, not the attackers'
 
 
-def test_per_update_steps_correct_a_bad_starting_bound_within_a_round():
-    """The default steps after every update, so a starting bound 100x off is corrected within the first round
-    instead of clipping honest updates to nothing for many rounds; it still settles at the median."""
+def test_per_update_steps_correct_a_bad_starting_bound_in_one_round():
+    """The default takes one step per update (at the round's close), so a starting bound 100x off is corrected
+    after the first round instead of clipping honest updates to nothing for many rounds; it still settles at
+    the median."""
     up = AdaptiveBound(0.01, quantile=0.5, lr=0.5, step="update")
     clipper = RoundClipper(up)
     for _ in range(40):
-        clipper.clip(Upd([1.0]))  # every update above the bound: it grows after each one
+        clipper.clip(Upd([1.0]))  # every update above the bound
+    assert up.bound == 0.01  # the round's updates all met the bound it opened with
+    clipper.end_round()
     assert up.bound > 0.5
     down = AdaptiveBound(100.0, quantile=0.5, lr=0.5, step="update")
     clipper = RoundClipper(down)
     for _ in range(40):
-        clipper.clip(Upd([1.0]))  # every update under it: it shrinks after each one
+        clipper.clip(Upd([1.0]))  # every update under it
+    clipper.end_round()
     assert down.bound < 2.0
-    before = down.bound
-    clipper.end_round()  # per-update mode takes no extra per-round step
-    assert down.bound == before
     rng = np.random.default_rng(5)
     settle = AdaptiveBound(1.0, quantile=0.5, lr=0.1, step="update")
-    clipper = RoundClipper(settle)
-    for norm in rng.uniform(1.0, 3.0, size=3000):
-        clipper.clip(Upd([norm]))
+    for _ in range(30):
+        clipper = RoundClipper(settle)
+        for norm in rng.uniform(1.0, 3.0, size=100):
+            clipper.clip(Upd([norm]))
+        clipper.end_round()
     assert 1.7 < settle.bound < 2.3
     assert normalize_limits(None)["clip"]["step"] == "update"
+
+
+def test_round_aggregate_and_next_bound_do_not_depend_on_arrival_order():
+    """The same updates delivered in another order give the same new model, bit for bit, and the same next
+    bound: the network's timing must not change what a round produces (runs of one seed repeat)."""
+    rng = np.random.default_rng(3)
+    g = rng.normal(size=64).astype(np.float32)
+    updates = [(rng.normal(scale=s, size=64).astype(np.float32), n) for s, n in
+               [(0.5, 113), (2.0, 139), (1.0, 201), (4.0, 251), (1.5, 296)]]
+    results = []
+    for order in ([0, 1, 2, 3, 4], [1, 0, 4, 2, 3], [4, 3, 2, 1, 0]):
+        limits = UpdateLimits.from_config(None)  # the job defaults: adaptive clip, one step per update
+        acc = FedAvg(limits).begin(g)
+        for i in order:
+            acc.add(Upd(updates[i][0]), updates[i][1])
+        results.append((acc.finalize(), limits.bound.bound))
+    for vec, bound in results[1:]:
+        assert np.array_equal(vec, results[0][0])
+        assert bound == results[0][1]
+    assert results[0][1] != UpdateLimits.from_config(None).bound.bound  # the bound did move
 
 
 def test_accumulator_adapts_the_bound_once_per_finalized_round():

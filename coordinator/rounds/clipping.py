@@ -16,7 +16,9 @@ decoded values only: their L2 norm is the norm of the non-zero values, so nothin
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,11 +78,13 @@ class AdaptiveBound(ClipBound):
     """Geometric quantile tracking (Andrew et al. 2021); ``bound`` is the current value.
 
     ``step="round"`` is the paper's rule, one step per round from the round's unclipped fraction (what DP needs,
-    with a noised fraction). ``step="update"`` applies the same rule after every update with ``b`` in {0, 1}:
-    a streaming aggregator cannot know the round's quantile before clipping, and a starting bound far from the
-    real norms (they differ by orders of magnitude between models, codecs and error feedback) would otherwise
-    take many rounds to correct, clipping honest updates to nothing meanwhile. A minority still cannot drag
-    it: the bound settles where a ``quantile`` fraction of updates is below it.
+    with a noised fraction). ``step="update"`` takes one step per accepted update with ``b`` in {0, 1}, so a
+    starting bound far from the real norms (they differ by orders of magnitude between models, codecs and error
+    feedback) is corrected in one round instead of clipping honest updates to nothing for many. The steps are
+    taken at the round's close, over the round's norms in an order fixed by their values (``RoundClipper``): every
+    update of a round is clipped against the bound the round opened with, so the round's aggregate depends on
+    which updates arrived, never on the order the network delivered them. A minority still cannot drag it: the
+    bound settles where a ``quantile`` fraction of updates is below it.
     """
 
     quantile: float = 0.5
@@ -113,32 +117,51 @@ def make_bound(spec: dict[str, Any] | None) -> ClipBound:
     raise ValueError(f"unknown clip mode {mode!r}; valid: {', '.join(CLIP_MODES)}")
 
 
+def _replay_key(norm: float) -> bytes:
+    return hashlib.blake2b(struct.pack("<d", norm), digest_size=8).digest()
+
+
 class RoundClipper:
-    """Clips every update of one round against ``bound`` and counts how many were already within it."""
+    """Clips every update of one round against the bound the round opened with, and counts how many were
+    already within it; an adaptive bound moves only in :meth:`end_round`, so arrival order cannot matter."""
 
     def __init__(self, bound: ClipBound) -> None:
         self.bound = bound
         self.seen = 0
         self.unclipped = 0
         self.max_norm = 0.0
+        self.norms: list[float] = []  # per-update steps replay these at the close
+
+    @property
+    def _per_update(self) -> bool:
+        return isinstance(self.bound, AdaptiveBound) and self.bound.step == "update"
 
     def clip(self, decoded: Any) -> Any:
         if not self.bound.active:
             return decoded
         clipped, norm = clip_update(decoded, self.bound.bound)
-        under = norm <= self.bound.bound
         self.seen += 1
-        self.unclipped += int(under)
+        self.unclipped += int(norm <= self.bound.bound)
         self.max_norm = max(self.max_norm, norm)
-        if isinstance(self.bound, AdaptiveBound) and self.bound.step == "update":
-            self.bound.update(1.0 if under else 0.0)
+        if self._per_update:
+            self.norms.append(norm)
         return clipped
 
     def unclipped_fraction(self) -> float | None:
         return self.unclipped / self.seen if self.seen else None
 
     def end_round(self) -> None:
-        """Adapt the bound to this round's norms (no-op for a fixed bound, per-update steps or an empty round)."""
+        """Adapt the bound to this round's norms (no-op for a fixed bound or an empty round).
+
+        Per-update steps replay the round's norms in a pseudo-random order keyed by their values, each compared
+        with the bound as it has moved so far: the result depends on the set of norms, not on the order they
+        arrived in, and it behaves like steps in arrival order (a sorted replay would end every round on the
+        largest norms and bias the bound upwards)."""
+        if self._per_update:
+            for norm in sorted(self.norms, key=_replay_key):
+                self.bound.update(1.0 if norm <= self.bound.bound else 0.0)
+            self.norms.clear()
+            return
         frac = self.unclipped_fraction()
-        if frac is not None and not (isinstance(self.bound, AdaptiveBound) and self.bound.step == "update"):
+        if frac is not None:
             self.bound.update(frac)
