@@ -372,3 +372,27 @@ def test_evaluation_that_does_not_fit_is_reported_with_its_reason(mk, tmp_path):
     assert "now has classes ['cat', 'cow', 'dog']" in rec["eval"]["error"]
     assert "evaluation of version 0 failed" in env.store.get_job(JOB)["error"]
     assert env.store.get_job(JOB)["status"] == "finished"  # advisory: the job itself went on
+
+
+def test_arrival_order_does_not_change_the_models_a_job_makes(mk):
+    """Job-default limits (adaptive clip, direction screen) and server momentum: the same updates delivered in
+    two orders make the same model versions, so two runs of one seed repeat whatever the network's timing."""
+    rng = np.random.default_rng(11)
+    deltas = {r: {c: rng.normal(scale=s, size=528).astype(np.float32) for c, s in zip("abc", (0.3, 0.5, 0.8))}
+              for r in (1, 2, 3)}  # norms ~7, ~11, ~18 around the default starting bound of 10: clipping acts
+    runs = []
+    for order in ("abc", "cab"):
+        env = mk(rounds=3, limits=None, strategy={"name": "fedavgm"})
+        env.engine.start_job(JOB)
+        versions = []
+        for r in (1, 2, 3):
+            env.open_round(r)
+            for cid in order:
+                raw, _ = env.update(cid, deltas[r][cid], {"a": 50, "b": 80, "c": 120}[cid], round_=r)
+                assert env.engine.submit(cid, raw).accepted
+            wait_for(lambda: env.store.get_job(JOB)["current_round"] == r, what=f"round {r} close")
+            versions.append(env.store.get_job(JOB)["current_version"])
+        runs.append([flatten(load_model(env.svc.models.get(v))[0]) for v in versions])
+    for first, second in zip(*runs):
+        assert np.array_equal(first, second)
+    assert not np.array_equal(runs[0][0], runs[0][1])  # the rounds did move the model
