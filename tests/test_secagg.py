@@ -72,7 +72,7 @@ def test_coordinator_view_of_one_masked_update_is_uniform() -> None:
     counts_low = np.bincount((masked & 0xFF).astype(np.int64), minlength=256)  # bottom byte
     assert stats.chisquare(counts_low).pvalue > _CHANCE
     plain = out.server.fixed.encode(inputs["c-0"])
-    assert stats.kstest(plain.astype(np.float64) / 2**32, "uniform").pvalue < 1e-6
+    assert stats.kstest(plain.astype(np.float64) / 2**32, "uniform").pvalue < _CHANCE  # same bar: it has power
     # and the sum of the masked vectors, without the unmasking, is still just noise
     total = np.sum([np.frombuffer(sw.decode(f).body, dtype="<u4").astype(np.uint64) for f in seen.values()],
                    axis=0) % 2**32
